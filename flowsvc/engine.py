@@ -1,0 +1,294 @@
+"""The flow engine: an async generator of events. Knows nothing of gRPC.
+
+    engine = FlowEngine(TaskRegistry.with_builtins())
+    plan = engine.prepare(flow)               # validates; raises FlowValidationError
+    async for event in engine.events(plan, input):   # StreamFlow forwards these
+        ...
+    execution = await engine.run(plan, input)        # ExecuteFlow: drains events()
+
+Routing is a dictionary built once per flow (task -> (on success, on failure)),
+so each step costs the same however long the flow runs. Sync tasks run in a
+thread pool, never on the event loop. When the consumer is cancelled (a client
+cancel or deadline), the running async task is cancelled with it and no further
+task starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from flowsvc.errors import FlowValidationError, Violation
+from flowsvc.logs import event as log_event
+from flowsvc.models import (
+    END,
+    Event,
+    Execution,
+    Flow,
+    FlowFinished,
+    FlowStarted,
+    FlowStatus,
+    StepRecord,
+    TaskCompleted,
+    TaskContext,
+    TaskResult,
+    TaskStatus,
+)
+from flowsvc.registry import TaskRegistry, TaskSpec
+from flowsvc.validation import Limits, validate_flow
+
+logger = logging.getLogger("flowsvc.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """A task of a prepared flow with its routes resolved."""
+
+    name: str
+    spec: TaskSpec
+    params: Mapping[str, Any]
+    on_success: str  # a task name or END
+    on_failure: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedFlow:
+    """A validated flow with its routing table, ready to run any number of times."""
+
+    flow: Flow
+    max_steps: int
+    nodes: Mapping[str, _Node]
+
+
+class FlowEngine:
+    """Runs prepared flows against a TaskRegistry."""
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        limits: Limits | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.registry = registry
+        self.limits = limits or Limits()
+        # None: asyncio's default thread pool. A server passes its own, sized by config.
+        self._executor = executor
+
+    def validate(self, flow: Flow | None) -> list[Violation]:
+        """Every violation in `flow` (empty when it would run)."""
+        return validate_flow(flow, self.registry, self.limits)
+
+    def prepare(self, flow: Flow | None) -> PreparedFlow:
+        """Validate `flow` and build its routing table; raise FlowValidationError if bad."""
+        violations = validate_flow(flow, self.registry, self.limits)
+        if violations:
+            raise FlowValidationError(violations)
+        assert flow is not None  # validate_flow reports a missing flow
+        routes = {c.source_task: c for c in flow.conditions}
+        nodes: dict[str, _Node] = {}
+        for task in flow.tasks:
+            spec = self.registry.get(task.name)
+            assert spec is not None  # validate_flow reports unregistered tasks
+            cond = routes.get(task.name)
+            nodes[task.name] = _Node(
+                name=task.name,
+                spec=spec,
+                params=task.params,
+                on_success=cond.target_task_success if cond else END,
+                on_failure=cond.target_task_failure if cond else END,
+            )
+        max_steps = flow.max_steps or self.limits.default_max_steps
+        return PreparedFlow(flow=flow, max_steps=max_steps, nodes=nodes)
+
+    async def run(
+        self, plan: PreparedFlow, flow_input: Mapping[str, Any], flow_id: str | None = None
+    ) -> Execution:
+        """Run `plan` to the end and return the whole execution (drains events())."""
+        history: list[StepRecord] = []
+        started: FlowStarted | None = None
+        async for ev in self.events(plan, flow_input, flow_id):
+            if isinstance(ev, TaskCompleted):
+                history.append(ev.record)
+            elif isinstance(ev, FlowStarted):
+                started = ev
+            else:
+                assert started is not None
+                return Execution(
+                    flow_id=ev.flow_id,
+                    flow_name=plan.flow.name,
+                    status=ev.status,
+                    message=ev.message,
+                    history=tuple(history),
+                    started_at=started.started_at,
+                    finished_at=ev.finished_at,
+                )
+        raise AssertionError("events() ended without FlowFinished")  # pragma: no cover
+
+    async def events(
+        self, plan: PreparedFlow, flow_input: Mapping[str, Any], flow_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Run `plan`, yielding FlowStarted, one TaskCompleted per task run, FlowFinished."""
+        flow_id = flow_id or str(uuid.uuid4())
+        flow = plan.flow
+        nodes = plan.nodes
+        started_at = datetime.now(UTC)
+        log_event(logger, logging.INFO, "flow started", flow_id=flow_id, flow=flow.name)
+        yield FlowStarted(flow_id, flow.name, started_at)
+
+        history: list[StepRecord] = []
+        current = flow.start_task
+        step = 0
+        status = FlowStatus.SUCCEEDED
+        message = ""
+        try:
+            while True:
+                if step >= plan.max_steps:
+                    status = FlowStatus.FAILED
+                    message = (
+                        f"Flow stopped: it reached its max_steps limit of {plan.max_steps} "
+                        f"before running {current!r} again"
+                    )
+                    break
+                step += 1
+                node = nodes[current]
+                record = await self._run_task(node, flow_id, flow.name, step, flow_input, history)
+                history.append(record)
+                yield TaskCompleted(flow_id, record)
+                if record.status is TaskStatus.SUCCESS:
+                    nxt = node.on_success
+                else:
+                    nxt = node.on_failure
+                if nxt == END:
+                    if record.status is TaskStatus.SUCCESS:
+                        status = FlowStatus.SUCCEEDED
+                        message = (
+                            f"Flow executed successfully: {step} task run(s), "
+                            f"last task {current!r} succeeded"
+                        )
+                    else:
+                        status = FlowStatus.FAILED
+                        message = f"Flow failed: task {current!r} (step {step}) failed: " + (
+                            record.error or "no error text"
+                        )
+                    break
+                current = nxt
+        except asyncio.CancelledError:
+            log_event(
+                logger,
+                logging.INFO,
+                "flow ended",
+                flow_id=flow_id,
+                flow=flow.name,
+                status=FlowStatus.CANCELLED.value,
+                steps=step,
+            )
+            raise
+        finished_at = datetime.now(UTC)
+        log_event(
+            logger,
+            logging.INFO,
+            "flow ended",
+            flow_id=flow_id,
+            flow=flow.name,
+            status=status.value,
+            steps=step,
+            duration_s=round((finished_at - started_at).total_seconds(), 6),
+        )
+        yield FlowFinished(flow_id, status, message, finished_at, step)
+
+    async def _run_task(
+        self,
+        node: _Node,
+        flow_id: str,
+        flow_name: str,
+        step: int,
+        flow_input: Mapping[str, Any],
+        history: list[StepRecord],
+    ) -> StepRecord:
+        spec = node.spec
+        started_at = datetime.now(UTC)
+        t0 = time.perf_counter()
+        result = await self._invoke(spec, node, flow_id, flow_name, step, flow_input, history)
+        duration = time.perf_counter() - t0
+        status = result.status
+        assert isinstance(status, TaskStatus)  # TaskResult normalises it
+        record = StepRecord(
+            step=step,
+            task=node.name,
+            status=status,
+            data=result.data,
+            error=result.error if status is TaskStatus.FAILURE else None,
+            started_at=started_at,
+            duration_s=duration,
+        )
+        log_event(
+            logger,
+            logging.INFO,
+            "task finished",
+            flow_id=flow_id,
+            task=node.name,
+            step=step,
+            status=status.value,
+            duration_s=round(duration, 6),
+            error=record.error,
+        )
+        return record
+
+    async def _invoke(
+        self,
+        spec: TaskSpec,
+        node: _Node,
+        flow_id: str,
+        flow_name: str,
+        step: int,
+        flow_input: Mapping[str, Any],
+        history: list[StepRecord],
+    ) -> TaskResult:
+        """Call the task; anything but a TaskResult becomes a failure result."""
+        args: tuple[Any, ...] = ()
+        if spec.takes_context:
+            args = (
+                TaskContext(
+                    flow_id=flow_id,
+                    flow_name=flow_name,
+                    task=node.name,
+                    step=step,
+                    input=flow_input,
+                    params=node.params,
+                    results=tuple(history),
+                ),
+            )
+        try:
+            if spec.is_async:
+                out = await spec.fn(*args)
+            else:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(self._executor, spec.fn, *args)
+                if inspect.isawaitable(out):  # a plain function that returned a coroutine
+                    out = await out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log_event(
+                logger,
+                logging.WARNING,
+                "task raised",
+                flow_id=flow_id,
+                task=node.name,
+                step=step,
+                exc_info=True,
+            )
+            return TaskResult.failure(f"{type(exc).__name__}: {exc}")
+        if not isinstance(out, TaskResult):
+            return TaskResult.failure(
+                f"task returned {type(out).__name__}, not a TaskResult: {out!r:.200}"
+            )
+        return out

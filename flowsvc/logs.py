@@ -1,0 +1,50 @@
+"""Structured logging: one JSON object per line, fields passed as `extra`.
+
+Hot paths call `logger.isEnabledFor` first (or use `event()`), so a line that
+is not emitted costs no formatting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as a JSON object with its `extra` fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure(level: str) -> None:
+    """Send flowsvc's logs to stderr as JSON lines at `level`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def event(
+    logger: logging.Logger, level: int, msg: str, *, exc_info: bool = False, **fields: Any
+) -> None:
+    """Log `msg` with structured `fields`, skipping all work when the level is off."""
+    if logger.isEnabledFor(level):
+        logger.log(level, msg, exc_info=exc_info, extra=fields)

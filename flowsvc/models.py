@@ -1,0 +1,180 @@
+"""Plain models of the engine: flows, tasks, conditions, results and events.
+
+Frozen dataclasses and enums only; nothing here knows about gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+#: The routing target that ends a flow. The one place the word lives.
+END = "end"
+
+JSON = dict[str, Any]
+
+
+class TaskStatus(enum.Enum):
+    """Outcome of one task run. Values are the prototype's words."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class FlowStatus(enum.Enum):
+    """State of a whole execution."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not FlowStatus.RUNNING
+
+
+#: The words a condition's `outcome` may hold.
+OUTCOMES = frozenset(status.value for status in TaskStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One step of a flow: a registered task name and its params."""
+
+    name: str
+    description: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """Routes the result of `source_task` to the next task (or END)."""
+
+    source_task: str
+    target_task_success: str
+    target_task_failure: str
+    name: str = ""
+    description: str = ""
+    outcome: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A flow definition as the client sent it (not yet validated)."""
+
+    name: str
+    start_task: str
+    tasks: tuple[Task, ...] = ()
+    conditions: tuple[Condition, ...] = ()
+    max_steps: int = 0  # 0: the server default
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What a task returns.
+
+    `status` accepts the prototype's strings ("success" / "failure") as well as
+    TaskStatus, so `TaskResult(status="success", data={...})` works unchanged.
+    """
+
+    status: TaskStatus | str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, TaskStatus):
+            try:
+                status = TaskStatus(self.status)
+            except ValueError:
+                raise ValueError(
+                    f"TaskResult.status must be 'success' or 'failure', not {self.status!r}"
+                ) from None
+            object.__setattr__(self, "status", status)
+        if self.data is None:
+            object.__setattr__(self, "data", {})
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is TaskStatus.SUCCESS
+
+    @classmethod
+    def success(cls, data: Mapping[str, Any] | None = None) -> TaskResult:
+        return cls(TaskStatus.SUCCESS, dict(data or {}))
+
+    @classmethod
+    def failure(cls, error: str, data: Mapping[str, Any] | None = None) -> TaskResult:
+        return cls(TaskStatus.FAILURE, dict(data or {}), error)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One task run as recorded in an execution's history."""
+
+    step: int  # 1-based position in the execution
+    task: str
+    status: TaskStatus
+    data: Mapping[str, Any]
+    error: str | None
+    started_at: datetime
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a one-argument task receives. Treat every mapping as read-only."""
+
+    flow_id: str
+    flow_name: str
+    task: str
+    step: int
+    input: Mapping[str, Any]
+    params: Mapping[str, Any]
+    results: tuple[StepRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStarted:
+    """Event: the execution began; sent before the first task runs."""
+
+    flow_id: str
+    flow_name: str
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCompleted:
+    """Event: a task run finished (successfully or not)."""
+
+    flow_id: str
+    record: StepRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFinished:
+    """Event: the execution ended; always the last event."""
+
+    flow_id: str
+    status: FlowStatus
+    message: str
+    finished_at: datetime
+    steps: int
+
+
+Event = FlowStarted | TaskCompleted | FlowFinished
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """A finished execution: what ExecuteFlow returns."""
+
+    flow_id: str
+    flow_name: str
+    status: FlowStatus
+    message: str
+    history: tuple[StepRecord, ...]
+    started_at: datetime
+    finished_at: datetime

@@ -1,0 +1,72 @@
+"""The built-in tasks.
+
+task1, task2 and task3 are the prototype's, with its outputs and its simulated
+0.5 s latency, but waiting with asyncio so that they never block the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flowsvc.models import TaskContext, TaskResult
+from flowsvc.registry import TaskRegistry
+
+BUILTINS = TaskRegistry()
+
+#: The prototype's simulated latency of task1..task3.
+SEED_DELAY_SECONDS = 0.5
+
+
+def _seconds(params: Any, key: str, default: float) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"param {key!r} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+@BUILTINS.task("task1")
+async def fetch_data(ctx: TaskContext) -> TaskResult:
+    """Fetch data (the prototype's task1). Param delay_seconds (default 0.5)."""
+    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
+    return TaskResult(status="success", data={"raw_data": "data"})
+
+
+@BUILTINS.task("task2")
+async def process_data(ctx: TaskContext) -> TaskResult:
+    """Process data (the prototype's task2). Param delay_seconds (default 0.5)."""
+    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
+    return TaskResult(status="success", data={"processed_data": "data"})
+
+
+@BUILTINS.task("task3")
+async def store_data(ctx: TaskContext) -> TaskResult:
+    """Store data (the prototype's task3). Param delay_seconds (default 0.5)."""
+    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
+    return TaskResult(status="success", data={"storage_id": "12345"})
+
+
+@BUILTINS.task("noop")
+async def noop() -> TaskResult:
+    """Succeed at once with no data."""
+    return TaskResult.success()
+
+
+@BUILTINS.task("fail")
+async def fail(ctx: TaskContext) -> TaskResult:
+    """Fail at once. Param message (default "task failed") is the error text."""
+    return TaskResult.failure(str(ctx.params.get("message", "task failed")))
+
+
+@BUILTINS.task("sleep")
+async def sleep(ctx: TaskContext) -> TaskResult:
+    """Wait asynchronously for param seconds (default 1), then succeed."""
+    seconds = _seconds(ctx.params, "seconds", 1.0)
+    await asyncio.sleep(seconds)
+    return TaskResult.success({"slept_seconds": seconds})
+
+
+@BUILTINS.task("echo")
+async def echo(ctx: TaskContext) -> TaskResult:
+    """Succeed with its params and the flow input as data: {"params": ..., "input": ...}."""
+    return TaskResult.success({"params": dict(ctx.params), "input": dict(ctx.input)})

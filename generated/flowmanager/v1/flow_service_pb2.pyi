@@ -1,0 +1,96 @@
+import datetime
+
+from flowmanager.v1 import flow_pb2 as _flow_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExecuteFlowRequest(_message.Message):
+    __slots__ = ("flow", "input")
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    flow: _flow_pb2.Flow
+    input: _struct_pb2.Struct
+    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ExecuteFlowResponse(_message.Message):
+    __slots__ = ("flow_id", "status", "message", "execution_history")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    status: _flow_pb2.FlowStatus
+    message: str
+    execution_history: _containers.RepeatedCompositeFieldContainer[_flow_pb2.TaskResult]
+    def __init__(self, flow_id: _Optional[str] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., message: _Optional[str] = ..., execution_history: _Optional[_Iterable[_Union[_flow_pb2.TaskResult, _Mapping]]] = ...) -> None: ...
+
+class StreamFlowRequest(_message.Message):
+    __slots__ = ("flow", "input")
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    flow: _flow_pb2.Flow
+    input: _struct_pb2.Struct
+    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class FlowStarted(_message.Message):
+    __slots__ = ("flow_id", "flow_name", "started_at")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_NAME_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    flow_name: str
+    started_at: _timestamp_pb2.Timestamp
+    def __init__(self, flow_id: _Optional[str] = ..., flow_name: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class FlowFinished(_message.Message):
+    __slots__ = ("status", "message", "finished_at", "steps")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    status: _flow_pb2.FlowStatus
+    message: str
+    finished_at: _timestamp_pb2.Timestamp
+    steps: int
+    def __init__(self, status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., message: _Optional[str] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class StreamFlowResponse(_message.Message):
+    __slots__ = ("started", "task_result", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TASK_RESULT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: FlowStarted
+    task_result: _flow_pb2.TaskResult
+    finished: FlowFinished
+    def __init__(self, started: _Optional[_Union[FlowStarted, _Mapping]] = ..., task_result: _Optional[_Union[_flow_pb2.TaskResult, _Mapping]] = ..., finished: _Optional[_Union[FlowFinished, _Mapping]] = ...) -> None: ...
+
+class ValidateFlowRequest(_message.Message):
+    __slots__ = ("flow",)
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    flow: _flow_pb2.Flow
+    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ...) -> None: ...
+
+class ValidateFlowResponse(_message.Message):
+    __slots__ = ("valid", "violations")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    violations: _containers.RepeatedCompositeFieldContainer[_flow_pb2.FlowViolation]
+    def __init__(self, valid: _Optional[bool] = ..., violations: _Optional[_Iterable[_Union[_flow_pb2.FlowViolation, _Mapping]]] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[_flow_pb2.TaskInfo]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[_flow_pb2.TaskInfo, _Mapping]]] = ...) -> None: ...
