@@ -291,4 +291,35 @@ class FlowEngine:
             return TaskResult.failure(
                 f"task returned {type(out).__name__}, not a TaskResult: {out!r:.200}"
             )
+        problem = (
+            _json_problem(out.data, "data")
+            if isinstance(out.data, Mapping)
+            else f"data is a {type(out.data).__name__}, not a mapping"
+        )
+        if problem:
+            return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    """Where `value` stops being JSON (str keys; str, number, bool, null, list, dict)."""
+    if isinstance(value, _SCALARS):
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a non-string key {key!r}"
+            problem = _json_problem(item, f"{path}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _json_problem(item, f"{path}.{i}")
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}"

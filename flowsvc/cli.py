@@ -1,0 +1,153 @@
+"""Command line: `flowsvc serve | run | validate | probe`.
+
+    flowsvc serve [--listen HOST:PORT] [--task-modules a,b] ...   run the gRPC server
+    flowsvc run FLOW.json [--input JSON]        run a flow in-process, print the execution
+    flowsvc validate FLOW.json                  print the flow's violations
+    flowsvc probe [--address HOST:PORT]         health check (the container HEALTHCHECK)
+
+FLOW.json is either a flow (`{"name": ..., "start_task": ..., ...}`) or a request
+(`{"flow": {...}, "input": {...}}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowmanager.v1 import flow_service_pb2 as pb
+from google.protobuf import json_format
+
+from flowsvc import config, convert, logs
+from flowsvc.engine import FlowEngine
+from flowsvc.errors import FlowsvcError, FlowValidationError
+from flowsvc.models import FlowStatus
+from flowsvc.registry import TaskRegistry
+from flowsvc.server import build_server, load_task_modules
+
+logger = logging.getLogger("flowsvc.cli")
+
+EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowsvc", description="A flow manager over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    config.add_arguments(serve)
+
+    run = sub.add_parser("run", help="run a flow file in-process and print the execution")
+    run.add_argument("flow_file", type=Path, help="flow JSON, or {'flow': ..., 'input': ...}")
+    run.add_argument("--input", default=None, help="flow input as a JSON object")
+    config.add_arguments(run)
+
+    validate = sub.add_parser("validate", help="check a flow file without running it")
+    validate.add_argument("flow_file", type=Path)
+    config.add_arguments(validate)
+
+    probe = sub.add_parser("probe", help="exit 0 when the server's health is SERVING")
+    probe.add_argument("--address", default="127.0.0.1:50051")
+    probe.add_argument("--service", default="", help="service name to check ('' = server)")
+    probe.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    return config.from_sources(
+        {f: getattr(args, f, None) for f in config.Settings.__dataclass_fields__}
+    )
+
+
+def _read_request(path: Path, input_json: str | None) -> pb.ExecuteFlowRequest:
+    """The file as an ExecuteFlowRequest, through the same JSON mapping grpcurl uses."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if "flow" not in document:
+        document = {"flow": document}
+    if input_json is not None:
+        document["input"] = json.loads(input_json)
+    request = pb.ExecuteFlowRequest()
+    json_format.ParseDict(document, request)
+    return request
+
+
+def _engine(settings: config.Settings) -> FlowEngine:
+    registry = TaskRegistry.with_builtins()
+    load_task_modules(settings.task_modules, registry)
+    return FlowEngine(registry, settings.limits)
+
+
+def _print(message: Any) -> None:
+    print(json_format.MessageToJson(message, indent=2))
+
+
+def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
+    engine = _engine(settings)
+    request = _read_request(args.flow_file, args.input)
+    plan = engine.prepare(convert.request_flow_from_pb(request))
+    execution = asyncio.run(engine.run(plan, convert.struct_from_pb(request.input)))
+    _print(convert.execution_to_pb(execution))
+    return EXIT_OK if execution.status is FlowStatus.SUCCEEDED else EXIT_FLOW_FAILED
+
+
+def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
+    engine = _engine(settings)
+    request = _read_request(args.flow_file, None)
+    response = convert.violations_to_pb(engine.validate(convert.request_flow_from_pb(request)))
+    _print(response)
+    return EXIT_OK if response.valid else EXIT_FLOW_FAILED
+
+
+async def _serve(settings: config.Settings) -> None:
+    server = await build_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.shutdown()
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from flowsvc.probe import check
+
+    ok, text = check(args.address, args.service, args.timeout)
+    print(text)
+    return EXIT_OK if ok else EXIT_FLOW_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "probe":
+        return _cmd_probe(args)
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        print(f"flowsvc: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(settings.log_level if args.command == "serve" else "WARNING")
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings))
+            return EXIT_OK
+        if args.command == "run":
+            return _cmd_run(args, settings)
+        return _cmd_validate(args, settings)
+    except FlowValidationError as exc:
+        for v in exc.violations:
+            print(f"{v.field}: {v.description}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FlowsvcError, OSError, ValueError, json_format.ParseError) as exc:
+        print(f"flowsvc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Server settings: one frozen object, from flags and FLOWSVC_* environment variables.
+
+Every setting has a flag and an environment variable of the same name
+(`--max-steps-cap` / `FLOWSVC_MAX_STEPS_CAP`). A flag wins over the variable,
+the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from flowsvc.validation import Limits
+
+ENV_PREFIX = "FLOWSVC_"
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a server is configured with."""
+
+    #: Address to listen on, host:port; port 0 picks a free port.
+    listen: str = "[::]:50051"
+    #: Python modules imported at start, so their @register_task tasks are available.
+    task_modules: tuple[str, ...] = ()
+    #: Log level of the JSON log lines on stderr.
+    log_level: str = "INFO"
+    #: max_steps of a flow that leaves it at 0.
+    default_max_steps: int = 1000
+    #: Largest max_steps a flow may ask for.
+    max_steps_cap: int = 100_000
+    #: Most tasks a flow may declare.
+    max_tasks: int = 1000
+    #: Seconds running flows get to finish after SIGTERM/SIGINT.
+    grace_seconds: float = 10.0
+    #: Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 4 * 1024 * 1024
+    #: Threads that run sync (def) tasks.
+    sync_task_workers: int = 32
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            default_max_steps=self.default_max_steps,
+            max_steps_cap=self.max_steps_cap,
+            max_tasks=self.max_tasks,
+        )
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "listen": str,
+    "task_modules": _modules,
+    "log_level": _log_level,
+    "default_max_steps": _positive_int,
+    "max_steps_cap": _positive_int,
+    "max_tasks": _positive_int,
+    "grace_seconds": _non_negative_float,
+    "max_message_bytes": _positive_int,
+    "sync_task_workers": _positive_int,
+}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so the environment can fill in."""
+    for f in fields(Settings):
+        doc = _FIELD_DOCS.get(f.name, "")
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{doc} (env {env_name(f.name)}, default {f.default!r})",
+        )
+
+
+def from_sources(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from flags, then FLOWSVC_* variables, then defaults.
+
+    Raises ValueError naming the flag or variable whose value is bad.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = flags.get(f.name)
+        source = flag_name(f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+            source = env_name(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _PARSERS[f.name](raw)
+        except ValueError as exc:
+            raise ValueError(f"{source}={raw!r}: {exc}") from None
+    settings = Settings(**values)
+    if settings.default_max_steps > settings.max_steps_cap:
+        raise ValueError(
+            f"default_max_steps ({settings.default_max_steps}) is over "
+            f"max_steps_cap ({settings.max_steps_cap})"
+        )
+    return settings
+
+
+_FIELD_DOCS = {
+    "listen": "address to listen on, host:port (port 0 picks a free one)",
+    "task_modules": "comma-separated Python modules to import for their tasks",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "default_max_steps": "max_steps for flows that leave it at 0",
+    "max_steps_cap": "largest max_steps a flow may ask for",
+    "max_tasks": "most tasks one flow may declare",
+    "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
+    "max_message_bytes": "largest request accepted, in bytes",
+    "sync_task_workers": "threads running sync (def) tasks",
+}

@@ -1,0 +1,165 @@
+"""Build and run the gRPC server: FlowService, health and reflection.
+
+    server = await build_server(settings)   # bound, started
+    ...
+    await server.shutdown()                  # health NOT_SERVING, drain, stop
+
+Shutdown: health turns NOT_SERVING at once for "" and FlowService; new flows
+get UNAVAILABLE; running flows get `grace_seconds` to finish; then the gRPC
+server stops and cancels whatever still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from flowmanager.v1 import flow_service_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flowsvc.config import Settings
+from flowsvc.engine import FlowEngine
+from flowsvc.errors import TaskModuleError
+from flowsvc.logs import event as log_event
+from flowsvc.registry import TaskRegistry, default_registry
+from flowsvc.servicer import FlowServicer, safe_deserializer
+
+logger = logging.getLogger("flowsvc.server")
+
+SERVICE = flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"]
+SERVICE_NAME = SERVICE.full_name
+
+
+def load_task_modules(modules: tuple[str, ...], registry: TaskRegistry) -> None:
+    """Import each module (its @register_task calls fill the default registry), then copy
+    the default registry into `registry`. Raises TaskModuleError / TaskRegistrationError."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise TaskModuleError(
+                f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+    registry.merge(default_registry)
+
+
+def _method_handlers(servicer: FlowServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """Handlers for every FlowService method, with a deserializer that never raises."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        request_cls = getattr(flow_service_pb2, method.input_type.name)
+        response_cls = getattr(flow_service_pb2, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=safe_deserializer(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    return handlers
+
+
+class FlowServer:
+    """A started server and what its shutdown needs."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        servicer: FlowServicer,
+        health_servicer: Any,
+        executor: ThreadPoolExecutor,
+        settings: Settings,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.servicer = servicer
+        self.health = health_servicer
+        self._executor = executor
+        self._settings = settings
+        self._stopped = False
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully: NOT_SERVING, refuse new flows, let running ones finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self._settings.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
+        log_event(
+            logger,
+            logging.INFO,
+            "shutting down",
+            running_flows=self.servicer.active_flows,
+            grace_seconds=grace,
+        )
+        try:
+            await asyncio.wait_for(self.servicer.wait_idle(), timeout=grace)
+        except TimeoutError:
+            log_event(
+                logger,
+                logging.WARNING,
+                "grace period over; cancelling running flows",
+                running_flows=self.servicer.active_flows,
+            )
+        # Whatever still runs (flows past the grace, health watches) is cancelled now.
+        await self.server.stop(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log_event(logger, logging.INFO, "stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def build_server(settings: Settings, registry: TaskRegistry | None = None) -> FlowServer:
+    """Build, bind and start a server. `registry` defaults to the built-ins plus the
+    settings' task modules."""
+    if registry is None:
+        registry = TaskRegistry.with_builtins()
+        load_task_modules(settings.task_modules, registry)
+    executor = ThreadPoolExecutor(
+        max_workers=settings.sync_task_workers, thread_name_prefix="flowsvc-task"
+    )
+    engine = FlowEngine(registry, settings.limits, executor)
+    servicer = FlowServicer(engine)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Refuse to share a port with another process (a second server would
+            # silently split the traffic).
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log_event(
+        logger,
+        logging.INFO,
+        "server started",
+        listen=settings.listen,
+        port=port,
+        tasks=registry.names(),
+    )
+    return FlowServer(server, port, servicer, health_servicer, executor, settings)
