@@ -140,7 +140,9 @@ def violations_to_pb(
     """The ValidateFlow response for a list of violations."""
     return flow_service_pb2.ValidateFlowResponse(
         valid=not violations,
-        violations=[flow_pb2.FlowViolation(field=v.field, description=v.description) for v in violations],
+        violations=[
+            flow_pb2.FlowViolation(field=v.field, description=v.description) for v in violations
+        ],
     )
 
 

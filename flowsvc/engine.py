@@ -20,11 +20,11 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from flowsvc.errors import FlowValidationError, Violation
 from flowsvc.logs import event as log_event
@@ -134,7 +134,7 @@ class FlowEngine:
 
     async def events(
         self, plan: PreparedFlow, flow_input: Mapping[str, Any], flow_id: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run `plan`, yielding FlowStarted, one TaskCompleted per task run, FlowFinished."""
         flow_id = flow_id or str(uuid.uuid4())
         flow = plan.flow
@@ -162,12 +162,10 @@ class FlowEngine:
                 record = await self._run_task(node, flow_id, flow.name, step, flow_input, history)
                 history.append(record)
                 yield TaskCompleted(flow_id, record)
-                if record.status is TaskStatus.SUCCESS:
-                    nxt = node.on_success
-                else:
-                    nxt = node.on_failure
+                succeeded = record.status is TaskStatus.SUCCESS
+                nxt = node.on_success if succeeded else node.on_failure
                 if nxt == END:
-                    if record.status is TaskStatus.SUCCESS:
+                    if succeeded:
                         status = FlowStatus.SUCCEEDED
                         message = (
                             f"Flow executed successfully: {step} task run(s), "
@@ -268,7 +266,7 @@ class FlowEngine:
             )
         try:
             if spec.is_async:
-                out = await spec.fn(*args)
+                out = await cast("Awaitable[TaskResult]", spec.fn(*args))
             else:
                 loop = asyncio.get_running_loop()
                 out = await loop.run_in_executor(self._executor, spec.fn, *args)

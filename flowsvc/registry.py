@@ -12,12 +12,12 @@ registrations with another.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flowsvc.errors import TaskRegistrationError
-from flowsvc.models import TaskContext, TaskResult
+from flowsvc.models import TaskContext
 
 TaskFn = Callable[[], Any] | Callable[[TaskContext], Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,7 +28,7 @@ class TaskSpec:
     """A registered task and what the engine needs to know to call it."""
 
     name: str
-    fn: Callable[..., TaskResult | Awaitable[TaskResult]]
+    fn: Callable[..., Any]  # returns TaskResult, or an awaitable of one
     description: str
     source: str
     is_async: bool
@@ -130,8 +130,8 @@ default_registry = TaskRegistry()
 def register_task(name: str) -> Callable[[F], F]:
     """Register a task in the default registry, as in the prototype::
 
-        @register_task("my_new_task")
-        def my_new_task() -> TaskResult:
-            return TaskResult(status="success", data={"result": "value"})
+    @register_task("my_new_task")
+    def my_new_task() -> TaskResult:
+        return TaskResult(status="success", data={"result": "value"})
     """
     return default_registry.task(name)

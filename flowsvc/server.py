@@ -143,7 +143,8 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
     )
-    health_servicer = health.aio.HealthServicer()
+    # grpc-stubs does not know the asyncio health servicer.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

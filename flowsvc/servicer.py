@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -76,9 +76,7 @@ def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
                 for v in exc.violations
             ]
         )
-        status = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=f"invalid flow: {exc}"
-        )
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"invalid flow: {exc}")
         status.details.add().Pack(bad)
         return status
     if isinstance(exc, _MalformedRequestError):
@@ -110,7 +108,8 @@ class _MalformedRequestError(Exception):
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
-    await context.abort_with_status(rpc_status.to_status(_status_for(exc, method)))
+    status = rpc_status.to_status(_status_for(exc, method))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def unary(
@@ -119,7 +118,9 @@ def unary(
     """Wrap a unary method: malformed requests and exceptions become statuses."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -134,14 +135,14 @@ def unary(
 
 
 def streaming(
-    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp, None]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp, None]]:
     """Wrap a server-streaming method the same way as `unary`."""
 
     @functools.wraps(fn)
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp, None]:
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -196,7 +197,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     @streaming
     async def StreamFlow(
         self, request: pb.StreamFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.StreamFlowResponse]:
+    ) -> AsyncGenerator[pb.StreamFlowResponse, None]:
         plan = self.engine.prepare(convert.request_flow_from_pb(request))
         with self._flow_slot():
             events = self.engine.events(plan, convert.struct_from_pb(request.input))
@@ -208,9 +209,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def ValidateFlow(
         self, request: pb.ValidateFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ValidateFlowResponse:
-        return convert.violations_to_pb(
-            self.engine.validate(convert.request_flow_from_pb(request))
-        )
+        return convert.violations_to_pb(self.engine.validate(convert.request_flow_from_pb(request)))
 
     @unary
     async def ListTasks(

@@ -37,10 +37,11 @@ def generate(out: Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # Make every generated directory a regular package, so mypy and setuptools see it.
-    for directory in {p.parent for p in out.rglob("*_pb2.py")}:
-        while directory != out:
+    for module in out.rglob("*_pb2.py"):
+        for directory in module.parents:
+            if directory == out:
+                break
             (directory / "__init__.py").touch()
-            directory = directory.parent
     (out / "flowmanager" / "py.typed").touch()
 
 
