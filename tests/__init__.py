@@ -1,0 +1,1 @@
+"""flowsvc's test suite."""

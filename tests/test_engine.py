@@ -1,0 +1,317 @@
+"""The engine on its own: routing, loops, failures, task shapes. No gRPC here."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import pytest
+
+from flowsvc import (
+    Condition,
+    Flow,
+    FlowEngine,
+    FlowStatus,
+    FlowValidationError,
+    Limits,
+    Task,
+    TaskContext,
+    TaskRegistrationError,
+    TaskRegistry,
+    TaskResult,
+    TaskStatus,
+)
+from flowsvc.models import FlowFinished, FlowStarted, TaskCompleted
+
+
+def linear(*names: str, fail_route: str = "end") -> Flow:
+    return Flow(
+        name="linear",
+        start_task=names[0],
+        tasks=tuple(Task(n) for n in names),
+        conditions=tuple(Condition(a, b, fail_route) for a, b in itertools.pairwise(names)),
+    )
+
+
+def run(engine: FlowEngine, flow: Flow, flow_input: dict[str, object] | None = None):
+    return asyncio.run(engine.run(engine.prepare(flow), flow_input or {}))
+
+
+def test_seed_readme_task_example_works_with_only_the_import_changed(monkeypatch) -> None:
+    # The seed README's "Adding New Tasks" example, import line changed. The default
+    # registry is swapped for a fresh one so that no other test sees this task.
+    import logging
+
+    from flowsvc import TaskResult, register_task
+
+    default_registry = TaskRegistry()
+    monkeypatch.setattr("flowsvc.registry.default_registry", default_registry)
+
+    logger = logging.getLogger(__name__)
+
+    @register_task("my_new_task")
+    def my_new_task() -> TaskResult:
+        """
+        Description of what this task does.
+        """
+        logger.info("Executing my_new_task...")
+        # Your task logic here
+        return TaskResult(status="success", data={"result": "value"})
+
+    registry = TaskRegistry()
+    registry.merge(default_registry)
+    engine = FlowEngine(registry)
+    execution = run(engine, linear("my_new_task"))
+    assert execution.status is FlowStatus.SUCCEEDED
+    assert execution.history[0].data == {"result": "value"}
+    assert registry.get("my_new_task").description == "Description of what this task does."
+
+
+def test_routes_success_and_failure(registry: TaskRegistry) -> None:
+    engine = FlowEngine(registry)
+    flow = Flow(
+        name="branch",
+        start_task="fail",
+        tasks=(Task("fail"), Task("echo"), Task("noop")),
+        conditions=(Condition("fail", target_task_success="noop", target_task_failure="echo"),),
+    )
+    execution = run(engine, flow)
+    assert [r.task for r in execution.history] == ["fail", "echo"]
+    # The last task that ran succeeded, so the flow did.
+    assert execution.status is FlowStatus.SUCCEEDED
+
+
+def test_failure_routed_to_end_fails_the_flow_and_says_why(registry: TaskRegistry) -> None:
+    flow = Flow(
+        name="f",
+        start_task="noop",
+        tasks=(Task("noop"), Task("fail", params={"message": "card declined"}), Task("echo")),
+        conditions=(Condition("noop", "fail", "end"), Condition("fail", "echo", "end")),
+    )
+    execution = run(FlowEngine(registry), flow)
+    assert [r.task for r in execution.history] == ["noop", "fail"]
+    assert execution.status is FlowStatus.FAILED
+    assert execution.history[1].status is TaskStatus.FAILURE
+    assert execution.history[1].error == "card declined"
+    assert "card declined" in execution.message
+
+
+def test_a_task_that_runs_twice_appears_twice(registry: TaskRegistry) -> None:
+    counter = {"n": 0}
+
+    def twice() -> TaskResult:
+        counter["n"] += 1
+        return TaskResult("success" if counter["n"] >= 2 else "failure", {"n": counter["n"]})
+
+    registry.register("twice", twice)
+    flow = Flow(
+        name="retry loop",
+        start_task="twice",
+        tasks=(Task("twice"),),
+        conditions=(Condition("twice", "end", "twice"),),
+    )
+    execution = run(FlowEngine(registry), flow)
+    assert [(r.task, r.step, r.data["n"]) for r in execution.history] == [
+        ("twice", 1, 1),
+        ("twice", 2, 2),
+    ]
+    assert execution.status is FlowStatus.SUCCEEDED
+
+
+def test_endless_loop_stops_at_max_steps_and_names_the_limit(registry: TaskRegistry) -> None:
+    flow = Flow(
+        name="forever",
+        start_task="noop",
+        tasks=(Task("noop"),),
+        conditions=(Condition("noop", "noop", "noop"),),
+        max_steps=25,
+    )
+    execution = run(FlowEngine(registry), flow)
+    assert len(execution.history) == 25
+    assert execution.status is FlowStatus.FAILED
+    assert "max_steps" in execution.message and "25" in execution.message
+
+
+def test_server_default_max_steps_applies_when_flow_leaves_it_zero(registry) -> None:
+    engine = FlowEngine(registry, Limits(default_max_steps=7))
+    flow = Flow("f", "noop", (Task("noop"),), (Condition("noop", "noop", "end"),))
+    execution = run(engine, flow)
+    assert len(execution.history) == 7
+    assert "7" in execution.message
+
+
+def test_raising_task_is_a_failure_result_not_an_error(registry: TaskRegistry) -> None:
+    def boom() -> TaskResult:
+        raise ConnectionError("upstream refused")
+
+    registry.register("boom", boom)
+    execution = run(FlowEngine(registry), linear("boom", "noop"))
+    assert execution.status is FlowStatus.FAILED
+    assert execution.history[0].error == "ConnectionError: upstream refused"
+    assert [r.task for r in execution.history] == ["boom"]
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        ({"status": "success"}, "not a TaskResult"),
+        (None, "not a TaskResult"),
+        (TaskResult("success", {"when": object()}), "not JSON"),
+        (TaskResult("success", [1, 2]), "not a mapping"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_return_value_is_a_failure(registry: TaskRegistry, returned, expected) -> None:
+    registry.register("bad", lambda: returned)
+    execution = run(FlowEngine(registry), linear("bad"))
+    assert execution.status is FlowStatus.FAILED
+    assert expected in execution.history[0].error
+
+
+def test_bad_status_string_is_a_failure(registry: TaskRegistry) -> None:
+    registry.register("typo", lambda: TaskResult(status="succes"))
+    execution = run(FlowEngine(registry), linear("typo"))
+    assert execution.status is FlowStatus.FAILED
+    assert "'success' or 'failure'" in execution.history[0].error
+
+
+def test_context_task_sees_flow_id_input_params_and_results(registry: TaskRegistry) -> None:
+    seen: list[TaskContext] = []
+
+    async def inspect_ctx(ctx: TaskContext) -> TaskResult:
+        seen.append(ctx)
+        return TaskResult.success({"customer": ctx.input["customer_id"]})
+
+    registry.register("inspect", inspect_ctx)
+    flow = Flow(
+        name="ctx",
+        start_task="echo",
+        tasks=(Task("echo", params={"a": 1}), Task("inspect", params={"b": "two"})),
+        conditions=(Condition("echo", "inspect", "end"),),
+    )
+    engine = FlowEngine(registry)
+    execution = asyncio.run(engine.run(engine.prepare(flow), {"customer_id": "c-1"}, "fixed-id"))
+    ctx = seen[0]
+    assert ctx.flow_id == "fixed-id" == execution.flow_id
+    assert ctx.params == {"b": "two"}
+    assert ctx.input == {"customer_id": "c-1"}
+    assert [r.task for r in ctx.results] == ["echo"]
+    assert ctx.results[0].data == {"params": {"a": 1}, "input": {"customer_id": "c-1"}}
+    assert execution.history[1].data == {"customer": "c-1"}
+
+
+def test_sync_task_runs_in_a_worker_thread(registry: TaskRegistry) -> None:
+    threads: list[str] = []
+
+    def where() -> TaskResult:
+        threads.append(threading.current_thread().name)
+        return TaskResult.success()
+
+    registry.register("where", where)
+    run(FlowEngine(registry), linear("where"))
+    assert threads and threads[0] != threading.main_thread().name
+
+
+def test_sync_sleep_does_not_block_the_event_loop(registry: TaskRegistry) -> None:
+    release = threading.Event()
+
+    def blocking() -> TaskResult:
+        release.wait(timeout=10)
+        return TaskResult.success()
+
+    registry.register("blocking", blocking)
+    engine = FlowEngine(registry)
+
+    async def main() -> float:
+        flow_task = asyncio.create_task(engine.run(engine.prepare(linear("blocking")), {}))
+        # While the sync task blocks its thread, the loop still runs other work at once.
+        t0 = time.perf_counter()
+        await asyncio.sleep(0)
+        latency = time.perf_counter() - t0
+        release.set()
+        execution = await flow_task
+        assert execution.status is FlowStatus.SUCCEEDED
+        return latency
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_events_order_and_single_code_path(registry: TaskRegistry) -> None:
+    engine = FlowEngine(registry)
+    plan = engine.prepare(linear("noop", "echo"))
+
+    async def collect() -> list[object]:
+        return [ev async for ev in engine.events(plan, {})]
+
+    events = asyncio.run(collect())
+    assert isinstance(events[0], FlowStarted)
+    assert [type(e) for e in events[1:-1]] == [TaskCompleted, TaskCompleted]
+    assert isinstance(events[-1], FlowFinished)
+    assert events[-1].status is FlowStatus.SUCCEEDED and events[-1].steps == 2
+
+
+def test_cancelling_the_consumer_cancels_the_running_async_task(registry) -> None:
+    started, cancelled = asyncio.Event(), []
+
+    async def long(ctx: TaskContext) -> TaskResult:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(ctx.task)
+            raise
+        return TaskResult.success()
+
+    ran_after: list[str] = []
+    registry.register("long", long)
+    registry.register("after", lambda: ran_after.append("x") or TaskResult.success())
+    engine = FlowEngine(registry)
+
+    async def main() -> None:
+        task = asyncio.create_task(engine.run(engine.prepare(linear("long", "after")), {}))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert cancelled == ["long"]
+    assert ran_after == []
+
+
+def test_prepare_rejects_bad_flows_with_all_violations(registry: TaskRegistry) -> None:
+    engine = FlowEngine(registry)
+    with pytest.raises(FlowValidationError) as info:
+        engine.prepare(Flow(name="", start_task="x", tasks=(Task("nope"),)))
+    fields = [v.field for v in info.value.violations]
+    assert fields == ["flow.name", "flow.tasks[0].name", "flow.start_task"]
+
+
+def test_registry_refuses_clashes_naming_both_sources() -> None:
+    registry = TaskRegistry()
+
+    def one() -> TaskResult:
+        return TaskResult.success()
+
+    def two() -> TaskResult:
+        return TaskResult.success()
+
+    registry.register("same", one)
+    registry.register("same", one)  # the same function again is harmless
+    with pytest.raises(TaskRegistrationError, match=r"one.*two"):
+        registry.register("same", two)
+
+
+def test_registry_refuses_tasks_with_two_required_arguments() -> None:
+    with pytest.raises(TaskRegistrationError, match="no argument or one"):
+        TaskRegistry().register("bad", lambda a, b: None)
+
+
+def test_routing_cost_is_flat_structure(registry: TaskRegistry) -> None:
+    # Routing is a table built once: a 10,000-step loop runs every step.
+    engine = FlowEngine(registry, Limits(max_steps_cap=20_000))
+    flow = Flow("loop", "noop", (Task("noop"),), (Condition("noop", "noop", "end"),), 10_000)
+    execution = run(engine, flow)
+    assert len(execution.history) == 10_000
+    assert execution.history[-1].step == 10_000

@@ -1,0 +1,240 @@
+"""ExecuteFlow and StreamFlow over a real server: streaming, cancellation, threads, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2
+from grpc_health.v1 import health_pb2
+
+from flowsvc import TaskContext, TaskResult
+from tests.support import chain, flow_pb, to_dict
+
+
+async def test_failed_task_is_not_an_rpc_error(stub) -> None:
+    flow = chain("noop", ("fail", {"message": "card declined"}), "echo")
+    response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=10)
+    assert response.status == flow_pb2.FLOW_STATUS_FAILED
+    assert [r.task for r in response.execution_history] == ["noop", "fail"]
+    failed = response.execution_history[1]
+    assert failed.status == flow_pb2.TASK_STATUS_FAILURE
+    assert failed.error == "card declined"
+    assert "card declined" in response.message
+
+
+async def test_history_is_a_list_with_repeats_in_order(stub, registry) -> None:
+    attempts = {"n": 0}
+
+    def flaky() -> TaskResult:
+        attempts["n"] += 1
+        return TaskResult("success" if attempts["n"] == 3 else "failure", {"n": attempts["n"]})
+
+    registry.register("flaky", flaky)
+    flow = flow_pb(["flaky", "noop"], {"flaky": ("noop", "flaky")})
+    response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=10)
+    assert [(r.task, r.step) for r in response.execution_history] == [
+        ("flaky", 1),
+        ("flaky", 2),
+        ("flaky", 3),
+        ("noop", 4),
+    ]
+    assert [to_dict(r.data) for r in response.execution_history[:3]] == [
+        {"n": 1.0},
+        {"n": 2.0},
+        {"n": 3.0},
+    ]
+
+
+async def test_input_reaches_every_task(stub, registry) -> None:
+    registry.register("echo_again", registry.get("echo").fn)
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain(("echo", {"k": "v"}), "echo_again"))
+    request.input.update({"customer_id": "c-42"})
+    response = await stub.ExecuteFlow(request, timeout=10)
+    for result in response.execution_history:
+        assert to_dict(result.data)["input"] == {"customer_id": "c-42"}
+    assert to_dict(response.execution_history[0].data)["params"] == {"k": "v"}
+
+
+async def test_stream_sends_each_result_as_soon_as_its_task_finishes(stub) -> None:
+    flow = chain(*[(name, {"delay_seconds": 0.3}) for name in ("task1", "task2", "task3")])
+    arrivals: list[tuple[float, flow_service_pb2.StreamFlowResponse]] = []
+    async for message in stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=flow), timeout=10):
+        arrivals.append((time.time(), message))
+    kinds = [m.WhichOneof("event") for _, m in arrivals]
+    assert kinds == ["started", "task_result", "task_result", "task_result", "finished"]
+    assert arrivals[0][1].started.flow_id
+    first_arrival = arrivals[1][0]
+    second = arrivals[2][1].task_result
+    second_finished = (
+        second.started_at.ToDatetime().timestamp() + second.duration.ToTimedelta().total_seconds()
+    )
+    # Unbuffered: task1's result reached the client before task2 had even finished.
+    assert first_arrival < second_finished
+    assert arrivals[-1][1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert arrivals[-1][1].finished.steps == 3
+
+
+async def test_stream_and_execute_agree(stub) -> None:
+    flow = chain("noop", ("echo", {"x": 1}), ("fail", {"message": "no"}))
+    unary = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=10)
+    messages = [m async for m in stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=flow))]
+    streamed = [m.task_result for m in messages if m.WhichOneof("event") == "task_result"]
+    strip = lambda r: (r.task, r.status, to_dict(r.data), r.error, r.step)  # noqa: E731
+    assert [strip(r) for r in streamed] == [strip(r) for r in unary.execution_history]
+    assert messages[-1].finished.status == unary.status == flow_pb2.FLOW_STATUS_FAILED
+
+
+def _cancellable(registry):
+    """Register `long` (async, records its cancellation) and `after` (records if it ran)."""
+    state = {"started": threading.Event(), "cancelled": threading.Event(), "after": []}
+
+    async def long(ctx: TaskContext) -> TaskResult:
+        state["started"].set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            state["cancelled"].set()
+            raise
+        return TaskResult.success()
+
+    def after() -> TaskResult:
+        state["after"].append(1)
+        return TaskResult.success()
+
+    registry.register("long", long)
+    registry.register("after", after)
+    return state
+
+
+async def _wait(event: threading.Event, limit: float = 10.0) -> None:
+    """Poll a thread-safe event from the loop, failing after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not event.is_set():
+        assert time.monotonic() < deadline, "event not set in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_client_cancel_cancels_the_running_task(stub, registry) -> None:
+    state = _cancellable(registry)
+    call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain("long", "after")))
+    first = await call.read()
+    assert first.WhichOneof("event") == "started"
+    await _wait(state["started"])
+    call.cancel()
+    await _wait(state["cancelled"])
+    assert state["after"] == []
+
+
+async def test_deadline_cancels_the_running_task(stub, registry) -> None:
+    state = _cancellable(registry)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(
+            flow_service_pb2.ExecuteFlowRequest(flow=chain("long", "after")), timeout=0.5
+        )
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _wait(state["cancelled"])
+    assert state["after"] == []
+
+
+async def test_sync_task_does_not_block_other_rpcs_or_health(stub, health_stub, registry) -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    def blocking() -> TaskResult:
+        entered.set()
+        release.wait(timeout=30)
+        return TaskResult.success({"released": release.is_set()})
+
+    registry.register("blocking", blocking)
+    slow = asyncio.ensure_future(
+        stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("blocking")), timeout=30)
+    )
+    await _wait(entered)
+    try:
+        # The sync task holds its thread until we release it; these must answer meanwhile.
+        health = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        other = await stub.ExecuteFlow(
+            flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")), timeout=5
+        )
+        assert other.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert not slow.done()
+    finally:
+        release.set()
+    response = await slow
+    assert to_dict(response.execution_history[0].data) == {"released": True}
+
+
+async def test_health_serves_both_names(health_stub) -> None:
+    for service in ("", "flowmanager.v1.FlowService"):
+        response = await health_stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await health_stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_shutdown_goes_not_serving_refuses_new_flows_and_drains(
+    server, stub, health_stub, registry
+) -> None:
+    state = _cancellable(registry)
+    release = threading.Event()
+
+    def gated() -> TaskResult:
+        state["started"].set()
+        release.wait(timeout=30)
+        return TaskResult.success()
+
+    registry.register("gated", gated)
+    watch = health_stub.Watch(health_pb2.HealthCheckRequest(service="flowmanager.v1.FlowService"))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    running = asyncio.ensure_future(
+        stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("gated")), timeout=30)
+    )
+    await _wait(state["started"])
+    stopping = asyncio.ensure_future(server.shutdown(grace=20))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not stopping.done()
+    release.set()
+    response = await running  # the running flow got its grace period and finished
+    assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    await stopping
+
+
+async def test_structured_log_lines_for_flow_and_tasks(stub, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="flowsvc")
+    response = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("noop", ("fail", {"message": "x"}))),
+        timeout=10,
+    )
+    mine = [r for r in caplog.records if getattr(r, "flow_id", None) == response.flow_id]
+    messages = [r.getMessage() for r in mine]
+    assert messages == ["flow started", "task finished", "task finished", "flow ended"]
+    task_lines = [r for r in mine if r.getMessage() == "task finished"]
+    assert [(r.task, r.status) for r in task_lines] == [("noop", "success"), ("fail", "failure")]
+    assert all(r.duration_s >= 0 for r in task_lines)
+    assert mine[-1].status == "failed"
+
+
+async def test_list_tasks_describes_the_registry(stub, registry) -> None:
+    def custom() -> TaskResult:
+        """A custom task."""
+        return TaskResult.success()
+
+    registry.register("custom", custom)
+    response = await stub.ListTasks(flow_service_pb2.ListTasksRequest())
+    by_name = {t.name: t for t in response.tasks}
+    assert {"task1", "task2", "task3", "noop", "fail", "sleep", "echo", "custom"} <= set(by_name)
+    assert by_name["custom"].description == "A custom task."
+    assert by_name["custom"].source.endswith(
+        "test_list_tasks_describes_the_registry.<locals>.custom"
+    )
+    assert not by_name["custom"].is_async and by_name["sleep"].is_async
+    assert by_name["task1"].source == "flowsvc.tasks.builtin:fetch_data"
