@@ -107,6 +107,9 @@ def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
 
 async def _serve(settings: config.Settings) -> None:
     server = await build_server(settings)
+    # Always printed, whatever the log level: port 0 users learn the real port here.
+    host = settings.listen.rsplit(":", 1)[0]
+    print(f"flowsvc: serving on {host}:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

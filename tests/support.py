@@ -21,6 +21,8 @@ from google.protobuf import json_format
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_FLOW = ROOT / "examples" / "sample_flow.json"
 BIN = Path(sys.executable).parent
+#: What `flowsvc serve` prints on stdout once it listens, followed by host:port.
+READY_PREFIX = "flowsvc: serving on "
 
 
 def flow_pb(
@@ -121,8 +123,8 @@ def server_process(
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
             for line in log_path.read_text().splitlines():
-                if '"server started"' in line:
-                    return int(json.loads(line)["port"])
+                if line.startswith(READY_PREFIX):
+                    return int(line.rsplit(":", 1)[1])
             return None
 
         port = wait_until(started, timeout=timeout)

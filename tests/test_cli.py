@@ -1,0 +1,258 @@
+"""The `flowsvc` command: serve as a subprocess (signals, config, task modules), run, probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support import BIN, SAMPLE_FLOW, chain, server_process, wait_until
+
+
+def flowsvc(*args: str, cwd: Path | None = None, env=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowsvc", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+
+
+async def read_all(call) -> list[flow_service_pb2.StreamFlowResponse]:
+    """The rest of a stream read with read() (grpc forbids mixing read() and iteration)."""
+    out = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        out.append(message)
+    return out
+
+
+def write_module(tmp_path: Path, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+
+
+async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
+    with server_process(tmp_path, "--grace-seconds", "30") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            call = stub.StreamFlow(
+                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 1.0})))
+            )
+            assert (await call.read()).WhichOneof("event") == "started"
+            srv.proc.send_signal(signal.SIGTERM)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            rest = await read_all(call)
+            assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert await asyncio.to_thread(srv.proc.wait, 30) == 0
+        messages = [line["msg"] for line in srv.log_lines()]
+        assert "shutting down" in messages and messages[-1] == "stopped"
+
+
+async def test_sigint_with_no_flows_exits_at_once(tmp_path: Path) -> None:
+    with server_process(tmp_path, "--grace-seconds", "60") as srv:
+        srv.proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+
+
+async def test_grace_period_over_cancels_the_flow(tmp_path: Path) -> None:
+    with server_process(tmp_path, env={"FLOWSVC_GRACE_SECONDS": "0.2"}) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(
+                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60})))
+            )
+            assert (await call.read()).WhichOneof("event") == "started"
+            srv.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await read_all(call)
+        assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+        ended = [line for line in srv.log_lines() if line["msg"] == "flow ended"]
+        assert ended and ended[-1]["status"] == "cancelled"
+
+
+async def test_task_modules_and_env_configuration(tmp_path: Path) -> None:
+    write_module(
+        tmp_path,
+        "acme_tasks",
+        '''
+        from flowsvc import register_task, TaskResult
+
+        @register_task("acme_greet")
+        def greet(ctx):
+            """Greet the customer."""
+            return TaskResult(status="success", data={"hello": ctx.input["name"]})
+        ''',
+    )
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "FLOWSVC_TASK_MODULES": "acme_tasks",
+        "FLOWSVC_DEFAULT_MAX_STEPS": "5",
+        "FLOWSVC_MAX_STEPS_CAP": "10",
+        "FLOWSVC_LOG_LEVEL": "warning",
+    }
+    # A flag wins over its environment variable.
+    with server_process(tmp_path, "--max-steps-cap", "20", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            tasks = {
+                t.name: t for t in (await stub.ListTasks(flow_service_pb2.ListTasksRequest())).tasks
+            }
+            assert tasks["acme_greet"].description == "Greet the customer."
+            assert tasks["acme_greet"].source == "acme_tasks:greet"
+            request = flow_service_pb2.ExecuteFlowRequest(flow=chain("acme_greet"))
+            request.input.update({"name": "Ada"})
+            response = await stub.ExecuteFlow(request, timeout=10)
+            assert response.execution_history[0].data["hello"] == "Ada"
+            loop = chain("noop")
+            loop.conditions.add(
+                source_task="noop", target_task_success="noop", target_task_failure="end"
+            )
+            response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=loop))
+            assert len(response.execution_history) == 5  # FLOWSVC_DEFAULT_MAX_STEPS
+            loop.max_steps = 15  # over the env cap (10) but under the flag's (20)
+            response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=loop))
+            assert len(response.execution_history) == 15
+        # log level warning: no info lines were written
+        assert not [line for line in srv.log_lines() if line["level"] == "info"]
+
+
+def test_task_name_clash_refuses_to_start(tmp_path: Path) -> None:
+    write_module(
+        tmp_path,
+        "clashing",
+        """
+        from flowsvc import register_task, TaskResult
+
+        @register_task("noop")
+        def my_noop():
+            return TaskResult(status="success")
+        """,
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": str(BIN)}
+    result = flowsvc(
+        "serve", "--listen", "127.0.0.1:0", "--task-modules", "clashing", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 2
+    assert "flowsvc.tasks.builtin:noop" in result.stderr and "clashing:my_noop" in result.stderr
+
+
+def test_missing_task_module_is_a_clear_error(tmp_path: Path) -> None:
+    result = flowsvc("serve", "--listen", "127.0.0.1:0", "--task-modules", "no_such_module_xyz")
+    assert result.returncode == 2
+    assert "no_such_module_xyz" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--default-max-steps", "zero"], {}, "--default-max-steps"),
+        ([], {"FLOWSVC_GRACE_SECONDS": "-1"}, "FLOWSVC_GRACE_SECONDS"),
+        ([], {"FLOWSVC_LOG_LEVEL": "loud"}, "FLOWSVC_LOG_LEVEL"),
+        (["--default-max-steps", "50", "--max-steps-cap", "10"], {}, "max_steps_cap"),
+    ],
+)
+def test_bad_configuration_is_refused(args, env, needle) -> None:
+    import os
+
+    result = flowsvc("serve", "--listen", "127.0.0.1:0", *args, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert needle in result.stderr
+
+
+def test_console_script_serves(tmp_path: Path) -> None:
+    # `flowsvc serve`, the installed console script, not just `python -m flowsvc`.
+    proc = subprocess.Popen(
+        [str(BIN / "flowsvc"), "serve", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        port = int(line.rsplit(":", 1)[1])
+        probe = flowsvc("probe", "--address", f"127.0.0.1:{port}")
+        assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
+        probe = flowsvc(
+            "probe", "--address", f"127.0.0.1:{port}", "--service", "flowmanager.v1.FlowService"
+        )
+        assert probe.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
+    # A port that was just free: bind, note the port, close.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = flowsvc("probe", "--address", f"127.0.0.1:{port}", "--timeout", "1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stdout
+
+
+def test_run_sample_flow_in_process(tmp_path: Path) -> None:
+    result = flowsvc("run", str(SAMPLE_FLOW))
+    assert result.returncode == 0, result.stderr
+    execution = json.loads(result.stdout)
+    assert execution["status"] == "FLOW_STATUS_SUCCEEDED"
+    assert [r["data"] for r in execution["executionHistory"]] == [
+        {"raw_data": "data"},
+        {"processed_data": "data"},
+        {"storage_id": "12345"},
+    ]
+
+
+def test_run_accepts_a_bare_flow_with_input(tmp_path: Path) -> None:
+    flow = {"name": "f", "start_task": "echo", "tasks": [{"name": "echo", "params": {"p": 1}}]}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    result = flowsvc("run", str(path), "--input", '{"customer_id": "c-1"}')
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["executionHistory"][0]["data"]
+    assert data == {"params": {"p": 1}, "input": {"customer_id": "c-1"}}
+
+
+def test_run_reports_failure_and_invalid_flows(tmp_path: Path) -> None:
+    path = tmp_path / "failing.json"
+    path.write_text(json.dumps({"name": "f", "start_task": "fail", "tasks": [{"name": "fail"}]}))
+    result = flowsvc("run", str(path))
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "FLOW_STATUS_FAILED"
+
+    path.write_text(json.dumps({"name": "f", "start_task": "nope", "tasks": [{"name": "nope"}]}))
+    result = flowsvc("run", str(path))
+    assert result.returncode == 2
+    assert "flow.tasks[0].name" in result.stderr and "registered tasks" in result.stderr
+
+    path.write_text(json.dumps({"name": "f", "start_task": "x", "tasks": [], "bogus": 1}))
+    result = flowsvc("run", str(path))
+    assert result.returncode == 2 and "bogus" in result.stderr
+
+
+def test_validate_command(tmp_path: Path) -> None:
+    result = flowsvc("validate", str(SAMPLE_FLOW))
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"valid": True}
+
+
+def test_wait_until_polls(tmp_path: Path) -> None:
+    marker = tmp_path / "m"
+    marker.write_text("x")
+    assert wait_until(marker.exists, timeout=1)
