@@ -1,0 +1,217 @@
+"""The README's grpcurl walkthrough, run for real against a `flowsvc serve` subprocess.
+
+Each command below is written exactly as the README shows it, with HOST:PORT standing
+for the server's address (localhost:50051 in the README, a free loopback port here).
+grpcurl learns the API from server reflection: no proto files are passed to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import BIN, SAMPLE_FLOW, ServerProcess, server_process
+
+GRPCURL = BIN / "grpcurl"
+
+# The README's commands, verbatim. `< FILE` is not part of the string: the test feeds
+# the file's bytes on stdin, as the shell would.
+LIST = "grpcurl -plaintext HOST:PORT list"
+DESCRIBE_SERVICE = "grpcurl -plaintext HOST:PORT describe flowmanager.v1.FlowService"
+DESCRIBE_FLOW = "grpcurl -plaintext HOST:PORT describe flowmanager.v1.Flow"
+LIST_TASKS = "grpcurl -plaintext HOST:PORT flowmanager.v1.FlowService/ListTasks"
+EXECUTE_SAMPLE = "grpcurl -plaintext -d @ HOST:PORT flowmanager.v1.FlowService/ExecuteFlow"
+STREAM_SAMPLE = "grpcurl -plaintext -d @ HOST:PORT flowmanager.v1.FlowService/StreamFlow"
+VALIDATE_SAMPLE = "grpcurl -plaintext -d @ HOST:PORT flowmanager.v1.FlowService/ValidateFlow"
+INVALID_FLOW = (
+    '{"flow": {"name": "bad", "start_task": "task1", "tasks": [{"name": "task1"}], '
+    '"conditions": [{"source_task": "task1", "target_task_success": "task9", '
+    '"target_task_failure": "end"}]}}'
+)
+VALIDATE_INVALID = (
+    f"grpcurl -plaintext -d '{INVALID_FLOW}' HOST:PORT flowmanager.v1.FlowService/ValidateFlow"
+)
+EXECUTE_INVALID = (
+    f"grpcurl -plaintext -d '{INVALID_FLOW}' HOST:PORT flowmanager.v1.FlowService/ExecuteFlow"
+)
+HEALTH = "grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check"
+HEALTH_SERVICE = (
+    'grpcurl -plaintext -d \'{"service": "flowmanager.v1.FlowService"}\' '
+    "HOST:PORT grpc.health.v1.Health/Check"
+)
+FAILING_FLOW = (
+    '{"flow": {"name": "payment", "start_task": "fail", '
+    '"tasks": [{"name": "fail", "params": {"message": "card declined"}}]}}'
+)
+EXECUTE_FAILING = (
+    f"grpcurl -plaintext -d '{FAILING_FLOW}' HOST:PORT flowmanager.v1.FlowService/ExecuteFlow"
+)
+
+SEED_OUTPUTS = [
+    ("task1", {"raw_data": "data"}),
+    ("task2", {"processed_data": "data"}),
+    ("task3", {"storage_id": "12345"}),
+]
+BUILTIN_TASKS = ["echo", "fail", "noop", "sleep", "task1", "task2", "task3"]
+# grpcurl exits with 64 + the gRPC status code when the RPC fails.
+GRPCURL_STATUS_OFFSET = 64
+INVALID_ARGUMENT = 3
+
+
+@pytest.fixture(scope="module")
+def grpcurl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with server_process(tmp_path_factory.mktemp("grpcurl-server")) as server:
+        yield server
+
+
+def grpcurl(
+    server: ServerProcess, command: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a README command line, HOST:PORT being the server's address."""
+    argv = shlex.split(command.replace("HOST:PORT", server.address))
+    assert argv[0] == "grpcurl"
+    return subprocess.run(
+        [str(GRPCURL), *argv[1:]], input=stdin, capture_output=True, timeout=60, check=False
+    )
+
+
+def output(result: subprocess.CompletedProcess[bytes]) -> str:
+    """stdout of a successful grpcurl run."""
+    assert result.returncode == 0, (
+        f"grpcurl exited {result.returncode}\n"
+        f"stdout: {result.stdout.decode()}\nstderr: {result.stderr.decode()}"
+    )
+    return result.stdout.decode()
+
+
+def json_output(result: subprocess.CompletedProcess[bytes]) -> Any:
+    return json.loads(output(result))
+
+
+def json_stream(text: str) -> list[Any]:
+    """The JSON objects grpcurl prints one after another for a server stream."""
+    decoder = json.JSONDecoder()
+    objects: list[Any] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return objects
+        obj, pos = decoder.raw_decode(text, pos)
+        objects.append(obj)
+
+
+def assert_uuid(value: str) -> None:
+    assert str(uuid.UUID(value)) == value
+
+
+def sample_bytes() -> bytes:
+    """examples/sample_flow.json exactly as `< examples/sample_flow.json` feeds it."""
+    return SAMPLE_FLOW.read_bytes()
+
+
+def test_list_shows_services_through_reflection(grpcurl_server: ServerProcess) -> None:
+    services = output(grpcurl(grpcurl_server, LIST)).split()
+    assert services == [
+        "flowmanager.v1.FlowService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+
+
+def test_describe_service_shows_rpcs(grpcurl_server: ServerProcess) -> None:
+    text = output(grpcurl(grpcurl_server, DESCRIBE_SERVICE))
+    assert "flowmanager.v1.FlowService is a service" in text
+    rpcs = re.findall(r"^\s*rpc (\w+) \(", text, flags=re.MULTILINE)
+    assert sorted(rpcs) == ["ExecuteFlow", "ListTasks", "StreamFlow", "ValidateFlow"]
+    assert "returns ( stream .flowmanager.v1.StreamFlowResponse )" in text
+
+
+def test_describe_flow_shows_fields(grpcurl_server: ServerProcess) -> None:
+    text = output(grpcurl(grpcurl_server, DESCRIBE_FLOW))
+    assert "flowmanager.v1.Flow is a message" in text
+    fields = re.findall(r"^\s*(?:repeated )?\S+ (\w+) = \d+;", text, flags=re.MULTILINE)
+    assert fields == ["name", "start_task", "tasks", "conditions", "max_steps"]
+
+
+def test_list_tasks(grpcurl_server: ServerProcess) -> None:
+    tasks = json_output(grpcurl(grpcurl_server, LIST_TASKS))["tasks"]
+    assert [t["name"] for t in tasks] == BUILTIN_TASKS
+    for task in tasks:
+        assert task["description"], task
+        assert task["source"].startswith("flowsvc.tasks.builtin:"), task
+
+
+def test_execute_sample_flow(grpcurl_server: ServerProcess) -> None:
+    response = json_output(grpcurl(grpcurl_server, EXECUTE_SAMPLE, stdin=sample_bytes()))
+    assert_uuid(response["flow_id"])
+    assert response["status"] == "FLOW_STATUS_SUCCEEDED"
+    history = response["execution_history"]
+    assert [(r["task"], r["data"]) for r in history] == SEED_OUTPUTS
+    assert [r["status"] for r in history] == ["TASK_STATUS_SUCCESS"] * 3
+    assert [r["step"] for r in history] == [1, 2, 3]
+
+
+def test_stream_sample_flow(grpcurl_server: ServerProcess) -> None:
+    events = json_stream(output(grpcurl(grpcurl_server, STREAM_SAMPLE, stdin=sample_bytes())))
+    assert len(events) == 5, events
+    assert all(len(e) == 1 for e in events), events
+    first, *results, last = events
+    assert_uuid(first["started"]["flow_id"])
+    assert first["started"]["flow_name"] == "Data processing flow"
+    assert [(e["task_result"]["task"], e["task_result"]["data"]) for e in results] == (SEED_OUTPUTS)
+    assert last["finished"]["status"] == "FLOW_STATUS_SUCCEEDED"
+    assert last["finished"]["steps"] == 3
+
+
+def test_validate_sample_flow(grpcurl_server: ServerProcess) -> None:
+    response = json_output(grpcurl(grpcurl_server, VALIDATE_SAMPLE, stdin=sample_bytes()))
+    assert response == {"valid": True}
+
+
+def test_validate_invalid_flow(grpcurl_server: ServerProcess) -> None:
+    response = json_output(grpcurl(grpcurl_server, VALIDATE_INVALID))
+    # grpcurl leaves false booleans out of its JSON: absent means false.
+    assert response.get("valid", False) is False
+    fields = [v["field"] for v in response["violations"]]
+    assert fields == ["flow.conditions[0].target_task_success"]
+    assert "task9" in response["violations"][0]["description"]
+
+
+def test_execute_invalid_flow_is_invalid_argument(grpcurl_server: ServerProcess) -> None:
+    result = grpcurl(grpcurl_server, EXECUTE_INVALID)
+    assert result.returncode == GRPCURL_STATUS_OFFSET + INVALID_ARGUMENT, result
+    text = result.stdout.decode() + result.stderr.decode()
+    assert "Code: InvalidArgument" in text
+    assert "flow.conditions[0].target_task_success" in text
+    # grpcurl prints each status detail as JSON: the google.rpc.BadRequest.
+    details = [
+        json.loads(m) for m in re.findall(r"^\s*\d+\)\s+(\{.*\})$", text, flags=re.MULTILINE)
+    ]
+    assert details, text
+    assert details[0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    violations = details[0]["field_violations"]
+    assert [v["field"] for v in violations] == ["flow.conditions[0].target_task_success"]
+
+
+@pytest.mark.parametrize("command", [HEALTH, HEALTH_SERVICE], ids=["server", "FlowService"])
+def test_health_check(grpcurl_server: ServerProcess, command: str) -> None:
+    assert json_output(grpcurl(grpcurl_server, command)) == {"status": "SERVING"}
+
+
+def test_failing_task_is_not_an_rpc_error(grpcurl_server: ServerProcess) -> None:
+    response = json_output(grpcurl(grpcurl_server, EXECUTE_FAILING))
+    assert_uuid(response["flow_id"])
+    assert response["status"] == "FLOW_STATUS_FAILED"
+    [entry] = response["execution_history"]
+    assert entry["task"] == "fail"
+    assert entry["status"] == "TASK_STATUS_FAILURE"
+    assert entry["error"] == "card declined"

@@ -1,0 +1,130 @@
+"""The package as the container installs it: a wheel holding flowsvc and the generated code.
+
+No Docker engine runs on our machines, so this replays the Dockerfile's install step
+(`pip install .` of the .dockerignore'd context) and runs the installed server and probe
+outside the source tree, as the image's ENTRYPOINT and HEALTHCHECK do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.support import READY_PREFIX, ROOT
+
+
+def _docker_context(dest: Path) -> Path:
+    """Copy what .dockerignore lets into the build context (it allow-lists with !)."""
+    dest.mkdir(parents=True)
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for name in allowed:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def test_dockerfile_copies_what_dockerignore_allows() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M)
+    sources = {s.rstrip("/") for line in copied for s in line.split()}
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert sources == allowed
+    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["flowsvc", "probe"', dockerfile, flags=re.M)
+    assert re.search(r"^USER \d+", dockerfile, flags=re.M)
+
+
+def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
+    context = _docker_context(tmp_path / "context")
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(context)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("flowsvc-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "flowsvc/engine.py",
+        "flowsvc/py.typed",
+        "flowmanager/v1/flow_service_pb2.py",
+        "flowmanager/v1/flow_service_pb2.pyi",
+        "flowmanager/v1/flow_service_pb2_grpc.py",
+    ):
+        assert required in names
+    assert not [n for n in names if n.startswith("tests/")]
+
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # Only the installed copy is importable: not the source tree, not generated/.
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0"],
+        cwd=run_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(READY_PREFIX), line
+        address = line.strip().removeprefix(READY_PREFIX)
+        check = (
+            "import flowsvc, flowmanager.v1.flow_pb2 as m; "
+            f"assert flowsvc.__file__.startswith({str(site)!r}), flowsvc.__file__; "
+            f"assert m.__file__.startswith({str(site)!r}), m.__file__"
+        )
+        subprocess.run([sys.executable, "-c", check], cwd=run_dir, env=env, check=True, timeout=60)
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flowsvc",
+                "probe",
+                "--address",
+                address.replace("[::]", "127.0.0.1"),
+            ],
+            cwd=run_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
