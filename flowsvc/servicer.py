@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 
 from flowsvc import convert
 from flowsvc.engine import FlowEngine
-from flowsvc.errors import FlowValidationError
+from flowsvc.errors import FlowValidationError, Violation
 
 logger = logging.getLogger("flowsvc.servicer")
 
@@ -65,19 +65,36 @@ class ShuttingDownError(Exception):
     """A new flow arrived after shutdown began."""
 
 
+#: Budget for the BadRequest detail. It travels in the trailers, and gRPC clients refuse
+#: trailers past 8-16 KiB by default (the call would fail RESOURCE_EXHAUSTED instead).
+MAX_DETAIL_BYTES = 4096
+MAX_MESSAGE_CHARS = 512
+
+
+def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadRequest:
+    """As many violations as fit the budget, then one line saying how many were left out."""
+    bad = error_details_pb2.BadRequest()
+    for i, v in enumerate(violations):
+        bad.field_violations.add(field=v.field, description=v.description)
+        if bad.ByteSize() > MAX_DETAIL_BYTES:
+            del bad.field_violations[-1]
+            left = len(violations) - i
+            bad.field_violations.add(
+                field="flow",
+                description=f"... and {left} more violation(s); ValidateFlow returns them all",
+            )
+            break
+    return bad
+
+
 def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
     """The one table from exceptions to gRPC statuses."""
     if isinstance(exc, FlowValidationError):
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in exc.violations
-            ]
+        status = status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT,
+            message=f"invalid flow: {exc}"[:MAX_MESSAGE_CHARS],
         )
-        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"invalid flow: {exc}")
-        status.details.add().Pack(bad)
+        status.details.add().Pack(_bad_request(exc.violations))
         return status
     if isinstance(exc, _MalformedRequestError):
         return status_pb2.Status(

@@ -26,6 +26,17 @@ class Limits:
     max_tasks: int = 1000
 
 
+#: Longest echo of a client's value in a violation (violations travel in trailers).
+MAX_ECHO = 64
+
+
+def _show(value: str) -> str:
+    """repr() of a client-supplied value, cut short so that violations stay small."""
+    if len(value) > MAX_ECHO:
+        return repr(value[:MAX_ECHO]) + f"... ({len(value)} characters)"
+    return repr(value)
+
+
 def _registered_list(registry: TaskRegistry) -> str:
     names = registry.names()
     return ", ".join(names) if names else "(none)"
@@ -45,6 +56,13 @@ def validate_flow(
     if not flow.name.strip():
         bad(".name", "must not be empty")
 
+    # Fields are reported in the proto's order: name, start_task, tasks, conditions, max_steps.
+    declared = {t.name for t in flow.tasks if t.name and t.name != END}
+    if not flow.start_task:
+        bad(".start_task", "must not be empty")
+    elif flow.start_task not in declared:
+        bad(".start_task", f"{_show(flow.start_task)} is not one of the flow's tasks")
+
     if not flow.tasks:
         bad(".tasks", "must declare at least one task")
     elif len(flow.tasks) > limits.max_tasks:
@@ -61,7 +79,7 @@ def validate_flow(
         if task.name in first_index:
             bad(
                 f".tasks[{i}].name",
-                f"duplicate task name {task.name!r} (first declared at "
+                f"duplicate task name {_show(task.name)} (first declared at "
                 f"{prefix}.tasks[{first_index[task.name]}])",
             )
             continue
@@ -69,14 +87,9 @@ def validate_flow(
         if task.name not in registry:
             bad(
                 f".tasks[{i}].name",
-                f"task {task.name!r} is not registered on this server; "
+                f"task {_show(task.name)} is not registered on this server; "
                 f"registered tasks: {_registered_list(registry)}",
             )
-
-    if not flow.start_task:
-        bad(".start_task", "must not be empty")
-    elif flow.start_task not in first_index:
-        bad(".start_task", f"{flow.start_task!r} is not one of the flow's tasks")
 
     first_condition: dict[str, int] = {}
     for i, cond in enumerate(flow.conditions):
@@ -84,18 +97,18 @@ def validate_flow(
         if not cond.source_task:
             bad(f"{path}.source_task", "must not be empty")
         elif cond.source_task not in first_index:
-            bad(f"{path}.source_task", f"{cond.source_task!r} is not one of the flow's tasks")
+            bad(f"{path}.source_task", f"{_show(cond.source_task)} is not one of the flow's tasks")
         elif cond.source_task in first_condition:
             bad(
                 f"{path}.source_task",
-                f"a second condition for {cond.source_task!r} (the first is "
+                f"a second condition for {_show(cond.source_task)} (the first is "
                 f"{prefix}.conditions[{first_condition[cond.source_task]}]); "
                 "each task has at most one",
             )
         else:
             first_condition[cond.source_task] = i
         if cond.outcome and cond.outcome not in OUTCOMES:
-            bad(f"{path}.outcome", f"must be 'success' or 'failure', not {cond.outcome!r}")
+            bad(f"{path}.outcome", f"must be 'success' or 'failure', not {_show(cond.outcome)}")
         for target_field in ("target_task_success", "target_task_failure"):
             target = getattr(cond, target_field)
             if not target:
@@ -103,7 +116,7 @@ def validate_flow(
             elif target != END and target not in first_index:
                 bad(
                     f"{path}.{target_field}",
-                    f"{target!r} is neither one of the flow's tasks nor {END!r}",
+                    f"{_show(target)} is neither one of the flow's tasks nor {END!r}",
                 )
 
     if flow.max_steps > limits.max_steps_cap:

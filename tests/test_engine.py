@@ -285,7 +285,7 @@ def test_prepare_rejects_bad_flows_with_all_violations(registry: TaskRegistry) -
     with pytest.raises(FlowValidationError) as info:
         engine.prepare(Flow(name="", start_task="x", tasks=(Task("nope"),)))
     fields = [v.field for v in info.value.violations]
-    assert fields == ["flow.name", "flow.tasks[0].name", "flow.start_task"]
+    assert fields == ["flow.name", "flow.start_task", "flow.tasks[0].name"]
 
 
 def test_registry_refuses_clashes_naming_both_sources() -> None:

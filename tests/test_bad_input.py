@@ -1,0 +1,604 @@
+"""Bad input over a real server: INVALID_ARGUMENT + BadRequest field violations, no task runs.
+
+Every test talks to the real server fixture through a real grpc.aio channel. The
+server here has small limits (max_tasks=3, max_steps_cap=50, 64 KiB requests) so
+the limit checks are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2
+from google.protobuf import message as pb_message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from flowsvc import convert
+from flowsvc.config import Settings
+from flowsvc.models import TaskResult
+from flowsvc.registry import TaskRegistry
+from tests.support import chain, flow_pb
+
+MAX_TASKS = 3
+MAX_STEPS_CAP = 50
+MAX_MESSAGE_BYTES = 64 * 1024
+TIMEOUT = 10
+
+Violations = list[tuple[str, str]]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        listen="127.0.0.1:0",
+        grace_seconds=5.0,
+        log_level="DEBUG",
+        max_tasks=MAX_TASKS,
+        max_steps_cap=MAX_STEPS_CAP,
+        default_max_steps=20,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+    )
+
+
+@pytest.fixture
+def calls(registry: TaskRegistry) -> list[str]:
+    """Registers a task "count" that records every run in the returned list."""
+    runs: list[str] = []
+
+    async def count() -> TaskResult:
+        """Record a run and succeed."""
+        runs.append("count")
+        return TaskResult.success()
+
+    registry.register("count", count)
+    return runs
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def bad_request(err: grpc.aio.AioRpcError) -> Violations:
+    """The (field, description) pairs of the google.rpc.BadRequest carried by `err`."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no grpc-status-details-bin in the error: {err!r}"
+    assert len(status.details) == 1, status
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad), f"details[0] is {status.details[0].type_url}"
+    return [(v.field, v.description) for v in bad.field_violations]
+
+
+def fields(violations: Violations) -> list[str]:
+    return [field for field, _ in violations]
+
+
+async def execute_error(stub, flow: flow_pb2.Flow | None) -> grpc.aio.AioRpcError:
+    """Call ExecuteFlow with `flow` (None: no flow field) and return the error it must raise."""
+    request = flow_service_pb2.ExecuteFlowRequest()
+    if flow is not None:
+        request.flow.CopyFrom(flow)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(request, timeout=TIMEOUT)
+    return info.value
+
+
+async def execute_violations(stub, flow: flow_pb2.Flow | None) -> Violations:
+    """ExecuteFlow must fail with INVALID_ARGUMENT; return its field violations."""
+    err = await execute_error(stub, flow)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    return bad_request(err)
+
+
+async def stream_error(stub, flow: flow_pb2.Flow | None) -> tuple[grpc.aio.AioRpcError, list]:
+    """Call StreamFlow with `flow`; return the error and the messages received before it."""
+    request = flow_service_pb2.StreamFlowRequest()
+    if flow is not None:
+        request.flow.CopyFrom(flow)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for message in stub.StreamFlow(request, timeout=TIMEOUT):
+            received.append(message)
+    return info.value, received
+
+
+def one(violations: Violations, field: str) -> str:
+    """Assert `violations` is exactly one violation of `field`; return its description."""
+    assert fields(violations) == [field], violations
+    return violations[0][1]
+
+
+def valid_base() -> flow_pb2.Flow:
+    """noop -> task1 -> end, the flow most cases below break in one place."""
+    return chain("noop", ("task1", {"delay_seconds": 0}))
+
+
+# --- 1-3: flow, name, start_task --------------------------------------------------------------
+
+
+async def test_missing_flow_is_reported_as_field_flow(stub) -> None:
+    violations = await execute_violations(stub, None)
+    assert "required" in one(violations, "flow")
+
+
+async def test_empty_flow_message_reports_name_tasks_and_start_task(stub) -> None:
+    violations = await execute_violations(stub, flow_pb2.Flow())
+    assert set(fields(violations)) == {"flow.name", "flow.tasks", "flow.start_task"}
+    assert "at least one task" in dict(violations)["flow.tasks"]
+
+
+@pytest.mark.parametrize("name", ["", "   "], ids=["empty", "blank"])
+async def test_empty_flow_name(stub, name: str) -> None:
+    flow = valid_base()
+    flow.name = name
+    assert "must not be empty" in one(await execute_violations(stub, flow), "flow.name")
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [("", "must not be empty"), ("task2", "'task2' is not one of the flow's tasks")],
+    ids=["empty", "not-a-declared-task"],
+)
+async def test_bad_start_task(stub, start: str, expected: str) -> None:
+    flow = valid_base()
+    flow.start_task = start
+    assert expected in one(await execute_violations(stub, flow), "flow.start_task")
+
+
+# --- 4: duplicate task names --------------------------------------------------------------
+
+
+async def test_duplicate_task_name_points_at_the_second_and_mentions_the_first(stub) -> None:
+    flow = flow_pb(["noop", "noop"])
+    description = one(await execute_violations(stub, flow), "flow.tasks[1].name")
+    assert "duplicate" in description
+    assert "'noop'" in description
+    assert "flow.tasks[0]" in description
+
+
+# --- 5-8: conditions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["task2", "end"], ids=["undeclared", "end"])
+async def test_condition_source_not_a_declared_task(stub, source: str) -> None:
+    flow = valid_base()  # conditions[0] is noop -> task1
+    flow.conditions.add(source_task=source, target_task_success="end", target_task_failure="end")
+    description = one(await execute_violations(stub, flow), "flow.conditions[1].source_task")
+    assert f"{source!r} is not one of the flow's tasks" in description
+
+
+async def test_condition_with_empty_source(stub) -> None:
+    flow = valid_base()
+    flow.conditions[0].source_task = ""
+    description = one(await execute_violations(stub, flow), "flow.conditions[0].source_task")
+    assert "must not be empty" in description
+
+
+@pytest.mark.parametrize("target_field", ["target_task_success", "target_task_failure"])
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("task2", "'task2' is neither one of the flow's tasks nor 'end'"),
+        ("END", "'END' is neither one of the flow's tasks nor 'end'"),
+        ("", "must not be empty"),
+    ],
+    ids=["undeclared", "wrong-case-end", "empty"],
+)
+async def test_condition_bad_target(stub, target_field: str, target: str, expected: str) -> None:
+    flow = valid_base()
+    flow.conditions.add(source_task="task1", target_task_success="end", target_task_failure="end")
+    setattr(flow.conditions[1], target_field, target)
+    field = f"flow.conditions[1].{target_field}"
+    assert expected in one(await execute_violations(stub, flow), field)
+
+
+async def test_two_conditions_for_one_source(stub) -> None:
+    flow = valid_base()
+    flow.conditions.add(source_task="noop", target_task_success="end", target_task_failure="end")
+    description = one(await execute_violations(stub, flow), "flow.conditions[1].source_task")
+    assert "'noop'" in description
+    assert "flow.conditions[0]" in description
+    assert "at most one" in description
+
+
+@pytest.mark.parametrize("outcome", ["maybe", "Success", "succeeded", " "])
+async def test_condition_outcome_other_than_success_or_failure(stub, outcome: str) -> None:
+    flow = valid_base()
+    flow.conditions[0].outcome = outcome
+    description = one(await execute_violations(stub, flow), "flow.conditions[0].outcome")
+    assert "'success' or 'failure'" in description
+    assert repr(outcome) in description
+
+
+@pytest.mark.parametrize("outcome", ["", "success", "failure"])
+async def test_condition_outcomes_that_are_accepted(stub, outcome: str) -> None:
+    flow = valid_base()
+    flow.conditions[0].outcome = outcome
+    response = await stub.ValidateFlow(flow_service_pb2.ValidateFlowRequest(flow=flow))
+    assert response.valid, response
+
+
+# --- 9: unregistered task -----------------------------------------------------------------
+
+
+async def test_unregistered_task_lists_the_registered_ones(stub) -> None:
+    flow = chain("noop", "no_such_task")
+    description = one(await execute_violations(stub, flow), "flow.tasks[1].name")
+    assert "'no_such_task'" in description
+    assert "not registered" in description
+    for registered in ("noop", "task1", "task2", "task3", "fail", "sleep", "echo"):
+        assert registered in description
+
+
+async def test_reserved_task_name_end(stub) -> None:
+    flow = flow_pb(["noop", "end"])
+    description = one(await execute_violations(stub, flow), "flow.tasks[1].name")
+    assert "reserved" in description
+
+
+# --- 10-11: limits ------------------------------------------------------------------------
+
+
+async def test_max_steps_over_the_cap(stub) -> None:
+    flow = valid_base()
+    flow.max_steps = MAX_STEPS_CAP + 1
+    description = one(await execute_violations(stub, flow), "flow.max_steps")
+    assert str(MAX_STEPS_CAP + 1) in description
+    assert str(MAX_STEPS_CAP) in description
+
+
+async def test_max_steps_at_the_cap_is_accepted(stub) -> None:
+    flow = valid_base()
+    flow.max_steps = MAX_STEPS_CAP
+    response = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+async def test_more_tasks_than_the_limit(stub) -> None:
+    flow = flow_pb(["noop", "task1", "task2", "task3"])  # 4 distinct, registered tasks
+    description = one(await execute_violations(stub, flow), "flow.tasks")
+    assert f"declares {MAX_TASKS + 1} tasks" in description
+    assert f"limit is {MAX_TASKS}" in description
+
+
+async def test_tasks_at_the_limit_are_accepted(stub) -> None:
+    flow = flow_pb(["noop", "task1", "task2"])
+    response = await stub.ValidateFlow(flow_service_pb2.ValidateFlowRequest(flow=flow))
+    assert response.valid, response
+
+
+# --- 12: several problems at once -----------------------------------------------------------
+
+
+def many_problems_flow() -> flow_pb2.Flow:
+    flow = flow_pb2.Flow(name="", start_task="noop", max_steps=MAX_STEPS_CAP + 1)
+    flow.tasks.add(name="noop")
+    flow.tasks.add(name="ghost")  # not registered
+    flow.tasks.add(name="noop")  # duplicate
+    flow.conditions.add(
+        source_task="noop",
+        outcome="perhaps",
+        target_task_success="nowhere",
+        target_task_failure="",
+    )
+    flow.conditions.add(source_task="phantom", target_task_success="end", target_task_failure="end")
+    return flow
+
+
+MANY_PROBLEMS_FIELDS = [
+    "flow.name",
+    "flow.tasks[1].name",
+    "flow.tasks[2].name",
+    "flow.conditions[0].outcome",
+    "flow.conditions[0].target_task_success",
+    "flow.conditions[0].target_task_failure",
+    "flow.conditions[1].source_task",
+    "flow.max_steps",
+]
+
+
+async def test_several_problems_are_all_reported_in_field_order(stub) -> None:
+    violations = await execute_violations(stub, many_problems_flow())
+    assert fields(violations) == MANY_PROBLEMS_FIELDS
+    assert all(description for _, description in violations)
+
+
+async def test_several_problems_including_start_task_are_all_reported(stub) -> None:
+    flow = many_problems_flow()
+    flow.start_task = "missing"
+    violations = await execute_violations(stub, flow)
+    assert sorted(fields(violations)) == sorted([*MANY_PROBLEMS_FIELDS, "flow.start_task"])
+
+
+async def test_start_task_violation_comes_before_task_violations(stub) -> None:
+    flow = many_problems_flow()
+    flow.start_task = "missing"
+    violations = await execute_violations(stub, flow)
+    assert fields(violations) == [
+        MANY_PROBLEMS_FIELDS[0],
+        "flow.start_task",
+        *MANY_PROBLEMS_FIELDS[1:],
+    ]
+
+
+# The BadRequest travels in the trailing metadata (grpc-status-details-bin), and a
+# grpc client by default refuses trailers over 8 KiB (soft limit, random rejection)
+# and always over 16 KiB (hard limit). Bad input that makes the details that big
+# would reach the client as RESOURCE_EXHAUSTED "Stream removed", with no BadRequest:
+# the server caps the details and echoes of client values, and says what it left out.
+
+
+def many_unregistered_flow(count: int = 300) -> flow_pb2.Flow:
+    """noop plus `count` unregistered tasks: a 4 KB request, `count` + 1 violations."""
+    flow = flow_pb(["noop"])
+    for i in range(count):
+        flow.tasks.add(name=f"ghost{i}")
+    return flow
+
+
+async def test_many_violations_still_give_invalid_argument(stub) -> None:
+    flow = many_unregistered_flow()
+    assert flow.ByteSize() < MAX_MESSAGE_BYTES
+    violations = await execute_violations(stub, flow)
+    assert fields(violations)[:2] == ["flow.tasks", "flow.tasks[1].name"]
+    assert "more violation" in violations[-1][1] and "ValidateFlow" in violations[-1][1]
+
+
+async def test_long_unregistered_task_name_still_gives_invalid_argument(stub) -> None:
+    flow = flow_pb(["noop", "y" * 8000])  # an 8 KB request, one violation
+    assert flow.ByteSize() < MAX_MESSAGE_BYTES
+    violations = await execute_violations(stub, flow)
+    assert fields(violations) == ["flow.tasks[1].name"]
+
+
+async def test_validate_flow_reports_every_one_of_many_violations(stub) -> None:
+    """ValidateFlow carries violations in the response body, so size is no problem there."""
+    response = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=many_unregistered_flow()), timeout=TIMEOUT
+    )
+    assert response.valid is False
+    assert [v.field for v in response.violations] == [
+        "flow.tasks",
+        *(f"flow.tasks[{i}].name" for i in range(1, 301)),
+    ]
+
+
+# --- 13-14: nothing runs on bad input; StreamFlow -----------------------------------------
+
+
+def _with_bad_target(flow: flow_pb2.Flow) -> None:
+    flow.conditions[0].target_task_success = "nowhere"
+
+
+def _with_unregistered_task(flow: flow_pb2.Flow) -> None:
+    flow.tasks.add(name="ghost")
+
+
+def _with_max_steps_over_cap(flow: flow_pb2.Flow) -> None:
+    flow.max_steps = MAX_STEPS_CAP + 1
+
+
+def _with_empty_name(flow: flow_pb2.Flow) -> None:
+    flow.name = ""
+
+
+def _with_too_many_tasks(flow: flow_pb2.Flow) -> None:
+    flow.tasks.add(name="task1")
+    flow.tasks.add(name="task2")
+
+
+BREAKERS: dict[str, tuple[Callable[[flow_pb2.Flow], None], str]] = {
+    "bad-target": (_with_bad_target, "flow.conditions[0].target_task_success"),
+    "unregistered-task": (_with_unregistered_task, "flow.tasks[2].name"),
+    "max-steps": (_with_max_steps_over_cap, "flow.max_steps"),
+    "empty-name": (_with_empty_name, "flow.name"),
+    "too-many-tasks": (_with_too_many_tasks, "flow.tasks"),
+}
+
+
+def counting_flow(breaker: str) -> tuple[flow_pb2.Flow, str]:
+    """count -> noop -> end, broken by BREAKERS[breaker]; and the field it breaks."""
+    flow = chain("count", "noop")
+    fn, field = BREAKERS[breaker]
+    fn(flow)
+    return flow, field
+
+
+@pytest.mark.parametrize("breaker", list(BREAKERS))
+async def test_no_task_runs_on_bad_execute(stub, calls: list[str], breaker: str) -> None:
+    flow, field = counting_flow(breaker)
+    assert fields(await execute_violations(stub, flow)) == [field]
+    assert calls == []
+
+
+@pytest.mark.parametrize("breaker", list(BREAKERS))
+async def test_stream_fails_before_any_message_and_no_task_runs(
+    stub, calls: list[str], breaker: str
+) -> None:
+    flow, field = counting_flow(breaker)
+    err, received = await stream_error(stub, flow)
+    assert received == []
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert fields(bad_request(err)) == [field]
+    assert calls == []
+
+
+async def test_stream_missing_flow(stub, calls: list[str]) -> None:
+    err, received = await stream_error(stub, None)
+    assert received == []
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert fields(bad_request(err)) == ["flow"]
+
+
+async def test_counting_task_does_run_on_a_valid_flow(stub, calls: list[str]) -> None:
+    """Control for the tests above: the counter counts when the flow is good."""
+    response = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("count", "noop")), timeout=TIMEOUT
+    )
+    assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert calls == ["count"]
+
+
+# --- 15: ValidateFlow ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("breaker", list(BREAKERS))
+async def test_validate_flow_reports_the_same_violations_as_execute(
+    stub, calls: list[str], breaker: str
+) -> None:
+    flow, _ = counting_flow(breaker)
+    executed = await execute_violations(stub, flow)
+    response = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert response.valid is False
+    assert [(v.field, v.description) for v in response.violations] == executed
+    assert calls == []
+
+
+async def test_validate_flow_many_problems_and_missing_flow_match_execute(stub) -> None:
+    for flow in (many_problems_flow(), None):
+        executed = await execute_violations(stub, flow)
+        request = flow_service_pb2.ValidateFlowRequest()
+        if flow is not None:
+            request.flow.CopyFrom(flow)
+        response = await stub.ValidateFlow(request, timeout=TIMEOUT)
+        assert response.valid is False
+        assert [(v.field, v.description) for v in response.violations] == executed
+
+
+async def test_validate_flow_good_flow(stub, calls: list[str]) -> None:
+    response = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=chain("count", "noop")), timeout=TIMEOUT
+    )
+    assert response.valid is True
+    assert list(response.violations) == []
+    assert calls == []  # validating runs nothing
+
+
+# --- 16: oversized requests -----------------------------------------------------------------
+
+
+def oversized_flow() -> flow_pb2.Flow:
+    flow = chain("count", "noop")
+    flow.tasks[0].description = "x" * (200 * 1024)
+    assert flow.ByteSize() > MAX_MESSAGE_BYTES
+    return flow
+
+
+async def test_request_over_the_receive_limit_is_resource_exhausted(stub, calls: list[str]) -> None:
+    err = await execute_error(stub, oversized_flow())
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert calls == []
+
+
+async def test_stream_request_over_the_receive_limit_is_resource_exhausted(
+    stub, calls: list[str]
+) -> None:
+    err, received = await stream_error(stub, oversized_flow())
+    assert received == []
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert calls == []
+
+
+# --- 17: bytes that are not a request -------------------------------------------------------
+
+GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12", b"\x0a\x04\x0a\x02\xff\xfe"]
+GARBAGE_IDS = ["ff", "truncated-flow", "truncated-input", "bad-utf8-name"]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=GARBAGE_IDS)
+@pytest.mark.parametrize(
+    ("method", "request_cls"),
+    [
+        ("ExecuteFlow", flow_service_pb2.ExecuteFlowRequest),
+        ("ValidateFlow", flow_service_pb2.ValidateFlowRequest),
+    ],
+)
+async def test_unparsable_unary_request_is_invalid_argument(
+    channel, calls: list[str], method: str, request_cls, garbage: bytes
+) -> None:
+    with pytest.raises(pb_message.DecodeError):
+        request_cls.FromString(garbage)
+    call = channel.unary_unary(
+        f"/flowmanager.v1.FlowService/{method}",
+        request_serializer=_identity,
+        response_deserializer=_identity,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(garbage, timeout=TIMEOUT)
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert request_cls.DESCRIPTOR.full_name in err.details()
+    assert calls == []
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=GARBAGE_IDS)
+async def test_unparsable_stream_request_is_invalid_argument(
+    channel, calls: list[str], garbage: bytes
+) -> None:
+    with pytest.raises(pb_message.DecodeError):
+        flow_service_pb2.StreamFlowRequest.FromString(garbage)
+    call = channel.unary_stream(
+        "/flowmanager.v1.FlowService/StreamFlow",
+        request_serializer=_identity,
+        response_deserializer=_identity,
+    )
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for message in call(garbage, timeout=TIMEOUT):
+            received.append(message)
+    err = info.value
+    assert received == []
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "flowmanager.v1.StreamFlowRequest" in err.details()
+    assert calls == []
+
+
+# --- 18: unexpected server errors -----------------------------------------------------------
+
+
+async def test_unexpected_error_is_internal_with_an_error_id_and_no_internals(
+    stub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(execution):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(convert, "execution_to_pb", explode)
+    caplog.set_level(logging.ERROR, logger="flowsvc.servicer")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(
+            flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")), timeout=TIMEOUT
+        )
+    err = info.value
+    assert err.code() == grpc.StatusCode.INTERNAL, err
+    details = err.details()
+    assert "error id" in details
+    for leak in ("secret", "Traceback", "RuntimeError"):
+        assert leak not in details
+        assert leak not in str(err)
+        for _, value in err.trailing_metadata() or ():
+            assert leak not in (
+                value.decode(errors="replace") if isinstance(value, bytes) else value
+            )
+    match = re.search(r"error id ([0-9a-f]+)", details)
+    assert match, details
+    error_id = match.group(1)
+    logged = [
+        r
+        for r in caplog.records
+        if r.name == "flowsvc.servicer" and getattr(r, "error_id", None) == error_id
+    ]
+    assert len(logged) == 1, [r.__dict__ for r in caplog.records]
+    assert logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info is not None
+    assert "secret internal detail" in str(logged[0].exc_info[1])
