@@ -36,6 +36,7 @@ from flowsvc.models import (
     FlowFinished,
     FlowStarted,
     FlowStatus,
+    HistoryView,
     StepRecord,
     TaskCompleted,
     TaskContext,
@@ -261,7 +262,7 @@ class FlowEngine:
                     step=step,
                     input=flow_input,
                     params=node.params,
-                    results=tuple(history),
+                    results=HistoryView(history, len(history)),
                 ),
             )
         try:

@@ -6,10 +6,10 @@ Frozen dataclasses and enums only; nothing here knows about gRPC or protobuf.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 #: The routing target that ends a flow. The one place the word lives.
 END = "end"
@@ -123,6 +123,38 @@ class StepRecord:
     duration_s: float
 
 
+class HistoryView(Sequence[StepRecord]):
+    """The first `length` records of a growing history list, without copying them.
+
+    Built once per step in O(1), so a long loop does not pay for its own history.
+    """
+
+    __slots__ = ("_length", "_records")
+
+    def __init__(self, records: list[StepRecord], length: int) -> None:
+        self._records = records
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> StepRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[StepRecord]: ...
+    def __getitem__(self, index: int | slice) -> StepRecord | Sequence[StepRecord]:
+        if isinstance(index, slice):
+            return self._records[: self._length][index]
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError("history index out of range")
+        return self._records[index]
+
+    def __repr__(self) -> str:
+        return f"HistoryView({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a one-argument task receives. Treat every mapping as read-only."""
@@ -133,7 +165,8 @@ class TaskContext:
     step: int
     input: Mapping[str, Any]
     params: Mapping[str, Any]
-    results: tuple[StepRecord, ...]
+    #: The runs before this one, oldest first (a read-only view: no copy per step).
+    results: Sequence[StepRecord]
 
 
 @dataclass(frozen=True, slots=True)

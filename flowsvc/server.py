@@ -12,6 +12,7 @@ server stops and cancels whatever still runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,46 @@ def _method_handlers(servicer: FlowServicer) -> dict[str, grpc.RpcMethodHandler[
     return handlers
 
 
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpc's asyncio health servicer, whose Watch streams end cleanly at shutdown.
+
+    Left alone, a Watch stream never ends, and stopping the server cancels it, which grpc
+    logs as an error. Here, close() ends every Watch with UNAVAILABLE (after it has sent
+    NOT_SERVING), so a watcher learns why and may reconnect elsewhere.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+        self._watching = 0
+        self._no_watchers = asyncio.Event()
+        self._no_watchers.set()
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._closing.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        self._watching += 1
+        self._no_watchers.clear()
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, closing):
+                task.cancel()
+            await asyncio.gather(watch, closing, return_exceptions=True)
+            self._watching -= 1
+            if self._watching == 0:
+                self._no_watchers.set()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+
+    async def close(self, wait_seconds: float) -> None:
+        """End every Watch stream; wait up to `wait_seconds` for them to go."""
+        self._closing.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_watchers.wait(), wait_seconds)
+
+
 class FlowServer:
     """A started server and what its shutdown needs."""
 
@@ -75,7 +116,7 @@ class FlowServer:
         server: grpc.aio.Server,
         port: int,
         servicer: FlowServicer,
-        health_servicer: Any,
+        health_servicer: _HealthServicer,
         executor: ThreadPoolExecutor,
         settings: Settings,
     ) -> None:
@@ -111,7 +152,8 @@ class FlowServer:
                 "grace period over; cancelling running flows",
                 running_flows=self.servicer.active_flows,
             )
-        # Whatever still runs (flows past the grace, health watches) is cancelled now.
+        await self.health.close(wait_seconds=1.0)
+        # Whatever still runs (flows past their grace) is cancelled now.
         await self.server.stop(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log_event(logger, logging.INFO, "stopped")
@@ -143,8 +185,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
     )
-    # grpc-stubs does not know the asyncio health servicer.
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -315,3 +315,22 @@ def test_routing_cost_is_flat_structure(registry: TaskRegistry) -> None:
     execution = run(engine, flow)
     assert len(execution.history) == 10_000
     assert execution.history[-1].step == 10_000
+
+
+def test_context_results_is_a_stable_view_of_earlier_runs(registry: TaskRegistry) -> None:
+    seen: list[TaskContext] = []
+
+    def look(ctx: TaskContext) -> TaskResult:
+        seen.append(ctx)
+        return TaskResult.success({"step": ctx.step})
+
+    registry.register("look", look)
+    flow = Flow("f", "look", (Task("look"),), (Condition("look", "look", "end"),), max_steps=4)
+    run(FlowEngine(registry), flow)
+    # Each context still shows exactly the runs before it, though the history grew later.
+    assert [len(ctx.results) for ctx in seen] == [0, 1, 2, 3]
+    last = seen[-1].results
+    assert [r.data["step"] for r in last] == [1, 2, 3]
+    assert last[-1].step == 3 and [r.step for r in last[1:]] == [2, 3]
+    with pytest.raises(IndexError):
+        last[3]
