@@ -11,7 +11,7 @@ The public surface for task authors::
 and for embedding the engine: FlowEngine, TaskRegistry, Flow, Task, Condition.
 """
 
-from flowsvc.engine import FlowEngine, PreparedFlow
+from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle
 from flowsvc.errors import FlowsvcError, FlowValidationError, TaskRegistrationError, Violation
 from flowsvc.models import (
     END,
@@ -40,6 +40,7 @@ __all__ = [
     "Limits",
     "PreparedFlow",
     "StepRecord",
+    "StopHandle",
     "Task",
     "TaskContext",
     "TaskRegistrationError",

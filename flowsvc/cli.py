@@ -15,8 +15,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from flowsvc.engine import FlowEngine
 from flowsvc.errors import FlowsvcError, FlowValidationError
 from flowsvc.models import FlowStatus
 from flowsvc.registry import TaskRegistry
-from flowsvc.server import build_server, load_task_modules
+from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 
 logger = logging.getLogger("flowsvc.cli")
 
@@ -106,16 +109,35 @@ def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 async def _serve(settings: config.Settings) -> None:
-    server = await build_server(settings)
-    # Always printed, whatever the log level: port 0 users learn the real port here.
-    host = settings.listen.rsplit(":", 1)[0]
-    print(f"flowsvc: serving on {host}:{server.port}", flush=True)
+    # Signals are handled from the start, so one that arrives while starting still
+    # gets a clean shutdown.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server = await build_server(settings)
+    # Always printed, whatever the log level: port 0 users learn the real port here.
+    host = settings.listen.rsplit(":", 1)[0]
+    print(f"flowsvc: serving on {host}:{server.port}", flush=True)
     await stop.wait()
     await server.shutdown()
+
+
+def _exit_despite_stuck_task_threads() -> None:
+    """A sync task still running after shutdown cannot be killed, and Python would wait for
+    its thread at exit forever: log it and leave without waiting."""
+    deadline = time.monotonic() + 1.0
+    stuck = []
+    for thread in threading.enumerate():
+        if thread.name.startswith(TASK_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                stuck.append(thread.name)
+    if stuck:
+        logger.warning("exiting with sync tasks still running", extra={"threads": stuck})
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(settings))
+            _exit_despite_stuck_task_threads()
             return EXIT_OK
         if args.command == "run":
             return _cmd_run(args, settings)

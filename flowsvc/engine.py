@@ -69,6 +69,39 @@ class PreparedFlow:
     nodes: Mapping[str, _Node]
 
 
+class StopHandle:
+    """Lets another coroutine stop a running execution (CancelExecution, shutdown)."""
+
+    __slots__ = ("_running", "reason")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        # The asyncio task running the execution while one of its tasks runs, else None.
+        self._running: asyncio.Task[Any] | None = None
+
+    def request(self, reason: str) -> None:
+        """Stop the execution: the running task is cancelled, no further task starts.
+
+        Call it on the event loop's thread (from a sync task: loop.call_soon_threadsafe).
+        """
+        if self.reason is not None:
+            return
+        self.reason = reason
+        # A task that stops its own execution is not cut short: the check before the
+        # next step ends it.
+        if self._running is not None and self._running is not asyncio.current_task():
+            self._running.cancel()
+
+    def owns_cancellation(self) -> bool:
+        """True when a CancelledError came from request() alone (then it is absorbed).
+
+        Like asyncio.timeout(): uncancel() our own cancel; any other cancel (the client
+        went away, the server is stopping) still propagates.
+        """
+        task = self._running
+        return self.reason is not None and task is not None and task.uncancel() == 0
+
+
 class FlowEngine:
     """Runs prepared flows against a TaskRegistry."""
 
@@ -110,12 +143,16 @@ class FlowEngine:
         return PreparedFlow(flow=flow, max_steps=max_steps, nodes=nodes)
 
     async def run(
-        self, plan: PreparedFlow, flow_input: Mapping[str, Any], flow_id: str | None = None
+        self,
+        plan: PreparedFlow,
+        flow_input: Mapping[str, Any],
+        flow_id: str | None = None,
+        stop: StopHandle | None = None,
     ) -> Execution:
         """Run `plan` to the end and return the whole execution (drains events())."""
         history: list[StepRecord] = []
         started: FlowStarted | None = None
-        async for ev in self.events(plan, flow_input, flow_id):
+        async for ev in self.events(plan, flow_input, flow_id, stop):
             if isinstance(ev, TaskCompleted):
                 history.append(ev.record)
             elif isinstance(ev, FlowStarted):
@@ -134,9 +171,18 @@ class FlowEngine:
         raise AssertionError("events() ended without FlowFinished")  # pragma: no cover
 
     async def events(
-        self, plan: PreparedFlow, flow_input: Mapping[str, Any], flow_id: str | None = None
+        self,
+        plan: PreparedFlow,
+        flow_input: Mapping[str, Any],
+        flow_id: str | None = None,
+        stop: StopHandle | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run `plan`, yielding FlowStarted, one TaskCompleted per task run, FlowFinished."""
+        """Run `plan`, yielding FlowStarted, one TaskCompleted per task run, FlowFinished.
+
+        `stop.request(reason)` ends the execution CANCELLED: before its next task, or at
+        once by cancelling the task that runs (whose result is then not recorded).
+        """
+        stop = stop or StopHandle()
         flow_id = flow_id or str(uuid.uuid4())
         flow = plan.flow
         nodes = plan.nodes
@@ -151,6 +197,10 @@ class FlowEngine:
         message = ""
         try:
             while True:
+                if stop.reason is not None:
+                    status = FlowStatus.CANCELLED
+                    message = f"Flow cancelled before step {step + 1} ({current!r}): {stop.reason}"
+                    break
                 if step >= plan.max_steps:
                     status = FlowStatus.FAILED
                     message = (
@@ -160,7 +210,19 @@ class FlowEngine:
                     break
                 step += 1
                 node = nodes[current]
-                record = await self._run_task(node, flow_id, flow.name, step, flow_input, history)
+                stop._running = asyncio.current_task()
+                try:
+                    record = await self._run_task(
+                        node, flow_id, flow.name, step, flow_input, history
+                    )
+                except asyncio.CancelledError:
+                    if not stop.owns_cancellation():
+                        raise
+                    status = FlowStatus.CANCELLED
+                    message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
+                    break
+                finally:
+                    stop._running = None
                 history.append(record)
                 yield TaskCompleted(flow_id, record)
                 succeeded = record.status is TaskStatus.SUCCESS

@@ -34,6 +34,8 @@ logger = logging.getLogger("flowsvc.server")
 
 SERVICE = flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"]
 SERVICE_NAME = SERVICE.full_name
+#: Names of the threads that run sync tasks.
+TASK_THREAD_PREFIX = "flowsvc-task"
 
 
 def load_task_modules(modules: tuple[str, ...], registry: TaskRegistry) -> None:
@@ -152,8 +154,12 @@ class FlowServer:
                 "grace period over; cancelling running flows",
                 running_flows=self.servicer.active_flows,
             )
+            # They end CANCELLED, and their clients get that as data with OK.
+            self.servicer.stop_all("the server is shutting down")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.servicer.wait_idle(), timeout=2.0)
         await self.health.close(wait_seconds=1.0)
-        # Whatever still runs (flows past their grace) is cancelled now.
+        # Whatever still runs now (nothing, unless a task ignores cancellation) is cut off.
         await self.server.stop(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log_event(logger, logging.INFO, "stopped")
@@ -169,7 +175,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         registry = TaskRegistry.with_builtins()
         load_task_modules(settings.task_modules, registry)
     executor = ThreadPoolExecutor(
-        max_workers=settings.sync_task_workers, thread_name_prefix="flowsvc-task"
+        max_workers=settings.sync_task_workers, thread_name_prefix=TASK_THREAD_PREFIX
     )
     engine = FlowEngine(registry, settings.limits, executor)
     servicer = FlowServicer(engine)

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -29,7 +29,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flowsvc import convert
-from flowsvc.engine import FlowEngine
+from flowsvc.engine import FlowEngine, StopHandle
 from flowsvc.errors import FlowValidationError, Violation
 
 logger = logging.getLogger("flowsvc.servicer")
@@ -180,23 +180,33 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     def __init__(self, engine: FlowEngine) -> None:
         self.engine = engine
         self.draining = False
-        self.active_flows = 0
+        self._running: set[StopHandle] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def active_flows(self) -> int:
+        return len(self._running)
+
     @contextlib.contextmanager
-    def _flow_slot(self) -> Any:
-        """Count a running flow, refusing new ones once shutdown has begun."""
+    def _flow_slot(self) -> Iterator[StopHandle]:
+        """Track a running flow, refusing new ones once shutdown has begun."""
         if self.draining:
             raise ShuttingDownError
-        self.active_flows += 1
+        handle = StopHandle()
+        self._running.add(handle)
         self._idle.clear()
         try:
-            yield
+            yield handle
         finally:
-            self.active_flows -= 1
-            if self.active_flows == 0:
+            self._running.discard(handle)
+            if not self._running:
                 self._idle.set()
+
+    def stop_all(self, reason: str) -> None:
+        """Ask every running flow to stop (it ends CANCELLED and its RPC returns OK)."""
+        for handle in list(self._running):
+            handle.request(reason)
 
     async def wait_idle(self) -> None:
         """Return once no flow is running."""
@@ -207,8 +217,10 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self, request: pb.ExecuteFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExecuteFlowResponse:
         plan = self.engine.prepare(convert.request_flow_from_pb(request))
-        with self._flow_slot():
-            execution = await self.engine.run(plan, convert.struct_from_pb(request.input))
+        with self._flow_slot() as stop:
+            execution = await self.engine.run(
+                plan, convert.struct_from_pb(request.input), stop=stop
+            )
         return convert.execution_to_pb(execution)
 
     @streaming
@@ -216,8 +228,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self, request: pb.StreamFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncGenerator[pb.StreamFlowResponse, None]:
         plan = self.engine.prepare(convert.request_flow_from_pb(request))
-        with self._flow_slot():
-            events = self.engine.events(plan, convert.struct_from_pb(request.input))
+        with self._flow_slot() as stop:
+            events = self.engine.events(plan, convert.struct_from_pb(request.input), stop=stop)
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield convert.event_to_pb(event)

@@ -80,11 +80,18 @@ async def test_grace_period_over_cancels_the_flow(tmp_path: Path) -> None:
             )
             assert (await call.read()).WhichOneof("event") == "started"
             srv.proc.send_signal(signal.SIGTERM)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await read_all(call)
+            # Past the grace period the flow is stopped: the stream still ends with its
+            # `finished` event, CANCELLED, and the call with OK.
+            rest = await read_all(call)
+            assert await call.code() == grpc.StatusCode.OK
+            assert [m.WhichOneof("event") for m in rest] == ["finished"]
+            assert rest[0].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+            assert "shutting down" in rest[0].finished.message
         assert await asyncio.to_thread(srv.proc.wait, 20) == 0
-        ended = [line for line in srv.log_lines() if line["msg"] == "flow ended"]
+        lines = srv.log_lines()
+        ended = [line for line in lines if line["msg"] == "flow ended"]
         assert ended and ended[-1]["status"] == "cancelled"
+        assert [line for line in lines if line["level"] == "error"] == []
 
 
 async def test_task_modules_and_env_configuration(tmp_path: Path) -> None:
@@ -259,3 +266,30 @@ def test_wait_until_polls(tmp_path: Path) -> None:
     marker = tmp_path / "m"
     marker.write_text("x")
     assert wait_until(marker.exists, timeout=1)
+
+
+async def test_shutdown_does_not_hang_on_a_stuck_sync_task(tmp_path: Path) -> None:
+    write_module(
+        tmp_path,
+        "stuck_tasks",
+        """
+        import threading
+        from flowsvc import register_task, TaskResult
+
+        @register_task("stuck")
+        def stuck():
+            threading.Event().wait()  # never returns; a thread cannot be killed
+            return TaskResult(status="success")
+        """,
+    )
+    env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "stuck_tasks"}
+    with server_process(tmp_path, "--grace-seconds", "0.2", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain("stuck", "noop")))
+            assert (await call.read()).WhichOneof("event") == "started"
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = await read_all(call)
+            assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+        assert await asyncio.to_thread(srv.proc.wait, 20) == 0
+        assert "exiting with sync tasks still running" in [m["msg"] for m in srv.log_lines()]

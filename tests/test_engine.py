@@ -334,3 +334,82 @@ def test_context_results_is_a_stable_view_of_earlier_runs(registry: TaskRegistry
     assert last[-1].step == 3 and [r.step for r in last[1:]] == [2, 3]
     with pytest.raises(IndexError):
         last[3]
+
+
+def _stoppable(registry: TaskRegistry):
+    state = {"started": asyncio.Event(), "cancelled": [], "after": []}
+
+    async def long(ctx: TaskContext) -> TaskResult:
+        state["started"].set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            state["cancelled"].append(ctx.step)
+            raise
+        return TaskResult.success()
+
+    registry.register("long", long)
+    registry.register("after", lambda: state["after"].append(1) or TaskResult.success())
+    return state
+
+
+def test_stop_cancels_the_running_task_and_ends_cancelled(registry: TaskRegistry) -> None:
+    from flowsvc import StopHandle
+
+    state = _stoppable(registry)
+    engine = FlowEngine(registry)
+    stop = StopHandle()
+
+    async def main():
+        flow_task = asyncio.create_task(
+            engine.run(engine.prepare(linear("noop", "long", "after")), {}, stop=stop)
+        )
+        await state["started"].wait()
+        stop.request("operator said so")
+        return await flow_task  # returns normally: the stop is not an exception
+
+    execution = asyncio.run(main())
+    assert execution.status is FlowStatus.CANCELLED
+    assert "operator said so" in execution.message and "'long'" in execution.message
+    assert [r.task for r in execution.history] == ["noop"]  # the interrupted run is not recorded
+    assert state["cancelled"] == [2]
+    assert state["after"] == []
+
+
+def test_stop_between_tasks_starts_no_further_task(registry: TaskRegistry) -> None:
+    from flowsvc import StopHandle
+
+    stop = StopHandle()
+
+    async def stopper() -> TaskResult:
+        # Runs to completion: request() only cancels a task that is still awaited.
+        stop.request("enough")
+        return TaskResult.success()
+
+    registry.register("stopper", stopper)
+    engine = FlowEngine(registry)
+    execution = asyncio.run(engine.run(engine.prepare(linear("stopper", "noop")), {}, stop=stop))
+    assert execution.status is FlowStatus.CANCELLED
+    assert [r.task for r in execution.history] == ["stopper"]
+    assert "before step 2" in execution.message
+
+
+def test_outside_cancel_still_propagates_after_a_stop_request(registry: TaskRegistry) -> None:
+    from flowsvc import StopHandle
+
+    state = _stoppable(registry)
+    engine = FlowEngine(registry)
+    stop = StopHandle()
+
+    async def main() -> None:
+        flow_task = asyncio.create_task(
+            engine.run(engine.prepare(linear("long", "after")), {}, stop=stop)
+        )
+        await state["started"].wait()
+        flow_task.cancel()  # the client went away ...
+        stop.request("and an operator stopped it too")
+        with pytest.raises(asyncio.CancelledError):
+            await flow_task
+
+    asyncio.run(main())
+    assert state["after"] == []
