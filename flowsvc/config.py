@@ -36,6 +36,26 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _synchronous(text: str) -> str:
+    value = text.upper()
+    if value not in {"FULL", "NORMAL"}:
+        raise ValueError("must be FULL or NORMAL")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -65,6 +85,18 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     #: Threads that run sync (def) tasks.
     sync_task_workers: int = 32
+    #: SQLite file of the execution store (":memory:" keeps nothing across restarts).
+    db: str = "flowsvc.db"
+    #: SQLite synchronous mode: FULL survives power loss, NORMAL a process crash.
+    db_synchronous: str = "FULL"
+    #: How long a write waits for a locked database before failing UNAVAILABLE.
+    db_busy_timeout_ms: int = 5000
+    #: Largest the database may grow, in bytes (0: no cap); past it writes fail UNAVAILABLE.
+    db_max_bytes: int = 0
+    #: Most executions running at once; more get RESOURCE_EXHAUSTED.
+    max_in_flight: int = 1000
+    #: Finished executions older than this many seconds are deleted (0: keep forever).
+    retention_seconds: float = 7 * 24 * 3600.0
 
     @property
     def limits(self) -> Limits:
@@ -85,6 +117,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "grace_seconds": _non_negative_float,
     "max_message_bytes": _positive_int,
     "sync_task_workers": _positive_int,
+    "db": _non_empty,
+    "db_synchronous": _synchronous,
+    "db_busy_timeout_ms": _non_negative_int,
+    "db_max_bytes": _non_negative_int,
+    "max_in_flight": _positive_int,
+    "retention_seconds": _non_negative_float,
 }
 
 
@@ -149,4 +187,10 @@ _FIELD_DOCS = {
     "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
     "max_message_bytes": "largest request accepted, in bytes",
     "sync_task_workers": "threads running sync (def) tasks",
+    "db": "SQLite file of the execution store, or :memory:",
+    "db_synchronous": "FULL (survives power loss) or NORMAL (survives a process crash)",
+    "db_busy_timeout_ms": "how long a write waits for a locked database",
+    "db_max_bytes": "largest the database may grow (0: no cap)",
+    "max_in_flight": "most executions running at once",
+    "retention_seconds": "delete finished executions older than this (0: never)",
 }

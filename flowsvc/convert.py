@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -28,6 +28,7 @@ from flowsvc.models import (
     TaskStatus,
 )
 from flowsvc.registry import TaskSpec
+from flowsvc.store import ExecutionRecord
 
 _TASK_STATUS_TO_PB = {
     TaskStatus.SUCCESS: flow_pb2.TASK_STATUS_SUCCESS,
@@ -38,6 +39,7 @@ _FLOW_STATUS_TO_PB = {
     FlowStatus.SUCCEEDED: flow_pb2.FLOW_STATUS_SUCCEEDED,
     FlowStatus.FAILED: flow_pb2.FLOW_STATUS_FAILED,
     FlowStatus.CANCELLED: flow_pb2.FLOW_STATUS_CANCELLED,
+    FlowStatus.INTERRUPTED: flow_pb2.FLOW_STATUS_INTERRUPTED,
 }
 
 
@@ -115,9 +117,18 @@ def execution_to_pb(execution: Execution) -> flow_service_pb2.ExecuteFlowRespons
     return out
 
 
-def event_to_pb(event: Event) -> flow_service_pb2.StreamFlowResponse:
-    """One StreamFlow message for an engine event."""
-    out = flow_service_pb2.StreamFlowResponse()
+StreamMessage = TypeVar(
+    "StreamMessage", flow_service_pb2.StreamFlowResponse, flow_service_pb2.WatchExecutionResponse
+)
+
+
+def event_to_pb(
+    event: Event,
+    sequence: int = 0,
+    cls: type[StreamMessage] = flow_service_pb2.StreamFlowResponse,  # type: ignore[assignment]
+) -> StreamMessage:
+    """One StreamFlow (or WatchExecution: the same fields) message for an engine event."""
+    out = cls(sequence=sequence)
     if isinstance(event, TaskCompleted):
         step_to_pb(event.record, out.task_result)
     elif isinstance(event, FlowStarted):
@@ -160,3 +171,88 @@ def tasks_to_pb(specs: Sequence[TaskSpec]) -> flow_service_pb2.ListTasksResponse
             for s in specs
         ]
     )
+
+
+_FLOW_STATUS_FROM_PB = {v: k for k, v in _FLOW_STATUS_TO_PB.items()}
+
+
+def flow_status_from_pb(value: int) -> FlowStatus | None:
+    """A FlowStatus filter: None for UNSPECIFIED; ValueError for numbers the enum lacks."""
+    if value == flow_pb2.FLOW_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return _FLOW_STATUS_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise ValueError(f"{value} is not a FlowStatus") from None
+
+
+def flow_to_pb(flow: Flow, out: flow_pb2.Flow) -> None:
+    """Fill a Flow message from the model (as GetExecution returns it)."""
+    out.name = flow.name
+    out.start_task = flow.start_task
+    out.max_steps = flow.max_steps
+    for task in flow.tasks:
+        t = out.tasks.add(name=task.name, description=task.description)
+        struct_to_pb(task.params, t.params)
+    for c in flow.conditions:
+        out.conditions.add(
+            name=c.name,
+            description=c.description,
+            source_task=c.source_task,
+            outcome=c.outcome,
+            target_task_success=c.target_task_success,
+            target_task_failure=c.target_task_failure,
+        )
+
+
+def _final(events: Sequence[Event]) -> FlowFinished | None:
+    last = events[-1] if events else None
+    return last if isinstance(last, FlowFinished) else None
+
+
+def execute_response_from_events(
+    flow_id: str, events: Sequence[Event]
+) -> flow_service_pb2.ExecuteFlowResponse:
+    """The ExecuteFlow response for an ended execution's events."""
+    final = _final(events)
+    out = flow_service_pb2.ExecuteFlowResponse(
+        flow_id=flow_id,
+        status=_FLOW_STATUS_TO_PB[final.status] if final else flow_pb2.FLOW_STATUS_RUNNING,
+        message=final.message if final else "",
+    )
+    for event in events:
+        if isinstance(event, TaskCompleted):
+            step_to_pb(event.record, out.execution_history.add())
+    return out
+
+
+def stored_execution_to_pb(
+    record: ExecutionRecord, events: Sequence[Event], out: flow_service_pb2.Execution
+) -> None:
+    """Fill an Execution message from its record and events."""
+    out.flow_id = record.flow_id
+    flow_to_pb(record.flow, out.flow)
+    struct_to_pb(record.input, out.input)
+    out.status = _FLOW_STATUS_TO_PB[record.status]
+    out.message = record.message
+    if record.request_id:
+        out.request_id = record.request_id
+    out.create_time.FromDatetime(record.created_at)
+    if record.finished_at is not None:
+        out.end_time.FromDatetime(record.finished_at)
+    for event in events:
+        if isinstance(event, TaskCompleted):
+            step_to_pb(event.record, out.execution_history.add())
+    out.last_sequence = len(events)
+
+
+def summary_to_pb(record: ExecutionRecord, out: flow_service_pb2.ExecutionSummary) -> None:
+    """Fill a ListExecutions entry."""
+    out.flow_id = record.flow_id
+    out.flow_name = record.flow.name
+    out.status = _FLOW_STATUS_TO_PB[record.status]
+    out.create_time.FromDatetime(record.created_at)
+    if record.finished_at is not None:
+        out.end_time.FromDatetime(record.finished_at)
+    if record.request_id:
+        out.request_id = record.request_id

@@ -31,6 +31,7 @@ class FlowStatus(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
 
     @property
     def is_final(self) -> bool:

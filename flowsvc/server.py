@@ -26,9 +26,11 @@ from grpc_reflection.v1alpha import reflection
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
 from flowsvc.errors import TaskModuleError
+from flowsvc.executions import ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import FlowServicer, safe_deserializer
+from flowsvc.store.sqlite import SQLiteStore
 
 logger = logging.getLogger("flowsvc.server")
 
@@ -117,14 +119,14 @@ class FlowServer:
         self,
         server: grpc.aio.Server,
         port: int,
-        servicer: FlowServicer,
+        manager: ExecutionManager,
         health_servicer: _HealthServicer,
         executor: ThreadPoolExecutor,
         settings: Settings,
     ) -> None:
         self.server = server
         self.port = port
-        self.servicer = servicer
+        self.manager = manager
         self.health = health_servicer
         self._executor = executor
         self._settings = settings
@@ -137,30 +139,33 @@ class FlowServer:
         self._stopped = True
         grace = self._settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
+        self.manager.draining = True
         log_event(
             logger,
             logging.INFO,
             "shutting down",
-            running_flows=self.servicer.active_flows,
+            running_flows=self.manager.in_flight,
             grace_seconds=grace,
         )
         try:
-            await asyncio.wait_for(self.servicer.wait_idle(), timeout=grace)
+            if self.manager.in_flight:
+                await asyncio.wait_for(self.manager.wait_idle(), timeout=grace)
         except TimeoutError:
             log_event(
                 logger,
                 logging.WARNING,
                 "grace period over; cancelling running flows",
-                running_flows=self.servicer.active_flows,
+                running_flows=self.manager.in_flight,
             )
-            # They end CANCELLED, and their clients get that as data with OK.
-            self.servicer.stop_all("the server is shutting down")
+            # They end CANCELLED (recorded), and their callers get that as data with OK.
+            self.manager.stop_all("the server is shutting down")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.servicer.wait_idle(), timeout=2.0)
+                await asyncio.wait_for(self.manager.wait_idle(), timeout=2.0)
         await self.health.close(wait_seconds=1.0)
-        # Whatever still runs now (nothing, unless a task ignores cancellation) is cut off.
         await self.server.stop(0)
+        # Whatever still runs now (a task ignoring cancellation) is cut off, recorded
+        # INTERRUPTED, and the store is closed.
+        await self.manager.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         log_event(logger, logging.INFO, "stopped")
 
@@ -178,7 +183,37 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         max_workers=settings.sync_task_workers, thread_name_prefix=TASK_THREAD_PREFIX
     )
     engine = FlowEngine(registry, settings.limits, executor)
-    servicer = FlowServicer(engine)
+    health_servicer = _HealthServicer()
+    health_updates: set[asyncio.Future[None]] = set()
+
+    def store_health(healthy: bool) -> None:
+        # NOT_SERVING while the store cannot write; ignored once shutdown has begun.
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            task = asyncio.ensure_future(health_servicer.set(service, status))
+            health_updates.add(task)
+            task.add_done_callback(health_updates.discard)
+
+    store = SQLiteStore(
+        settings.db,
+        synchronous=settings.db_synchronous,
+        busy_timeout_ms=settings.db_busy_timeout_ms,
+        max_bytes=settings.db_max_bytes,
+    )
+    manager = ExecutionManager(
+        engine,
+        store,
+        ManagerSettings(
+            max_in_flight=settings.max_in_flight, retention_seconds=settings.retention_seconds
+        ),
+        on_store_health=store_health,
+    )
+    recovered = await manager.open()
+    servicer = FlowServicer(manager)
 
     server = grpc.aio.server(
         options=[
@@ -191,7 +226,6 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
     )
-    health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -208,6 +242,8 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         "server started",
         listen=settings.listen,
         port=port,
+        db=settings.db,
+        interrupted_by_crash=len(recovered),
         tasks=registry.names(),
     )
-    return FlowServer(server, port, servicer, health_servicer, executor, settings)
+    return FlowServer(server, port, manager, health_servicer, executor, settings)

@@ -3,10 +3,15 @@
 Each method is a few lines; every exception is turned into a gRPC status in
 `_status_for`, the single place where errors meet status codes:
 
-    FlowValidationError  -> INVALID_ARGUMENT + google.rpc.BadRequest field violations
-    MalformedRequest     -> INVALID_ARGUMENT (bytes that do not parse as the request)
-    ShuttingDown         -> UNAVAILABLE (the server is draining; retry elsewhere)
-    any other exception  -> INTERNAL with an error id; the traceback goes to the log only
+    InvalidArgumentError     -> INVALID_ARGUMENT + google.rpc.BadRequest field violations
+    MalformedRequest         -> INVALID_ARGUMENT (bytes that do not parse as the request)
+    TooManyExecutionsError   -> RESOURCE_EXHAUSTED + google.rpc.RetryInfo
+    NotFoundError            -> NOT_FOUND
+    FailedPreconditionError  -> FAILED_PRECONDITION
+    AlreadyExistsError       -> ALREADY_EXISTS
+    ShuttingDownError        -> UNAVAILABLE (the server is draining; retry elsewhere)
+    StoreUnavailableError    -> UNAVAILABLE (the execution store cannot read or write)
+    any other exception      -> INTERNAL with an error id; the traceback goes to the log only
 
 A task that fails is not an error: it is in the response, with status FAILED.
 """
@@ -18,7 +23,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -29,8 +34,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flowsvc import convert
-from flowsvc.engine import FlowEngine, StopHandle
-from flowsvc.errors import FlowValidationError, Violation
+from flowsvc.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    TooManyExecutionsError,
+    Violation,
+)
+from flowsvc.executions import Attachment, ExecutionManager, parse_flow_id
 
 logger = logging.getLogger("flowsvc.servicer")
 
@@ -61,10 +75,6 @@ def safe_deserializer(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class ShuttingDownError(Exception):
-    """A new flow arrived after shutdown began."""
-
-
 #: Budget for the BadRequest detail. It travels in the trailers, and gRPC clients refuse
 #: trailers past 8-16 KiB by default (the call would fail RESOURCE_EXHAUSTED instead).
 MAX_DETAIL_BYTES = 4096
@@ -87,12 +97,22 @@ def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadReques
     return bad
 
 
+#: Errors raised on purpose -> their code; the message is the exception's text.
+_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (NotFoundError, code_pb2.NOT_FOUND),
+    (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
+    (AlreadyExistsError, code_pb2.ALREADY_EXISTS),
+    (ShuttingDownError, code_pb2.UNAVAILABLE),
+    (StoreUnavailableError, code_pb2.UNAVAILABLE),
+)
+
+
 def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
     """The one table from exceptions to gRPC statuses."""
-    if isinstance(exc, FlowValidationError):
+    if isinstance(exc, InvalidArgumentError):
         status = status_pb2.Status(
             code=code_pb2.INVALID_ARGUMENT,
-            message=f"invalid flow: {exc}"[:MAX_MESSAGE_CHARS],
+            message=f"{exc.subject}: {exc}"[:MAX_MESSAGE_CHARS],
         )
         status.details.add().Pack(_bad_request(exc.violations))
         return status
@@ -101,11 +121,15 @@ def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
             code=code_pb2.INVALID_ARGUMENT,
             message=f"request is not a valid {exc.request.type_name}: {exc.request.error}",
         )
-    if isinstance(exc, ShuttingDownError):
-        return status_pb2.Status(
-            code=code_pb2.UNAVAILABLE,
-            message="server is shutting down; retry on another instance",
-        )
+    if isinstance(exc, TooManyExecutionsError):
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc))
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(round(exc.retry_after * 1e9))
+        status.details.add().Pack(retry)
+        return status
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return status_pb2.Status(code=code, message=str(exc)[:MAX_MESSAGE_CHARS])
     error_id = uuid.uuid4().hex[:12]
     logger.error(
         "unexpected error",
@@ -175,64 +199,87 @@ def streaming(
 
 
 class FlowServicer(pb_grpc.FlowServiceServicer):
-    """flowmanager.v1.FlowService on top of a FlowEngine."""
+    """flowmanager.v1.FlowService: convert, call the manager or engine, convert back."""
 
-    def __init__(self, engine: FlowEngine) -> None:
-        self.engine = engine
-        self.draining = False
-        self._running: set[StopHandle] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+    def __init__(self, manager: ExecutionManager) -> None:
+        self.manager = manager
+        self.engine = manager.engine
 
-    @property
-    def active_flows(self) -> int:
-        return len(self._running)
-
-    @contextlib.contextmanager
-    def _flow_slot(self) -> Iterator[StopHandle]:
-        """Track a running flow, refusing new ones once shutdown has begun."""
-        if self.draining:
-            raise ShuttingDownError
-        handle = StopHandle()
-        self._running.add(handle)
-        self._idle.clear()
-        try:
-            yield handle
-        finally:
-            self._running.discard(handle)
-            if not self._running:
-                self._idle.set()
-
-    def stop_all(self, reason: str) -> None:
-        """Ask every running flow to stop (it ends CANCELLED and its RPC returns OK)."""
-        for handle in list(self._running):
-            handle.request(reason)
-
-    async def wait_idle(self) -> None:
-        """Return once no flow is running."""
-        await self._idle.wait()
+    async def _start(self, request: pb.ExecuteFlowRequest | pb.StreamFlowRequest) -> Attachment:
+        return await self.manager.start(
+            convert.request_flow_from_pb(request),
+            convert.struct_from_pb(request.input),
+            request_id=request.request_id,
+            continue_on_disconnect=request.continue_on_disconnect,
+        )
 
     @unary
     async def ExecuteFlow(
         self, request: pb.ExecuteFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExecuteFlowResponse:
-        plan = self.engine.prepare(convert.request_flow_from_pb(request))
-        with self._flow_slot() as stop:
-            execution = await self.engine.run(
-                plan, convert.struct_from_pb(request.input), stop=stop
-            )
-        return convert.execution_to_pb(execution)
+        attachment = await self._start(request)
+        completed = False
+        try:
+            events = await self.manager.drain(attachment)
+            completed = True
+        finally:
+            self.manager.release(attachment, completed=completed)
+        return convert.execute_response_from_events(attachment.flow_id, events)
 
     @streaming
     async def StreamFlow(
         self, request: pb.StreamFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncGenerator[pb.StreamFlowResponse, None]:
-        plan = self.engine.prepare(convert.request_flow_from_pb(request))
-        with self._flow_slot() as stop:
-            events = self.engine.events(plan, convert.struct_from_pb(request.input), stop=stop)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield convert.event_to_pb(event)
+        attachment = await self._start(request)
+        completed = False
+        try:
+            async for sequence, event in self.manager.follow(attachment.flow_id):
+                yield convert.event_to_pb(event, sequence, pb.StreamFlowResponse)
+            completed = True
+        finally:
+            self.manager.release(attachment, completed=completed)
+
+    @streaming
+    async def WatchExecution(
+        self, request: pb.WatchExecutionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[pb.WatchExecutionResponse, None]:
+        flow_id = parse_flow_id(request.flow_id)
+        async for sequence, event in self.manager.follow(flow_id, request.after_sequence):
+            yield convert.event_to_pb(event, sequence, pb.WatchExecutionResponse)
+
+    @unary
+    async def GetExecution(
+        self, request: pb.GetExecutionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetExecutionResponse:
+        record, events = await self.manager.get(parse_flow_id(request.flow_id))
+        response = pb.GetExecutionResponse()
+        convert.stored_execution_to_pb(record, events, response.execution)
+        return response
+
+    @unary
+    async def CancelExecution(
+        self, request: pb.CancelExecutionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelExecutionResponse:
+        record, events = await self.manager.cancel(parse_flow_id(request.flow_id))
+        response = pb.CancelExecutionResponse()
+        convert.stored_execution_to_pb(record, events, response.execution)
+        return response
+
+    @unary
+    async def ListExecutions(
+        self, request: pb.ListExecutionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListExecutionsResponse:
+        try:
+            status = convert.flow_status_from_pb(request.status)
+        except ValueError as exc:
+            raise InvalidArgumentError.one("status", str(exc)) from None
+        records, next_token = await self.manager.page(
+            request.page_size, request.page_token, status, request.flow_name
+        )
+        response = pb.ListExecutionsResponse(next_page_token=next_token)
+        for record in records:
+            convert.summary_to_pb(record, response.executions.add())
+        return response
 
     @unary
     async def ValidateFlow(

@@ -22,7 +22,7 @@ def registry() -> TaskRegistry:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(listen="127.0.0.1:0", grace_seconds=5.0, log_level="DEBUG")
+    return Settings(listen="127.0.0.1:0", grace_seconds=5.0, log_level="DEBUG", db=":memory:")
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def settings() -> Settings:
         max_steps_cap=MAX_STEPS_CAP,
         default_max_steps=20,
         max_message_bytes=MAX_MESSAGE_BYTES,
+        db=":memory:",
     )
 
 
@@ -570,10 +571,10 @@ async def test_unparsable_stream_request_is_invalid_argument(
 async def test_unexpected_error_is_internal_with_an_error_id_and_no_internals(
     stub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def explode(execution):
+    def explode(flow_id, events):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(convert, "execution_to_pb", explode)
+    monkeypatch.setattr(convert, "execute_response_from_events", explode)
     caplog.set_level(logging.ERROR, logger="flowsvc.servicer")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(

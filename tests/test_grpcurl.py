@@ -131,7 +131,16 @@ def test_describe_service_shows_rpcs(grpcurl_server: ServerProcess) -> None:
     text = output(grpcurl(grpcurl_server, DESCRIBE_SERVICE))
     assert "flowmanager.v1.FlowService is a service" in text
     rpcs = re.findall(r"^\s*rpc (\w+) \(", text, flags=re.MULTILINE)
-    assert sorted(rpcs) == ["ExecuteFlow", "ListTasks", "StreamFlow", "ValidateFlow"]
+    assert sorted(rpcs) == [
+        "CancelExecution",
+        "ExecuteFlow",
+        "GetExecution",
+        "ListExecutions",
+        "ListTasks",
+        "StreamFlow",
+        "ValidateFlow",
+        "WatchExecution",
+    ]
     assert "returns ( stream .flowmanager.v1.StreamFlowResponse )" in text
 
 
@@ -163,6 +172,8 @@ def test_execute_sample_flow(grpcurl_server: ServerProcess) -> None:
 def test_stream_sample_flow(grpcurl_server: ServerProcess) -> None:
     events = json_stream(output(grpcurl(grpcurl_server, STREAM_SAMPLE, stdin=sample_bytes())))
     assert len(events) == 5, events
+    # Each message: its sequence number (uint64: a JSON string) and exactly one event.
+    assert [e.pop("sequence") for e in events] == ["1", "2", "3", "4", "5"]
     assert all(len(e) == 1 for e in events), events
     first, *results, last = events
     assert_uuid(first["started"]["flow_id"])

@@ -25,6 +25,7 @@ class FlowStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOW_STATUS_SUCCEEDED: _ClassVar[FlowStatus]
     FLOW_STATUS_FAILED: _ClassVar[FlowStatus]
     FLOW_STATUS_CANCELLED: _ClassVar[FlowStatus]
+    FLOW_STATUS_INTERRUPTED: _ClassVar[FlowStatus]
 TASK_STATUS_UNSPECIFIED: TaskStatus
 TASK_STATUS_SUCCESS: TaskStatus
 TASK_STATUS_FAILURE: TaskStatus
@@ -33,6 +34,7 @@ FLOW_STATUS_RUNNING: FlowStatus
 FLOW_STATUS_SUCCEEDED: FlowStatus
 FLOW_STATUS_FAILED: FlowStatus
 FLOW_STATUS_CANCELLED: FlowStatus
+FLOW_STATUS_INTERRUPTED: FlowStatus
 
 class Flow(_message.Message):
     __slots__ = ("name", "start_task", "tasks", "conditions", "max_steps")

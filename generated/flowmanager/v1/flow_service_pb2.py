@@ -27,33 +27,53 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flowmanager/v1/flow_service.proto\x12\x0e\x66lowmanager.v1\x1a\x19\x66lowmanager/v1/flow.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x12\x45xecuteFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9a\x01\n\x13\x45xecuteFlowResponse\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x35\n\x11\x65xecution_history\x18\x04 \x03(\x0b\x32\x1a.flowmanager.v1.TaskResult\"_\n\x11StreamFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x0b\x46lowStarted\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tflow_name\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x0c\x46lowFinished\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x0b\x66inished_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05steps\x18\x04 \x01(\r\"\xb2\x01\n\x12StreamFlowResponse\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.flowmanager.v1.FlowStartedH\x00\x12\x31\n\x0btask_result\x18\x02 \x01(\x0b\x32\x1a.flowmanager.v1.TaskResultH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.flowmanager.v1.FlowFinishedH\x00\x42\x07\n\x05\x65vent\"9\n\x13ValidateFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\"X\n\x14ValidateFlowResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x31\n\nviolations\x18\x02 \x03(\x0b\x32\x1d.flowmanager.v1.FlowViolation\"\x12\n\x10ListTasksRequest\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.flowmanager.v1.TaskInfo2\xe9\x02\n\x0b\x46lowService\x12V\n\x0b\x45xecuteFlow\x12\".flowmanager.v1.ExecuteFlowRequest\x1a#.flowmanager.v1.ExecuteFlowResponse\x12U\n\nStreamFlow\x12!.flowmanager.v1.StreamFlowRequest\x1a\".flowmanager.v1.StreamFlowResponse0\x01\x12Y\n\x0cValidateFlow\x12#.flowmanager.v1.ValidateFlowRequest\x1a$.flowmanager.v1.ValidateFlowResponse\x12P\n\tListTasks\x12 .flowmanager.v1.ListTasksRequest\x1a!.flowmanager.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flowmanager/v1/flow_service.proto\x12\x0e\x66lowmanager.v1\x1a\x19\x66lowmanager/v1/flow.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x12\x45xecuteFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1e\n\x16\x63ontinue_on_disconnect\x18\x04 \x01(\x08\"\x9a\x01\n\x13\x45xecuteFlowResponse\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x35\n\x11\x65xecution_history\x18\x04 \x03(\x0b\x32\x1a.flowmanager.v1.TaskResult\"\x93\x01\n\x11StreamFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1e\n\x16\x63ontinue_on_disconnect\x18\x04 \x01(\x08\"a\n\x0b\x46lowStarted\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tflow_name\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x0c\x46lowFinished\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x0b\x66inished_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05steps\x18\x04 \x01(\r\"\xc4\x01\n\x12StreamFlowResponse\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.flowmanager.v1.FlowStartedH\x00\x12\x31\n\x0btask_result\x18\x02 \x01(\x0b\x32\x1a.flowmanager.v1.TaskResultH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.flowmanager.v1.FlowFinishedH\x00\x42\x07\n\x05\x65vent\"9\n\x13ValidateFlowRequest\x12\"\n\x04\x66low\x18\x01 \x01(\x0b\x32\x14.flowmanager.v1.Flow\"X\n\x14ValidateFlowResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x31\n\nviolations\x18\x02 \x03(\x0b\x32\x1d.flowmanager.v1.FlowViolation\"\x12\n\x10ListTasksRequest\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.flowmanager.v1.TaskInfo\"\xe6\x02\n\tExecution\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\"\n\x04\x66low\x18\x02 \x01(\x0b\x32\x14.flowmanager.v1.Flow\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x06status\x18\x04 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x65xecution_history\x18\t \x03(\x0b\x32\x1a.flowmanager.v1.TaskResult\x12\x15\n\rlast_sequence\x18\n \x01(\x04\"\xd5\x01\n\x10\x45xecutionSummary\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x11\n\tflow_name\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"&\n\x13GetExecutionRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\"D\n\x14GetExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.flowmanager.v1.Execution\"}\n\x15ListExecutionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.flowmanager.v1.FlowStatus\x12\x11\n\tflow_name\x18\x04 \x01(\t\"g\n\x16ListExecutionsResponse\x12\x34\n\nexecutions\x18\x01 \x03(\x0b\x32 .flowmanager.v1.ExecutionSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x16\x43\x61ncelExecutionRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\"G\n\x17\x43\x61ncelExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.flowmanager.v1.Execution\"@\n\x15WatchExecutionRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\xc8\x01\n\x16WatchExecutionResponse\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.flowmanager.v1.FlowStartedH\x00\x12\x31\n\x0btask_result\x18\x02 \x01(\x0b\x32\x1a.flowmanager.v1.TaskResultH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.flowmanager.v1.FlowFinishedH\x00\x42\x07\n\x05\x65vent2\xec\x05\n\x0b\x46lowService\x12V\n\x0b\x45xecuteFlow\x12\".flowmanager.v1.ExecuteFlowRequest\x1a#.flowmanager.v1.ExecuteFlowResponse\x12U\n\nStreamFlow\x12!.flowmanager.v1.StreamFlowRequest\x1a\".flowmanager.v1.StreamFlowResponse0\x01\x12Y\n\x0cValidateFlow\x12#.flowmanager.v1.ValidateFlowRequest\x1a$.flowmanager.v1.ValidateFlowResponse\x12P\n\tListTasks\x12 .flowmanager.v1.ListTasksRequest\x1a!.flowmanager.v1.ListTasksResponse\x12Y\n\x0cGetExecution\x12#.flowmanager.v1.GetExecutionRequest\x1a$.flowmanager.v1.GetExecutionResponse\x12_\n\x0eListExecutions\x12%.flowmanager.v1.ListExecutionsRequest\x1a&.flowmanager.v1.ListExecutionsResponse\x12\x62\n\x0f\x43\x61ncelExecution\x12&.flowmanager.v1.CancelExecutionRequest\x1a\'.flowmanager.v1.CancelExecutionResponse\x12\x61\n\x0eWatchExecution\x12%.flowmanager.v1.WatchExecutionRequest\x1a&.flowmanager.v1.WatchExecutionResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flowmanager.v1.flow_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTEFLOWREQUEST']._serialized_start=143
-  _globals['_EXECUTEFLOWREQUEST']._serialized_end=239
-  _globals['_EXECUTEFLOWRESPONSE']._serialized_start=242
-  _globals['_EXECUTEFLOWRESPONSE']._serialized_end=396
-  _globals['_STREAMFLOWREQUEST']._serialized_start=398
-  _globals['_STREAMFLOWREQUEST']._serialized_end=493
-  _globals['_FLOWSTARTED']._serialized_start=495
-  _globals['_FLOWSTARTED']._serialized_end=592
-  _globals['_FLOWFINISHED']._serialized_start=595
-  _globals['_FLOWFINISHED']._serialized_end=734
-  _globals['_STREAMFLOWRESPONSE']._serialized_start=737
-  _globals['_STREAMFLOWRESPONSE']._serialized_end=915
-  _globals['_VALIDATEFLOWREQUEST']._serialized_start=917
-  _globals['_VALIDATEFLOWREQUEST']._serialized_end=974
-  _globals['_VALIDATEFLOWRESPONSE']._serialized_start=976
-  _globals['_VALIDATEFLOWRESPONSE']._serialized_end=1064
-  _globals['_LISTTASKSREQUEST']._serialized_start=1066
-  _globals['_LISTTASKSREQUEST']._serialized_end=1084
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1086
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1146
-  _globals['_FLOWSERVICE']._serialized_start=1149
-  _globals['_FLOWSERVICE']._serialized_end=1510
+  _globals['_EXECUTEFLOWREQUEST']._serialized_start=144
+  _globals['_EXECUTEFLOWREQUEST']._serialized_end=292
+  _globals['_EXECUTEFLOWRESPONSE']._serialized_start=295
+  _globals['_EXECUTEFLOWRESPONSE']._serialized_end=449
+  _globals['_STREAMFLOWREQUEST']._serialized_start=452
+  _globals['_STREAMFLOWREQUEST']._serialized_end=599
+  _globals['_FLOWSTARTED']._serialized_start=601
+  _globals['_FLOWSTARTED']._serialized_end=698
+  _globals['_FLOWFINISHED']._serialized_start=701
+  _globals['_FLOWFINISHED']._serialized_end=840
+  _globals['_STREAMFLOWRESPONSE']._serialized_start=843
+  _globals['_STREAMFLOWRESPONSE']._serialized_end=1039
+  _globals['_VALIDATEFLOWREQUEST']._serialized_start=1041
+  _globals['_VALIDATEFLOWREQUEST']._serialized_end=1098
+  _globals['_VALIDATEFLOWRESPONSE']._serialized_start=1100
+  _globals['_VALIDATEFLOWRESPONSE']._serialized_end=1188
+  _globals['_LISTTASKSREQUEST']._serialized_start=1190
+  _globals['_LISTTASKSREQUEST']._serialized_end=1208
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1210
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1270
+  _globals['_EXECUTION']._serialized_start=1273
+  _globals['_EXECUTION']._serialized_end=1631
+  _globals['_EXECUTIONSUMMARY']._serialized_start=1634
+  _globals['_EXECUTIONSUMMARY']._serialized_end=1847
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=1849
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=1887
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1889
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1957
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=1959
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2084
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2086
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2189
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=2191
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=2232
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=2234
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2305
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_start=2307
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_end=2371
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_start=2374
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_end=2574
+  _globals['_FLOWSERVICE']._serialized_start=2577
+  _globals['_FLOWSERVICE']._serialized_end=3325
 # @@protoc_insertion_point(module_scope)

@@ -12,12 +12,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteFlowRequest(_message.Message):
-    __slots__ = ("flow", "input")
+    __slots__ = ("flow", "input", "request_id", "continue_on_disconnect")
     FLOW_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     flow: _flow_pb2.Flow
     input: _struct_pb2.Struct
-    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    request_id: str
+    continue_on_disconnect: bool
+    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., continue_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class ExecuteFlowResponse(_message.Message):
     __slots__ = ("flow_id", "status", "message", "execution_history")
@@ -32,12 +36,16 @@ class ExecuteFlowResponse(_message.Message):
     def __init__(self, flow_id: _Optional[str] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., message: _Optional[str] = ..., execution_history: _Optional[_Iterable[_Union[_flow_pb2.TaskResult, _Mapping]]] = ...) -> None: ...
 
 class StreamFlowRequest(_message.Message):
-    __slots__ = ("flow", "input")
+    __slots__ = ("flow", "input", "request_id", "continue_on_disconnect")
     FLOW_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     flow: _flow_pb2.Flow
     input: _struct_pb2.Struct
-    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    request_id: str
+    continue_on_disconnect: bool
+    def __init__(self, flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., continue_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class FlowStarted(_message.Message):
     __slots__ = ("flow_id", "flow_name", "started_at")
@@ -62,14 +70,16 @@ class FlowFinished(_message.Message):
     def __init__(self, status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., message: _Optional[str] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class StreamFlowResponse(_message.Message):
-    __slots__ = ("started", "task_result", "finished")
+    __slots__ = ("sequence", "started", "task_result", "finished")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TASK_RESULT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
     started: FlowStarted
     task_result: _flow_pb2.TaskResult
     finished: FlowFinished
-    def __init__(self, started: _Optional[_Union[FlowStarted, _Mapping]] = ..., task_result: _Optional[_Union[_flow_pb2.TaskResult, _Mapping]] = ..., finished: _Optional[_Union[FlowFinished, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[int] = ..., started: _Optional[_Union[FlowStarted, _Mapping]] = ..., task_result: _Optional[_Union[_flow_pb2.TaskResult, _Mapping]] = ..., finished: _Optional[_Union[FlowFinished, _Mapping]] = ...) -> None: ...
 
 class ValidateFlowRequest(_message.Message):
     __slots__ = ("flow",)
@@ -94,3 +104,107 @@ class ListTasksResponse(_message.Message):
     TASKS_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[_flow_pb2.TaskInfo]
     def __init__(self, tasks: _Optional[_Iterable[_Union[_flow_pb2.TaskInfo, _Mapping]]] = ...) -> None: ...
+
+class Execution(_message.Message):
+    __slots__ = ("flow_id", "flow", "input", "status", "message", "request_id", "create_time", "end_time", "execution_history", "last_sequence")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    flow: _flow_pb2.Flow
+    input: _struct_pb2.Struct
+    status: _flow_pb2.FlowStatus
+    message: str
+    request_id: str
+    create_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    execution_history: _containers.RepeatedCompositeFieldContainer[_flow_pb2.TaskResult]
+    last_sequence: int
+    def __init__(self, flow_id: _Optional[str] = ..., flow: _Optional[_Union[_flow_pb2.Flow, _Mapping]] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., message: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_history: _Optional[_Iterable[_Union[_flow_pb2.TaskResult, _Mapping]]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+
+class ExecutionSummary(_message.Message):
+    __slots__ = ("flow_id", "flow_name", "status", "create_time", "end_time", "request_id")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOW_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    flow_name: str
+    status: _flow_pb2.FlowStatus
+    create_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    request_id: str
+    def __init__(self, flow_id: _Optional[str] = ..., flow_name: _Optional[str] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetExecutionRequest(_message.Message):
+    __slots__ = ("flow_id",)
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    def __init__(self, flow_id: _Optional[str] = ...) -> None: ...
+
+class GetExecutionResponse(_message.Message):
+    __slots__ = ("execution",)
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    execution: Execution
+    def __init__(self, execution: _Optional[_Union[Execution, _Mapping]] = ...) -> None: ...
+
+class ListExecutionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "status", "flow_name")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FLOW_NAME_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    status: _flow_pb2.FlowStatus
+    flow_name: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., flow_name: _Optional[str] = ...) -> None: ...
+
+class ListExecutionsResponse(_message.Message):
+    __slots__ = ("executions", "next_page_token")
+    EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    executions: _containers.RepeatedCompositeFieldContainer[ExecutionSummary]
+    next_page_token: str
+    def __init__(self, executions: _Optional[_Iterable[_Union[ExecutionSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelExecutionRequest(_message.Message):
+    __slots__ = ("flow_id",)
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    def __init__(self, flow_id: _Optional[str] = ...) -> None: ...
+
+class CancelExecutionResponse(_message.Message):
+    __slots__ = ("execution",)
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    execution: Execution
+    def __init__(self, execution: _Optional[_Union[Execution, _Mapping]] = ...) -> None: ...
+
+class WatchExecutionRequest(_message.Message):
+    __slots__ = ("flow_id", "after_sequence")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    after_sequence: int
+    def __init__(self, flow_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchExecutionResponse(_message.Message):
+    __slots__ = ("sequence", "started", "task_result", "finished")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TASK_RESULT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    started: FlowStarted
+    task_result: _flow_pb2.TaskResult
+    finished: FlowFinished
+    def __init__(self, sequence: _Optional[int] = ..., started: _Optional[_Union[FlowStarted, _Mapping]] = ..., task_result: _Optional[_Union[_flow_pb2.TaskResult, _Mapping]] = ..., finished: _Optional[_Union[FlowFinished, _Mapping]] = ...) -> None: ...

@@ -61,6 +61,26 @@ class FlowServiceStub:
                 request_serializer=flowmanager_dot_v1_dot_flow__service__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.GetExecution = channel.unary_unary(
+                '/flowmanager.v1.FlowService/GetExecution',
+                request_serializer=flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionRequest.SerializeToString,
+                response_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionResponse.FromString,
+                _registered_method=True)
+        self.ListExecutions = channel.unary_unary(
+                '/flowmanager.v1.FlowService/ListExecutions',
+                request_serializer=flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsRequest.SerializeToString,
+                response_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsResponse.FromString,
+                _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/flowmanager.v1.FlowService/CancelExecution',
+                request_serializer=flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
+        self.WatchExecution = channel.unary_stream(
+                '/flowmanager.v1.FlowService/WatchExecution',
+                request_serializer=flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionRequest.SerializeToString,
+                response_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class FlowServiceServicer:
@@ -102,6 +122,37 @@ class FlowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExecution(self, request, context):
+        """Returns one execution, with its flow, input and whole history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExecutions(self, request, context):
+        """Lists executions, newest first, a page at a time (AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExecution(self, request, context):
+        """Stops a running execution: its running task is cancelled, no further task
+        starts, and it ends FLOW_STATUS_CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExecution(self, request, context):
+        """Streams an execution's events after a sequence number: the stored ones, then
+        the live ones until it ends. The messages are those of StreamFlow, so a client
+        whose StreamFlow dropped resumes here with the last sequence it saw.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +175,26 @@ def add_FlowServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.ListTasksRequest.FromString,
                     response_serializer=flowmanager_dot_v1_dot_flow__service__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'GetExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExecution,
+                    request_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionRequest.FromString,
+                    response_serializer=flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionResponse.SerializeToString,
+            ),
+            'ListExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutions,
+                    request_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsRequest.FromString,
+                    response_serializer=flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionResponse.SerializeToString,
+            ),
+            'WatchExecution': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExecution,
+                    request_deserializer=flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionRequest.FromString,
+                    response_serializer=flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -241,6 +312,114 @@ class FlowService:
             '/flowmanager.v1.FlowService/ListTasks',
             flowmanager_dot_v1_dot_flow__service__pb2.ListTasksRequest.SerializeToString,
             flowmanager_dot_v1_dot_flow__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowmanager.v1.FlowService/GetExecution',
+            flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionRequest.SerializeToString,
+            flowmanager_dot_v1_dot_flow__service__pb2.GetExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowmanager.v1.FlowService/ListExecutions',
+            flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsRequest.SerializeToString,
+            flowmanager_dot_v1_dot_flow__service__pb2.ListExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowmanager.v1.FlowService/CancelExecution',
+            flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionRequest.SerializeToString,
+            flowmanager_dot_v1_dot_flow__service__pb2.CancelExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flowmanager.v1.FlowService/WatchExecution',
+            flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionRequest.SerializeToString,
+            flowmanager_dot_v1_dot_flow__service__pb2.WatchExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,489 @@
+"""Executions that outlive their RPC: the layer between the servicer and engine + store.
+
+Knows nothing of gRPC. Each execution runs in its own asyncio task (a "drive"), not in
+the RPC handler that started it, so that callers can come and go:
+
+    attach = await manager.start(flow, input, request_id=..., continue_on_disconnect=...)
+    async for sequence, event in manager.follow(attach.flow_id, after=0): ...
+    manager.release(attach, finished=...)        # the caller went away, or is done
+
+The drive commits each event to the store *before* publishing it to followers, so
+nothing a client was sent can be lost by a crash. A caller that goes away cancels
+its execution, unless it asked to continue on disconnect. The in-flight cap, request
+idempotency, crash recovery, retention and the store's health live here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flowsvc.engine import FlowEngine, StopHandle
+from flowsvc.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    TooManyExecutionsError,
+    Violation,
+)
+from flowsvc.logs import event as log_event
+from flowsvc.models import Event, Flow, FlowFinished, FlowStatus, TaskCompleted
+from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
+from flowsvc.store.codec import request_hash
+
+logger = logging.getLogger("flowsvc.executions")
+
+MAX_REQUEST_ID = 128
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    #: Most executions running at once; beyond it, start() raises TooManyExecutionsError.
+    max_in_flight: int = 1000
+    #: Finished executions older than this many seconds are deleted (0: keep forever).
+    retention_seconds: float = 7 * 24 * 3600.0
+    #: How long to wait for a stopped execution to end before CancelExecution answers.
+    cancel_wait_seconds: float = 10.0
+
+
+class Run:
+    """A live execution: its committed events so far, and the followers waiting for more."""
+
+    __slots__ = (
+        "_changed",
+        "callers",
+        "continue_on_disconnect",
+        "error",
+        "events",
+        "finished",
+        "flow_id",
+        "stop",
+        "task",
+    )
+
+    def __init__(self, flow_id: str, continue_on_disconnect: bool) -> None:
+        self.flow_id = flow_id
+        self.continue_on_disconnect = continue_on_disconnect
+        self.stop = StopHandle()
+        self.events: list[Event] = []  # events[i] has sequence i + 1
+        self.finished = False
+        self.error: BaseException | None = None
+        self.callers = 0
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def publish(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, FlowFinished):
+            self.finished = True
+        self._signal()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._signal()
+
+    async def follow(self, after: int) -> AsyncIterator[tuple[int, Event]]:
+        index = after
+        while True:
+            while index < len(self.events):
+                index += 1
+                yield index, self.events[index - 1]
+            if self.finished:
+                return
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
+
+    async def wait_done(self) -> None:
+        while not self.finished and self.error is None:
+            await self._changed.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A caller's hold on an execution (new, or found again by request_id)."""
+
+    flow_id: str
+    run: Run | None  # None: the execution had already ended
+    created: bool
+
+
+def parse_flow_id(value: str, field: str = "flow_id") -> str:
+    """The canonical form of a UUID flow id, or INVALID_ARGUMENT."""
+    if not value:
+        raise InvalidArgumentError.one(field, "is required")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgumentError.one(field, f"{shown!r} is not a UUID") from None
+
+
+class ExecutionManager:
+    """Starts, follows, cancels, lists and recovers executions."""
+
+    def __init__(
+        self,
+        engine: FlowEngine,
+        store: ExecutionStore,
+        settings: ManagerSettings | None = None,
+        on_store_health: Callable[[bool], Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings or ManagerSettings()
+        self._on_store_health = on_store_health
+        self._live: dict[str, Run] = {}
+        self._starting = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self.store_healthy = True
+        self._probe: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self._unrecorded: dict[str, tuple[int, FlowFinished]] = {}
+        self._secret = b""
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def open(self) -> list[str]:
+        """Open the store and close what a crash left RUNNING; returns those ids."""
+        await self.store.open()
+        self._secret = await self.store.secret()
+
+        def interrupted(record: ExecutionRecord) -> FlowFinished:
+            return FlowFinished(
+                record.flow_id,
+                FlowStatus.INTERRUPTED,
+                "Flow interrupted: the server stopped abruptly while it ran; every result "
+                "committed before is kept, and the execution is not resumed",
+                datetime.now(UTC),
+                max(0, record.last_sequence - 1),  # events after `started` are task results
+            )
+
+        recovered = await self.store.finish_running(interrupted)
+        for flow_id in recovered:
+            log_event(logger, logging.WARNING, "execution interrupted by a crash", flow_id=flow_id)
+        if self.settings.retention_seconds > 0:
+            self._retention = asyncio.create_task(self._retention_loop())
+        return recovered
+
+    async def close(self) -> None:
+        """Cut off whatever still runs (recorded INTERRUPTED) and close the store."""
+        for task in (self._retention, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        runs = list(self._live.values())
+        for run in runs:
+            if run.task is not None:
+                run.task.cancel()
+        for run in runs:
+            if run.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run.task
+        for flow_id, (sequence, final) in list(self._unrecorded.items()):
+            with contextlib.suppress(StoreUnavailableError):
+                await self.store.append(flow_id, sequence, final)
+        await self.store.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def stop_all(self, reason: str) -> None:
+        for run in list(self._live.values()):
+            run.stop.request(reason)
+
+    # -- starting and following ----------------------------------------------------------
+
+    async def start(
+        self,
+        flow: Flow | None,
+        flow_input: Mapping[str, Any],
+        *,
+        request_id: str = "",
+        continue_on_disconnect: bool = False,
+    ) -> Attachment:
+        plan = self.engine.prepare(flow)  # INVALID_ARGUMENT before anything else
+        assert flow is not None
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidArgumentError.one(
+                "request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}"
+            )
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another instance")
+        digest = request_hash(flow, flow_input)
+        if request_id:
+            found = await self._by_request_id(request_id, digest)
+            if found is not None:
+                return found
+        if len(self._live) + self._starting >= self.settings.max_in_flight:
+            raise TooManyExecutionsError(
+                f"{self.settings.max_in_flight} executions are running, the most this server "
+                "runs at once; retry later",
+                retry_after=1.0,
+            )
+        flow_id = str(uuid.uuid4())
+        self._starting += 1
+        try:
+            record, created = await self._store(
+                self.store.create(
+                    NewExecution(
+                        flow_id=flow_id,
+                        flow=flow,
+                        input=flow_input,
+                        request_id=request_id or None,
+                        request_hash=digest,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+            )
+        finally:
+            self._starting -= 1
+        if not created:  # a concurrent retry created it first
+            return self._attach_existing(record, digest)
+        run = Run(flow_id, continue_on_disconnect)
+        run.callers = 1
+        self._live[flow_id] = run
+        self._idle.clear()
+        run.task = asyncio.create_task(self._drive(run, plan, flow_input), name=f"flow-{flow_id}")
+        return Attachment(flow_id, run, created=True)
+
+    async def _by_request_id(self, request_id: str, digest: str) -> Attachment | None:
+        # Looked up before the in-flight cap: a retry of a running execution attaches to
+        # it even when the server is full. create() settles races between two retries.
+        record = await self._store(self.store.get_by_request_id(request_id))
+        return None if record is None else self._attach_existing(record, digest)
+
+    def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment:
+        if record.request_hash != digest:
+            raise AlreadyExistsError(
+                f"request_id {record.request_id!r} was already used for execution "
+                f"{record.flow_id} with a different flow or input"
+            )
+        run = self._live.get(record.flow_id)
+        if run is not None:
+            run.callers += 1
+        return Attachment(record.flow_id, run, created=False)
+
+    def release(self, attachment: Attachment, *, completed: bool) -> None:
+        """The caller is done (`completed`) or went away; the latter may cancel the run."""
+        run = attachment.run
+        if run is None:
+            return
+        run.callers -= 1
+        if (
+            not completed
+            and run.callers <= 0
+            and not run.finished
+            and not run.continue_on_disconnect
+        ):
+            run.stop.request("the caller went away (cancelled, deadline passed or disconnected)")
+
+    async def follow(self, flow_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+        """(sequence, event) after `after`: stored ones, then live ones until the end."""
+        run = self._live.get(flow_id)
+        if run is None:
+            record = await self._store(self.store.get(flow_id))
+            if record is None:
+                raise NotFoundError(f"no execution {flow_id}")
+            # Not live, so it has ended (or a crash or store failure cut it short): every
+            # event it will ever have is in the store.
+        if run is not None:
+            async for item in run.follow(after):
+                yield item
+            return
+        for stored in await self._store(self.store.events(flow_id, after)):
+            yield stored.sequence, stored.event
+
+    async def drain(self, attachment: Attachment) -> list[Event]:
+        """Every event of the execution, once it has ended (what ExecuteFlow returns)."""
+        return [event async for _, event in self.follow(attachment.flow_id, 0)]
+
+    # -- the drive: engine -> store -> followers -----------------------------------------
+
+    async def _drive(self, run: Run, plan: Any, flow_input: Mapping[str, Any]) -> None:
+        sequence = 0
+        try:
+            events = self.engine.events(plan, flow_input, run.flow_id, run.stop)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    sequence += 1
+                    await self._store(self.store.append(run.flow_id, sequence, event))
+                    run.publish(event)
+        except StoreUnavailableError as exc:
+            # The event could not be committed, so it is not sent. Record the end once
+            # the store is back (see _probe_store), INTERRUPTED.
+            self._unrecorded[run.flow_id] = (
+                sequence,
+                FlowFinished(
+                    run.flow_id,
+                    FlowStatus.INTERRUPTED,
+                    f"Flow interrupted: the execution store failed: {exc}",
+                    datetime.now(UTC),
+                    sum(1 for e in run.events if isinstance(e, TaskCompleted)),
+                ),
+            )
+            run.fail(exc)
+        except asyncio.CancelledError:
+            # Cut off at close(): record it INTERRUPTED there.
+            self._unrecorded[run.flow_id] = (
+                sequence + 1,
+                FlowFinished(
+                    run.flow_id,
+                    FlowStatus.INTERRUPTED,
+                    "Flow interrupted: the server stopped before it could end",
+                    datetime.now(UTC),
+                    sum(1 for e in run.events if isinstance(e, TaskCompleted)),
+                ),
+            )
+            run.fail(ShuttingDownError("the server stopped"))
+            raise
+        except Exception as exc:  # a bug: keep the server up, tell the followers
+            logger.exception("execution drive failed", extra={"flow_id": run.flow_id})
+            run.fail(exc)
+        finally:
+            self._live.pop(run.flow_id, None)
+            if not self._live:
+                self._idle.set()
+
+    # -- look-ups ----------------------------------------------------------------------------
+
+    async def get(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
+        record = await self._store(self.store.get(flow_id))
+        if record is None:
+            raise NotFoundError(f"no execution {flow_id}")
+        events = [stored.event for stored in await self._store(self.store.events(flow_id))]
+        return record, events
+
+    async def cancel(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
+        run = self._live.get(flow_id)
+        if run is None:
+            record = await self._store(self.store.get(flow_id))
+            if record is None:
+                raise NotFoundError(f"no execution {flow_id}")
+            raise FailedPreconditionError(
+                f"execution {flow_id} has already ended ({record.status.value})"
+            )
+        run.stop.request("cancelled by CancelExecution")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.wait_done(), self.settings.cancel_wait_seconds)
+        return await self.get(flow_id)
+
+    async def page(
+        self, page_size: int, page_token: str, status: FlowStatus | None, flow_name: str
+    ) -> tuple[list[ExecutionRecord], str]:
+        """A page of executions, newest first, and the token of the next page ("" at the end)."""
+        if page_size < 0:
+            raise InvalidArgumentError.one("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query = {"status": status.value if status else "", "flow_name": flow_name}
+        before = self._read_token(page_token, query) if page_token else None
+        records = await self._store(self.store.page(size + 1, before, status, flow_name or None))
+        next_token = ""
+        if len(records) > size:
+            records = records[:size]
+            next_token = self._make_token(records[-1].cursor, query)
+        return records, next_token
+
+    def _make_token(self, cursor: int, query: dict[str, str]) -> str:
+        payload = json.dumps({"c": cursor, "q": query}, separators=(",", ":")).encode()
+        mac = hmac.new(self._secret, payload, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(payload + mac).decode().rstrip("=")
+
+    def _read_token(self, token: str, query: dict[str, str]) -> int:
+        bad = InvalidArgumentError.one(
+            "page_token", "is not a page token this server issued (tampered or truncated)"
+        )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except ValueError:
+            raise bad from None
+        payload, mac = raw[:-16], raw[-16:]
+        expected = hmac.new(self._secret, payload, hashlib.sha256).digest()[:16]
+        if len(raw) <= 16 or not hmac.compare_digest(mac, expected):
+            raise bad
+        data = json.loads(payload)
+        if data["q"] != query:
+            raise InvalidArgumentError.one(
+                "page_token", "was issued for other filters; keep status and flow_name the same"
+            )
+        cursor: int = data["c"]
+        return cursor
+
+    # -- store health and retention ----------------------------------------------------------
+
+    async def _store(self, awaitable: Any) -> Any:
+        """Await a store call; on StoreUnavailableError, turn unhealthy until a probe succeeds."""
+        try:
+            return await awaitable
+        except StoreUnavailableError:
+            self._set_store_health(False)
+            raise
+
+    def _set_store_health(self, healthy: bool) -> None:
+        if healthy == self.store_healthy:
+            return
+        self.store_healthy = healthy
+        log_event(
+            logger,
+            logging.INFO if healthy else logging.ERROR,
+            "execution store is writable again" if healthy else "execution store failed",
+        )
+        if self._on_store_health is not None:
+            self._on_store_health(healthy)
+        if not healthy and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.create_task(self._probe_store())
+
+    async def _probe_store(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self.store.check_writable()
+                for flow_id, (sequence, final) in list(self._unrecorded.items()):
+                    await self.store.append(flow_id, sequence, final)
+                    del self._unrecorded[flow_id]
+            except StoreUnavailableError:
+                continue
+            self._set_store_health(True)
+            return
+
+    async def _retention_loop(self) -> None:
+        keep = self.settings.retention_seconds
+        interval = min(max(keep / 10, 1.0), 3600.0)
+        while True:
+            try:
+                cutoff = datetime.now(UTC) - timedelta(seconds=keep)
+                deleted = await self._store(self.store.delete_finished_before(cutoff))
+                if deleted:
+                    log_event(logger, logging.INFO, "old executions deleted", count=deleted)
+            except StoreUnavailableError:
+                pass
+            await asyncio.sleep(interval)
+
+
+__all__ = ["Attachment", "ExecutionManager", "ManagerSettings", "Run", "Violation", "parse_flow_id"]

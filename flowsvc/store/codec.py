@@ -1,0 +1,141 @@
+"""JSON forms of engine models, as the store keeps them.
+
+Round trips are exact: datetimes keep their microseconds and time zone, floats their
+every bit (json writes the shortest repr that reads back the same), so an execution
+read back converts to the very same protobuf bytes it was sent as.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from flowsvc.models import (
+    Condition,
+    Event,
+    Flow,
+    FlowFinished,
+    FlowStarted,
+    FlowStatus,
+    StepRecord,
+    Task,
+    TaskCompleted,
+    TaskStatus,
+)
+
+KIND_STARTED, KIND_TASK, KIND_FINISHED = "started", "task", "finished"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
+def flow_to_json(flow: Flow) -> dict[str, Any]:
+    return {
+        "name": flow.name,
+        "start_task": flow.start_task,
+        "max_steps": flow.max_steps,
+        "tasks": [
+            {"name": t.name, "description": t.description, "params": dict(t.params)}
+            for t in flow.tasks
+        ],
+        "conditions": [
+            {
+                "name": c.name,
+                "description": c.description,
+                "source_task": c.source_task,
+                "outcome": c.outcome,
+                "target_task_success": c.target_task_success,
+                "target_task_failure": c.target_task_failure,
+            }
+            for c in flow.conditions
+        ],
+    }
+
+
+def flow_from_json(data: Mapping[str, Any]) -> Flow:
+    return Flow(
+        name=data["name"],
+        start_task=data["start_task"],
+        max_steps=data["max_steps"],
+        tasks=tuple(Task(t["name"], t["description"], t["params"]) for t in data["tasks"]),
+        conditions=tuple(
+            Condition(
+                source_task=c["source_task"],
+                target_task_success=c["target_task_success"],
+                target_task_failure=c["target_task_failure"],
+                name=c["name"],
+                description=c["description"],
+                outcome=c["outcome"],
+            )
+            for c in data["conditions"]
+        ),
+    )
+
+
+def request_hash(flow: Flow, flow_input: Mapping[str, Any]) -> str:
+    """A digest of what was asked: the same flow and input give the same digest."""
+    canonical = json.dumps(
+        {"flow": flow_to_json(flow), "input": flow_input}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def event_to_json(event: Event) -> tuple[str, str]:
+    """(kind, body) of an event."""
+    if isinstance(event, TaskCompleted):
+        r = event.record
+        return KIND_TASK, dumps(
+            {
+                "step": r.step,
+                "task": r.task,
+                "status": r.status.value,
+                "data": r.data,
+                "error": r.error,
+                "started_at": r.started_at.isoformat(),
+                "duration_s": r.duration_s,
+            }
+        )
+    if isinstance(event, FlowStarted):
+        return KIND_STARTED, dumps(
+            {"flow_name": event.flow_name, "started_at": event.started_at.isoformat()}
+        )
+    return KIND_FINISHED, dumps(
+        {
+            "status": event.status.value,
+            "message": event.message,
+            "finished_at": event.finished_at.isoformat(),
+            "steps": event.steps,
+        }
+    )
+
+
+def event_from_json(flow_id: str, kind: str, body: str) -> Event:
+    data = json.loads(body)
+    if kind == KIND_TASK:
+        return TaskCompleted(
+            flow_id,
+            StepRecord(
+                step=data["step"],
+                task=data["task"],
+                status=TaskStatus(data["status"]),
+                data=data["data"],
+                error=data["error"],
+                started_at=datetime.fromisoformat(data["started_at"]),
+                duration_s=data["duration_s"],
+            ),
+        )
+    if kind == KIND_STARTED:
+        return FlowStarted(flow_id, data["flow_name"], datetime.fromisoformat(data["started_at"]))
+    if kind == KIND_FINISHED:
+        return FlowFinished(
+            flow_id,
+            FlowStatus(data["status"]),
+            data["message"],
+            datetime.fromisoformat(data["finished_at"]),
+            data["steps"],
+        )
+    raise ValueError(f"unknown event kind {kind!r}")
