@@ -288,6 +288,13 @@ class ExecutionManager:
         run = self._live.get(record.flow_id)
         if run is not None:
             run.callers += 1
+        log_event(
+            logger,
+            logging.INFO,
+            "retry attached to the running execution" if run else "retry of an ended execution",
+            flow_id=record.flow_id,
+            request_id=record.request_id,
+        )
         return Attachment(record.flow_id, run, created=False)
 
     def release(self, attachment: Attachment, *, completed: bool) -> None:

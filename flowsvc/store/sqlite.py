@@ -193,6 +193,10 @@ class SQLiteStore:
                 except sqlite3.IntegrityError as exc:
                     job.error = exc
                 except sqlite3.Error as exc:
+                    if writes and not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself (SQLITE_FULL,
+                        # SQLITE_IOERR ...): the batch is lost, not just this job.
+                        raise
                     job.error = _unavailable(exc)
                 except Exception as exc:
                     job.error = exc

@@ -1,0 +1,557 @@
+"""Durable executions through the gRPC API: look-up, listing, cancel, watch, retries, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from flowsvc import TaskContext, TaskResult
+from flowsvc.config import Settings
+from flowsvc.server import build_server
+from tests.support import chain, flow_pb, to_dict
+
+pb = flow_service_pb2
+
+
+async def eventually(predicate, limit: float = 10.0, interval: float = 0.02):
+    """Await `predicate()` (sync or async) until truthy, failing after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(interval)
+
+
+async def read_all(call) -> list:
+    out = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        out.append(message)
+    return out
+
+
+def gate(registry, name: str = "gated"):
+    """Register an async task that waits until released; returns (started, release, cancelled)."""
+    started, release, cancelled = asyncio.Event(), asyncio.Event(), []
+
+    async def gated(ctx: TaskContext) -> TaskResult:
+        started.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.append(ctx.flow_id)
+            raise
+        return TaskResult.success({"released": True})
+
+    registry.register(name, gated)
+    return started, release, cancelled
+
+
+def violation_fields(err: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(err)
+    bad = error_details_pb2.BadRequest()
+    status.details[0].Unpack(bad)
+    return [v.field for v in bad.field_violations]
+
+
+# -- GetExecution ------------------------------------------------------------------------
+
+
+async def test_get_execution_returns_what_execute_returned(stub) -> None:
+    request = pb.ExecuteFlowRequest(flow=chain("noop", ("echo", {"k": [1, "two"]})))
+    request.input.update({"customer_id": "c-7"})
+    executed = await stub.ExecuteFlow(request, timeout=10)
+    got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=executed.flow_id))).execution
+    assert got.flow_id == executed.flow_id
+    assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED == executed.status
+    assert got.message == executed.message
+    assert [r.SerializeToString() for r in got.execution_history] == [
+        r.SerializeToString() for r in executed.execution_history
+    ]
+    assert got.flow == request.flow
+    assert to_dict(got.input) == {"customer_id": "c-7"}
+    assert got.create_time.ToDatetime() <= got.end_time.ToDatetime()
+    assert got.last_sequence == 4  # started, 2 results, finished
+
+
+async def test_get_execution_unknown_and_malformed_ids(stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetExecution(pb.GetExecutionRequest(flow_id=str(uuid.uuid4())))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    for bad in ("", "not-a-uuid", "x" * 500):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExecution(pb.GetExecutionRequest(flow_id=bad))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violation_fields(info.value) == ["flow_id"]
+
+
+async def test_running_execution_is_visible_while_it_runs(stub, registry) -> None:
+    started, release, _ = gate(registry)
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("noop", "gated")))
+    first = await call.read()
+    await started.wait()
+    got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=first.started.flow_id))).execution
+    assert got.status == flow_pb2.FLOW_STATUS_RUNNING
+    assert [r.task for r in got.execution_history] == ["noop"]
+    assert not got.HasField("end_time")
+    release.set()
+    rest = await read_all(call)
+    assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+# -- ListExecutions ----------------------------------------------------------------------
+
+
+async def test_list_executions_pages_with_filters(stub) -> None:
+    ids = {"alpha": [], "beta": []}
+    for i in range(7):
+        name = "alpha" if i % 2 == 0 else "beta"  # alpha: 4, beta: 3
+        flow = flow_pb(["noop" if name == "alpha" else "fail"], name=name)
+        ids[name].append((await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))).flow_id)
+
+    async def all_pages(**filters) -> tuple[list[str], int]:
+        seen, pages, token = [], 0, ""
+        while True:
+            page = await stub.ListExecutions(
+                pb.ListExecutionsRequest(page_size=2, page_token=token, **filters)
+            )
+            pages += 1
+            assert len(page.executions) <= 2
+            seen += [e.flow_id for e in page.executions]
+            token = page.next_page_token
+            if not token:
+                return seen, pages
+
+    seen, pages = await all_pages(flow_name="alpha")
+    assert seen == ids["alpha"][::-1]  # newest first
+    assert pages == 2
+    seen, pages = await all_pages(status=flow_pb2.FLOW_STATUS_FAILED)
+    assert seen == ids["beta"][::-1]
+    assert pages == 2
+    seen, _ = await all_pages()
+    assert len(seen) == 7 and len(set(seen)) == 7
+    page = await stub.ListExecutions(pb.ListExecutionsRequest(flow_name="beta"))
+    summary = page.executions[0]
+    assert summary.flow_name == "beta" and summary.status == flow_pb2.FLOW_STATUS_FAILED
+    assert summary.create_time.seconds and summary.end_time.seconds
+
+
+async def test_list_executions_rejects_bad_tokens_and_sizes(stub) -> None:
+    for _ in range(3):
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+    page = await stub.ListExecutions(pb.ListExecutionsRequest(page_size=1))
+    token = page.next_page_token
+    assert token
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    cases = [
+        (pb.ListExecutionsRequest(page_token=tampered), "page_token"),
+        (pb.ListExecutionsRequest(page_token="garbage!"), "page_token"),
+        (pb.ListExecutionsRequest(page_token=token, flow_name="other"), "page_token"),
+        (pb.ListExecutionsRequest(page_size=-1), "page_size"),
+        (pb.ListExecutionsRequest(status=99), "status"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListExecutions(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violation_fields(info.value) == [field]
+    # The untampered token still works, with another page size (AIP-158 allows that).
+    page = await stub.ListExecutions(pb.ListExecutionsRequest(page_token=token, page_size=5))
+    assert len(page.executions) == 2 and not page.next_page_token
+
+
+# -- CancelExecution -----------------------------------------------------------------------
+
+
+async def test_cancel_while_a_sleep_task_runs(stub, registry) -> None:
+    started, _, cancelled = gate(registry)
+    ran_after = []
+    registry.register("after", lambda: ran_after.append(1) or TaskResult.success())
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("noop", "gated", "after")))
+    flow_id = (await call.read()).started.flow_id
+    await started.wait()
+    response = await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id), timeout=10)
+    assert response.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert "CancelExecution" in response.execution.message
+    assert [r.task for r in response.execution.execution_history] == ["noop"]
+    assert cancelled == [flow_id] and ran_after == []
+    rest = await read_all(call)
+    assert await call.code() == grpc.StatusCode.OK
+    assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=str(uuid.uuid4())))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
+    started, _, _ = gate(registry)
+    request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
+    execute = asyncio.ensure_future(stub.ExecuteFlow(request, timeout=10))
+    await started.wait()
+    flow_id = (await stub.ListExecutions(pb.ListExecutionsRequest())).executions[0].flow_id
+    watch = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+    assert (await watch.read()).WhichOneof("event") == "started"
+    await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+    rest = await read_all(watch)
+    assert await watch.code() == grpc.StatusCode.OK
+    assert [m.WhichOneof("event") for m in rest] == ["finished"]
+    assert rest[0].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert (await execute).status == flow_pb2.FLOW_STATUS_CANCELLED
+
+
+# -- WatchExecution and resuming ----------------------------------------------------------
+
+
+async def test_dropped_stream_resumes_with_watch_exactly_once(stub, registry) -> None:
+    first_started, release_first, _ = gate(registry, "first")
+    _, release_second, _ = gate(registry, "second")
+    flow = chain("noop", "first", "echo", "second", "noop_again")
+    registry.register("noop_again", registry.get("noop").fn)
+    request = pb.StreamFlowRequest(flow=flow, continue_on_disconnect=True)
+    call = stub.StreamFlow(request)
+    seen = [await call.read(), await call.read()]  # started, noop's result
+    await first_started.wait()
+    call.cancel()  # the connection "drops"
+    flow_id = seen[0].started.flow_id
+    release_first.set()  # the execution goes on without its caller
+    await eventually(lambda: _history_len(stub, flow_id, 3))  # first and echo finished meanwhile
+    watch = stub.WatchExecution(
+        pb.WatchExecutionRequest(flow_id=flow_id, after_sequence=seen[-1].sequence)
+    )
+    resumed = [await watch.read(), await watch.read()]  # stored: first, echo
+    release_second.set()
+    resumed += await read_all(watch)  # live: second, noop_again, finished
+    everything = seen + resumed
+    assert [m.sequence for m in everything] == list(range(1, 8))  # no gap, no repeat
+    assert [m.WhichOneof("event") for m in everything] == (
+        ["started"] + ["task_result"] * 5 + ["finished"]
+    )
+    got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+    streamed = [m.task_result.SerializeToString() for m in everything if m.HasField("task_result")]
+    assert streamed == [r.SerializeToString() for r in got.execution_history]
+    assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+async def _history_len(stub, flow_id: str, n: int) -> bool:
+    got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+    return len(got.execution.execution_history) >= n
+
+
+async def test_watch_of_a_finished_execution_replays_the_same_messages(stub) -> None:
+    flow = chain("noop", ("fail", {"message": "nope"}))
+    streamed = [m async for m in stub.StreamFlow(pb.StreamFlowRequest(flow=flow))]
+    flow_id = streamed[0].started.flow_id
+    watched = [m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))]
+    # Same fields and numbers: the bytes are identical.
+    assert [m.SerializeToString() for m in watched] == [m.SerializeToString() for m in streamed]
+    tail = [
+        m
+        async for m in stub.WatchExecution(
+            pb.WatchExecutionRequest(flow_id=flow_id, after_sequence=2)
+        )
+    ]
+    assert [m.sequence for m in tail] == [3, 4]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=str(uuid.uuid4()))):
+            pass
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_dropping_a_stream_cancels_its_execution_by_default(stub, registry) -> None:
+    started, _, cancelled = gate(registry)
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated", "noop")))
+    flow_id = (await call.read()).started.flow_id
+    await started.wait()
+    call.cancel()
+
+    async def status() -> int:
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        return got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+    await eventually(status)
+    assert cancelled == [flow_id]
+
+
+async def test_continue_on_disconnect_keeps_running_after_a_deadline(stub, registry) -> None:
+    started, release, cancelled = gate(registry)
+    request = pb.ExecuteFlowRequest(flow=chain("gated", "noop"), continue_on_disconnect=True)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(request, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert started.is_set()
+    flow_id = (await stub.ListExecutions(pb.ListExecutionsRequest())).executions[0].flow_id
+    release.set()
+
+    async def succeeded() -> bool:
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        return got.execution.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+    await eventually(succeeded)
+    assert cancelled == []
+
+
+# -- idempotency -------------------------------------------------------------------------
+
+
+def counting_task(registry, path: Path) -> None:
+    def record() -> TaskResult:
+        with path.open("a") as f:
+            f.write("ran\n")
+        return TaskResult.success({"ran": True})
+
+    registry.register("side_effect", record)
+
+
+async def test_idempotent_retry_runs_the_flow_once(stub, registry, tmp_path: Path) -> None:
+    marker = tmp_path / "side-effects.txt"
+    counting_task(registry, marker)
+    request = pb.ExecuteFlowRequest(flow=chain("side_effect"), request_id="order-42")
+    request.input.update({"amount": 10})
+    first = await stub.ExecuteFlow(request, timeout=10)
+    retry = await stub.ExecuteFlow(request, timeout=10)
+    assert retry.flow_id == first.flow_id
+    assert retry.SerializeToString() == first.SerializeToString()
+    streamed = [m async for m in stub.StreamFlow(pb.StreamFlowRequest(
+        flow=request.flow, input=request.input, request_id="order-42"
+    ))]  # fmt: skip
+    assert streamed[0].started.flow_id == first.flow_id
+    assert marker.read_text() == "ran\n"
+
+    other_input = pb.ExecuteFlowRequest(flow=request.flow, request_id="order-42")
+    other_input.input.update({"amount": 11})
+    other_flow = pb.ExecuteFlowRequest(
+        flow=chain("noop"), request_id="order-42", input=request.input
+    )
+    for conflicting in (other_input, other_flow):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(conflicting)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert first.flow_id in info.value.details()
+    assert marker.read_text() == "ran\n"
+
+
+async def test_retry_while_the_first_still_runs_attaches_to_it(
+    stub, registry, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    marker = tmp_path / "side-effects.txt"
+    counting_task(registry, marker)
+    started, release, _ = gate(registry)
+    flow = chain("side_effect", "gated")
+    stream = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="r-1"))
+    flow_id = (await stream.read()).started.flow_id
+    await started.wait()
+    retry = asyncio.ensure_future(
+        stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="r-1"), timeout=10)
+    )
+    # Released only once the server says the retry joined the running execution.
+    await eventually(
+        lambda: any(
+            r.getMessage() == "retry attached to the running execution"
+            and getattr(r, "flow_id", None) == flow_id
+            for r in caplog.records
+        )
+    )
+    release.set()
+    response = await retry
+    assert response.flow_id == flow_id
+    assert [r.task for r in response.execution_history] == ["side_effect", "gated"]
+    await read_all(stream)
+    assert marker.read_text() == "ran\n"
+
+
+# -- limits -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(listen="127.0.0.1:0", db=":memory:", max_in_flight=2, grace_seconds=5.0)
+
+
+async def test_in_flight_cap_gives_resource_exhausted_with_retry_info(stub, registry) -> None:
+    _started, release, _ = gate(registry)
+    calls = [
+        stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated"), request_id=f"cap-{i}"))
+        for i in range(2)
+    ]
+    for call in calls:
+        await call.read()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(info.value)
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry) and retry.retry_delay.ToTimedelta().total_seconds() > 0
+    # A retry of a running execution still attaches, full or not.
+    again = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated"), request_id="cap-0"))
+    assert (await again.read()).sequence == 1
+    release.set()
+    for call in [*calls, again]:
+        await read_all(call)
+
+    async def accepts() -> bool:
+        try:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await eventually(accepts)
+
+
+# -- the store: errors, health, retention, shutdown ----------------------------------------
+
+
+async def test_locked_database_is_unavailable_and_health_follows(tmp_path: Path, registry) -> None:
+    db = tmp_path / "locked.db"
+    settings = Settings(listen="127.0.0.1:0", db=str(db), db_busy_timeout_ms=200)
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            from flowmanager.v1 import flow_service_pb2_grpc
+            from grpc_health.v1 import health_pb2_grpc
+
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                pending = asyncio.ensure_future(
+                    stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
+                )
+                # While the write waits for the lock, the event loop still answers.
+                check = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert check.status in (
+                    health_pb2.HealthCheckResponse.SERVING,
+                    health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pending
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "locked" in info.value.details()
+
+                async def not_serving() -> bool:
+                    r = await health.Check(health_pb2.HealthCheckRequest())
+                    return r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+                await eventually(not_serving)
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+
+            async def serving() -> bool:
+                r = await health.Check(
+                    health_pb2.HealthCheckRequest(service="flowmanager.v1.FlowService")
+                )
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+
+            await eventually(serving)
+            ok = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            assert ok.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_full_database_is_unavailable_not_unknown(tmp_path: Path, registry) -> None:
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "small.db"), db_max_bytes=64 * 1024)
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            from flowmanager.v1 import flow_service_pb2_grpc
+
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            big = {"blob": "x" * 2000}
+            codes = []
+            for _ in range(100):
+                request = pb.ExecuteFlowRequest(flow=chain(("echo", big)))
+                try:
+                    await stub.ExecuteFlow(request, timeout=10)
+                except grpc.aio.AioRpcError as err:
+                    codes.append((err.code(), err.details()))
+                    break
+            assert codes, "the database never filled up"
+            code, details = codes[0]
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "full" in details
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", retention_seconds=0.5)
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            from flowmanager.v1 import flow_service_pb2_grpc
+
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+
+            async def gone() -> bool:
+                try:
+                    await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+                except grpc.aio.AioRpcError as err:
+                    return err.code() == grpc.StatusCode.NOT_FOUND
+                return False
+
+            await eventually(gone, limit=15)
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, registry) -> None:
+    db = str(tmp_path / "shutdown.db")
+    settings = Settings(listen="127.0.0.1:0", db=db)
+    started, _, _ = gate(registry)
+    server = await build_server(settings, registry)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        from flowmanager.v1 import flow_service_pb2_grpc
+
+        stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+        request = pb.StreamFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
+        call = stub.StreamFlow(request)
+        flow_id = (await call.read()).started.flow_id
+        await started.wait()
+        call.cancel()  # nobody is attached any more; it keeps running
+        await server.shutdown(grace=0.2)
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+            assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
+            assert "shutting down" in got.message
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path, registry) -> None:
+    db = tmp_path / "versioned.db"
+    server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    await server.shutdown(grace=0)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.execute("PRAGMA user_version = 99")
+    from flowsvc.errors import StoreUnavailableError
+
+    with pytest.raises(StoreUnavailableError, match="schema version 99"):
+        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
