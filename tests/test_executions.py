@@ -555,3 +555,21 @@ async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path, re
 
     with pytest.raises(StoreUnavailableError, match="schema version 99"):
         await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+
+
+async def test_cancel_while_the_builtin_sleep_task_runs(stub) -> None:
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60}), "noop")))
+    flow_id = (await call.read()).started.flow_id
+
+    async def running() -> bool:
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        return got.execution.status == flow_pb2.FLOW_STATUS_RUNNING
+
+    await eventually(running)
+    t0 = time.monotonic()
+    response = await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id), timeout=10)
+    assert time.monotonic() - t0 < 30  # the 60 s sleep was cut short, not waited out
+    assert response.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert list(response.execution.execution_history) == []
+    rest = await read_all(call)
+    assert [m.WhichOneof("event") for m in rest] == ["finished"]

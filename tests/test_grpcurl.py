@@ -226,3 +226,46 @@ def test_failing_task_is_not_an_rpc_error(grpcurl_server: ServerProcess) -> None
     assert entry["task"] == "fail"
     assert entry["status"] == "TASK_STATUS_FAILURE"
     assert entry["error"] == "card declined"
+
+
+# Executions are kept: look them up, list them, watch them, as the README shows.
+GET_EXECUTION = (
+    'grpcurl -plaintext -d \'{"flow_id": "FLOW_ID"}\' '
+    "HOST:PORT flowmanager.v1.FlowService/GetExecution"
+)
+LIST_EXECUTIONS = (
+    'grpcurl -plaintext -d \'{"page_size": 2, "flow_name": "Data processing flow"}\' '
+    "HOST:PORT flowmanager.v1.FlowService/ListExecutions"
+)
+WATCH_EXECUTION = (
+    'grpcurl -plaintext -d \'{"flow_id": "FLOW_ID", "after_sequence": 2}\' '
+    "HOST:PORT flowmanager.v1.FlowService/WatchExecution"
+)
+CANCEL_EXECUTION = (
+    'grpcurl -plaintext -d \'{"flow_id": "FLOW_ID"}\' '
+    "HOST:PORT flowmanager.v1.FlowService/CancelExecution"
+)
+FAILED_PRECONDITION = 9
+
+
+def test_executions_are_kept_and_can_be_looked_up(grpcurl_server: ServerProcess) -> None:
+    executed = json_output(grpcurl(grpcurl_server, EXECUTE_SAMPLE, stdin=sample_bytes()))
+    flow_id = executed["flow_id"]
+
+    got = json_output(grpcurl(grpcurl_server, GET_EXECUTION.replace("FLOW_ID", flow_id)))
+    execution = got["execution"]
+    assert execution["status"] == "FLOW_STATUS_SUCCEEDED"
+    assert execution["execution_history"] == executed["execution_history"]
+    assert execution["flow"]["name"] == "Data processing flow"
+
+    listed = json_output(grpcurl(grpcurl_server, LIST_EXECUTIONS))
+    assert listed["executions"][0]["flow_id"] == flow_id  # newest first
+    assert len(listed["executions"]) <= 2
+
+    tail = json_stream(output(grpcurl(grpcurl_server, WATCH_EXECUTION.replace("FLOW_ID", flow_id))))
+    assert [m["sequence"] for m in tail] == ["3", "4", "5"]
+    assert tail[-1]["finished"]["status"] == "FLOW_STATUS_SUCCEEDED"
+
+    result = grpcurl(grpcurl_server, CANCEL_EXECUTION.replace("FLOW_ID", flow_id))
+    assert result.returncode == GRPCURL_STATUS_OFFSET + FAILED_PRECONDITION
+    assert "FailedPrecondition" in result.stderr.decode()
