@@ -40,7 +40,7 @@ from flowsvc.errors import (
     Violation,
 )
 from flowsvc.logs import event as log_event
-from flowsvc.models import Event, Flow, FlowFinished, FlowStatus, TaskCompleted
+from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
 from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
 from flowsvc.store.codec import request_hash
 
@@ -59,6 +59,21 @@ class ManagerSettings:
     retention_seconds: float = 7 * 24 * 3600.0
     #: How long to wait for a stopped execution to end before CancelExecution answers.
     cancel_wait_seconds: float = 10.0
+
+
+def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
+    """The `finished` event that closes a cut-off execution, for store.finish_running."""
+
+    def final(record: ExecutionRecord) -> FlowFinished:
+        return FlowFinished(
+            record.flow_id,
+            FlowStatus.INTERRUPTED,
+            message,
+            datetime.now(UTC),
+            max(0, record.last_sequence - 1),  # the events after `started` are task results
+        )
+
+    return final
 
 
 class Run:
@@ -160,7 +175,9 @@ class ExecutionManager:
         self.store_healthy = True
         self._probe: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
-        self._unrecorded: dict[str, tuple[int, FlowFinished]] = {}
+        # Executions that ended without their `finished` event committed: id -> message.
+        # Written (INTERRUPTED) once the store can write (see _record_ends).
+        self._unrecorded: dict[str, str] = {}
         self._secret = b""
 
     # -- life cycle ----------------------------------------------------------------------
@@ -170,17 +187,12 @@ class ExecutionManager:
         await self.store.open()
         self._secret = await self.store.secret()
 
-        def interrupted(record: ExecutionRecord) -> FlowFinished:
-            return FlowFinished(
-                record.flow_id,
-                FlowStatus.INTERRUPTED,
+        recovered = await self.store.finish_running(
+            _interrupted(
                 "Flow interrupted: the server stopped abruptly while it ran; every result "
-                "committed before is kept, and the execution is not resumed",
-                datetime.now(UTC),
-                max(0, record.last_sequence - 1),  # events after `started` are task results
+                "committed before is kept, and the execution is not resumed"
             )
-
-        recovered = await self.store.finish_running(interrupted)
+        )
         for flow_id in recovered:
             log_event(logger, logging.WARNING, "execution interrupted by a crash", flow_id=flow_id)
         if self.settings.retention_seconds > 0:
@@ -202,10 +214,24 @@ class ExecutionManager:
             if run.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await run.task
-        for flow_id, (sequence, final) in list(self._unrecorded.items()):
-            with contextlib.suppress(StoreUnavailableError):
-                await self.store.append(flow_id, sequence, final)
+        with contextlib.suppress(StoreUnavailableError):
+            await self._record_ends()
         await self.store.close()
+
+    async def _record_ends(self) -> None:
+        """Close, INTERRUPTED, the executions whose end could not be committed."""
+        pending = dict(self._unrecorded)
+        if not pending:
+            return
+
+        def final(record: ExecutionRecord) -> FlowFinished:
+            return _interrupted(pending[record.flow_id])(record)
+
+        # The store numbers the event after the last one it committed, whatever was in
+        # flight when the execution was cut off.
+        await self.store.finish_running(final, only=set(pending))
+        for flow_id in pending:
+            self._unrecorded.pop(flow_id, None)
 
     @property
     def in_flight(self) -> int:
@@ -247,31 +273,64 @@ class ExecutionManager:
                 "runs at once; retry later",
                 retry_after=1.0,
             )
-        flow_id = str(uuid.uuid4())
+        new = NewExecution(
+            flow_id=str(uuid.uuid4()),
+            flow=flow,
+            input=flow_input,
+            request_id=request_id or None,
+            request_hash=digest,
+            created_at=datetime.now(UTC),
+        )
         self._starting += 1
+        creating = asyncio.ensure_future(self._store(self.store.create(new)))
         try:
-            record, created = await self._store(
-                self.store.create(
-                    NewExecution(
-                        flow_id=flow_id,
-                        flow=flow,
-                        input=flow_input,
-                        request_id=request_id or None,
-                        request_hash=digest,
-                        created_at=datetime.now(UTC),
-                    )
-                )
+            # Shielded: the record is written whatever happens to this caller, so it
+            # must be driven to an end even if the caller leaves meanwhile.
+            record, created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            creating.add_done_callback(
+                lambda done: self._launch_orphan(done, plan, flow_input, continue_on_disconnect)
             )
+            raise
         finally:
             self._starting -= 1
         if not created:  # a concurrent retry created it first
             return self._attach_existing(record, digest)
+        run = self._launch(record.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
+        return Attachment(record.flow_id, run, created=True)
+
+    def _launch(
+        self,
+        flow_id: str,
+        plan: Any,
+        flow_input: Mapping[str, Any],
+        continue_on_disconnect: bool,
+        callers: int,
+    ) -> Run:
         run = Run(flow_id, continue_on_disconnect)
-        run.callers = 1
+        run.callers = callers
         self._live[flow_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._drive(run, plan, flow_input), name=f"flow-{flow_id}")
-        return Attachment(flow_id, run, created=True)
+        return run
+
+    def _launch_orphan(
+        self,
+        creating: asyncio.Future[tuple[ExecutionRecord, bool]],
+        plan: Any,
+        flow_input: Mapping[str, Any],
+        continue_on_disconnect: bool,
+    ) -> None:
+        """Its caller left while the record was written: run it anyway, so that it ends
+        (at once, CANCELLED, unless the caller asked to continue on disconnect)."""
+        if creating.cancelled() or creating.exception() is not None:
+            return
+        record, created = creating.result()
+        if not created:
+            return
+        run = self._launch(record.flow_id, plan, flow_input, continue_on_disconnect, callers=0)
+        if not continue_on_disconnect:
+            run.stop.request("the caller went away before the execution started")
 
     async def _by_request_id(self, request_id: str, digest: str) -> Attachment | None:
         # Looked up before the in-flight cap: a retry of a running execution attaches to
@@ -343,36 +402,21 @@ class ExecutionManager:
                     await self._store(self.store.append(run.flow_id, sequence, event))
                     run.publish(event)
         except StoreUnavailableError as exc:
-            # The event could not be committed, so it is not sent. Record the end once
-            # the store is back (see _probe_store), INTERRUPTED.
-            self._unrecorded[run.flow_id] = (
-                sequence,
-                FlowFinished(
-                    run.flow_id,
-                    FlowStatus.INTERRUPTED,
-                    f"Flow interrupted: the execution store failed: {exc}",
-                    datetime.now(UTC),
-                    sum(1 for e in run.events if isinstance(e, TaskCompleted)),
-                ),
-            )
+            # The event could not be committed, so it is not sent. Its end is recorded
+            # once the store can write again (see _probe_store).
+            self._unrecorded[run.flow_id] = f"Flow interrupted: the execution store failed: {exc}"
             run.fail(exc)
         except asyncio.CancelledError:
-            # Cut off at close(): record it INTERRUPTED there.
-            self._unrecorded[run.flow_id] = (
-                sequence + 1,
-                FlowFinished(
-                    run.flow_id,
-                    FlowStatus.INTERRUPTED,
-                    "Flow interrupted: the server stopped before it could end",
-                    datetime.now(UTC),
-                    sum(1 for e in run.events if isinstance(e, TaskCompleted)),
-                ),
-            )
+            # Cut off at close(), which records the end.
+            self._unrecorded[run.flow_id] = "Flow interrupted: the server stopped before it ended"
             run.fail(ShuttingDownError("the server stopped"))
             raise
         except Exception as exc:  # a bug: keep the server up, tell the followers
             logger.exception("execution drive failed", extra={"flow_id": run.flow_id})
+            self._unrecorded[run.flow_id] = "Flow interrupted by an internal error"
             run.fail(exc)
+            with contextlib.suppress(StoreUnavailableError):
+                await self._record_ends()
         finally:
             self._live.pop(run.flow_id, None)
             if not self._live:
@@ -471,9 +515,7 @@ class ExecutionManager:
             await asyncio.sleep(0.25)
             try:
                 await self.store.check_writable()
-                for flow_id, (sequence, final) in list(self._unrecorded.items()):
-                    await self.store.append(flow_id, sequence, final)
-                    del self._unrecorded[flow_id]
+                await self._record_ends()
             except StoreUnavailableError:
                 continue
             self._set_store_health(True)

@@ -573,3 +573,47 @@ async def test_cancel_while_the_builtin_sleep_task_runs(stub) -> None:
     assert list(response.execution.execution_history) == []
     rest = await read_all(call)
     assert [m.WhichOneof("event") for m in rest] == ["finished"]
+
+
+async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
+    tmp_path: Path, registry
+) -> None:
+    db = tmp_path / "midrun.db"
+    started, release, _ = gate(registry)
+    server = await build_server(
+        Settings(listen="127.0.0.1:0", db=str(db), db_busy_timeout_ms=200), registry
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            from flowmanager.v1 import flow_service_pb2_grpc
+
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("noop", "gated", "noop_2")))
+            registry.register("noop_2", registry.get("noop").fn)
+            seen = [await call.read(), await call.read()]  # started, noop
+            flow_id = seen[0].started.flow_id
+            await started.wait()
+            locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                release.set()  # gated's result cannot be committed, so it is never sent
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await read_all(call)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+
+            async def interrupted() -> bool:
+                got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+                return got.execution.status == flow_pb2.FLOW_STATUS_INTERRUPTED and got
+
+            got = (await eventually(interrupted)).execution
+            assert "store failed" in got.message
+            assert [r.task for r in got.execution_history] == ["noop"]  # what was sent, only
+            watched = [
+                m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+            ]
+            assert [m.sequence for m in watched] == [1, 2, 3]
+    finally:
+        await server.shutdown(grace=0)

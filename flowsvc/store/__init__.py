@@ -7,7 +7,7 @@ event of it, numbered 1, 2, ... per execution. Callers rely on one promise: when
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -81,9 +81,14 @@ class ExecutionStore(Protocol):
     ) -> list[ExecutionRecord]:
         """Up to `limit` executions, newest first, created before `before_cursor`."""
 
-    async def finish_running(self, make_final: Any) -> list[str]:
-        """Close every execution still RUNNING with the FlowFinished that
-        `make_final(record)` returns (crash recovery). Returns their ids."""
+    async def finish_running(
+        self,
+        make_final: Callable[[ExecutionRecord], FlowFinished],
+        only: Collection[str] | None = None,
+    ) -> list[str]:
+        """Close every execution still RUNNING (or those of `only` that are) with the
+        FlowFinished `make_final(record)` returns, numbered after the last committed
+        event (crash recovery). Returns their ids."""
 
     async def delete_finished_before(self, cutoff: datetime) -> int:
         """Delete executions that ended before `cutoff`; returns how many."""

@@ -24,7 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -373,7 +373,9 @@ class SQLiteStore:
         return result
 
     async def finish_running(
-        self, make_final: Callable[[ExecutionRecord], FlowFinished]
+        self,
+        make_final: Callable[[ExecutionRecord], FlowFinished],
+        only: Collection[str] | None = None,
     ) -> list[str]:
         def finish(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
@@ -382,6 +384,8 @@ class SQLiteStore:
             done = []
             for row in rows:
                 record = _record(row)
+                if only is not None and record.flow_id not in only:
+                    continue
                 final = make_final(record)
                 kind, body = event_to_json(final)
                 _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
