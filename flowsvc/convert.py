@@ -11,10 +11,11 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from flowmanager.v1 import flow_pb2, flow_service_pb2
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from flowsvc.errors import Violation
 from flowsvc.models import (
+    NO_RETRY,
     Condition,
     Event,
     Execution,
@@ -22,6 +23,7 @@ from flowsvc.models import (
     FlowFinished,
     FlowStarted,
     FlowStatus,
+    RetryPolicy,
     StepRecord,
     Task,
     TaskCompleted,
@@ -40,6 +42,7 @@ _FLOW_STATUS_TO_PB = {
     FlowStatus.FAILED: flow_pb2.FLOW_STATUS_FAILED,
     FlowStatus.CANCELLED: flow_pb2.FLOW_STATUS_CANCELLED,
     FlowStatus.INTERRUPTED: flow_pb2.FLOW_STATUS_INTERRUPTED,
+    FlowStatus.TIMED_OUT: flow_pb2.FLOW_STATUS_TIMED_OUT,
 }
 
 
@@ -54,15 +57,42 @@ def struct_to_pb(data: Mapping[str, Any], out: struct_pb2.Struct) -> None:
         out.update(data)
 
 
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _duration(seconds: float, out: duration_pb2.Duration) -> None:
+    out.FromNanoseconds(round(seconds * 1e9))
+
+
+def retry_from_pb(pb: flow_pb2.RetryPolicy) -> RetryPolicy:
+    """Unset fields take their documented defaults."""
+    return RetryPolicy(
+        max_attempts=pb.max_attempts or 1,
+        initial_backoff_s=_seconds(pb.initial_backoff) if pb.HasField("initial_backoff") else 1.0,
+        backoff_multiplier=pb.backoff_multiplier or 2.0,
+        max_backoff_s=_seconds(pb.max_backoff) if pb.HasField("max_backoff") else 60.0,
+        non_retryable_errors=tuple(pb.non_retryable_errors),
+    )
+
+
+def task_from_pb(pb: flow_pb2.Task) -> Task:
+    return Task(
+        name=pb.name,
+        description=pb.description,
+        params=struct_from_pb(pb.params),
+        timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
+        retry=retry_from_pb(pb.retry) if pb.HasField("retry") else NO_RETRY,
+    )
+
+
 def flow_from_pb(pb: flow_pb2.Flow) -> Flow:
     """A Flow model from its message (not validated)."""
     return Flow(
         name=pb.name,
         start_task=pb.start_task,
-        tasks=tuple(
-            Task(name=t.name, description=t.description, params=struct_from_pb(t.params))
-            for t in pb.tasks
-        ),
+        timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
+        tasks=tuple(task_from_pb(t) for t in pb.tasks),
         conditions=tuple(
             Condition(
                 source_task=c.source_task,
@@ -103,6 +133,7 @@ def step_to_pb(record: StepRecord, out: flow_pb2.TaskResult) -> None:
     out.started_at.FromDatetime(record.started_at)
     out.duration.FromNanoseconds(round(record.duration_s * 1e9))
     out.step = record.step
+    out.attempt = record.attempt
 
 
 def execution_to_pb(execution: Execution) -> flow_service_pb2.ExecuteFlowResponse:
@@ -159,18 +190,20 @@ def violations_to_pb(
 
 def tasks_to_pb(specs: Sequence[TaskSpec]) -> flow_service_pb2.ListTasksResponse:
     """The ListTasks response for the registry's tasks."""
-    return flow_service_pb2.ListTasksResponse(
-        tasks=[
-            flow_pb2.TaskInfo(
-                name=s.name,
-                description=s.description,
-                source=s.source,
-                is_async=s.is_async,
-                takes_context=s.takes_context,
-            )
-            for s in specs
-        ]
+    return flow_service_pb2.ListTasksResponse(tasks=[_task_info(s) for s in specs])
+
+
+def _task_info(spec: TaskSpec) -> flow_pb2.TaskInfo:
+    info = flow_pb2.TaskInfo(
+        name=spec.name,
+        description=spec.description,
+        source=spec.source,
+        is_async=spec.is_async,
+        takes_context=spec.takes_context,
     )
+    if spec.params_schema:
+        struct_to_pb(spec.params_schema, info.params_schema)
+    return info
 
 
 _FLOW_STATUS_FROM_PB = {v: k for k, v in _FLOW_STATUS_TO_PB.items()}
@@ -191,9 +224,20 @@ def flow_to_pb(flow: Flow, out: flow_pb2.Flow) -> None:
     out.name = flow.name
     out.start_task = flow.start_task
     out.max_steps = flow.max_steps
+    if flow.timeout_s is not None:
+        _duration(flow.timeout_s, out.timeout)
     for task in flow.tasks:
         t = out.tasks.add(name=task.name, description=task.description)
         struct_to_pb(task.params, t.params)
+        if task.timeout_s is not None:
+            _duration(task.timeout_s, t.timeout)
+        if task.retry != NO_RETRY:
+            r = task.retry
+            t.retry.max_attempts = r.max_attempts
+            _duration(r.initial_backoff_s, t.retry.initial_backoff)
+            t.retry.backoff_multiplier = r.backoff_multiplier
+            _duration(r.max_backoff_s, t.retry.max_backoff)
+            t.retry.non_retryable_errors.extend(r.non_retryable_errors)
     for c in flow.conditions:
         out.conditions.add(
             name=c.name,

@@ -6,16 +6,21 @@
         ...
     execution = await engine.run(plan, input)        # ExecuteFlow: drains events()
 
-Routing is a dictionary built once per flow (task -> (on success, on failure)),
-so each step costs the same however long the flow runs. Sync tasks run in a
-thread pool, never on the event loop. When the consumer is cancelled (a client
-cancel or deadline), the running async task is cancelled with it and no further
-task starts.
+Routing is a dictionary built once per flow (task -> (on success, on failure)), and
+params are compiled once per flow too, so each step costs the same however long the
+flow runs. Sync tasks run in a thread pool, never on the event loop.
+
+Each visit of a task makes one attempt or more (its RetryPolicy); every attempt is a
+step, recorded and yielded as it ends, and only the last attempt's outcome routes the
+flow. An attempt past the task's timeout is cancelled (async) or abandoned (sync) and
+fails "timed out after ...". Past the flow's timeout the running attempt is cut off
+the same way and the flow ends TIMED_OUT. A StopHandle ends it CANCELLED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -37,11 +42,20 @@ from flowsvc.models import (
     FlowStarted,
     FlowStatus,
     HistoryView,
+    RetryPolicy,
     StepRecord,
     TaskCompleted,
     TaskContext,
     TaskResult,
     TaskStatus,
+)
+from flowsvc.references import (
+    INPUT,
+    MissingReferenceError,
+    Ref,
+    Template,
+    compile_params,
+    follow_path,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
 from flowsvc.validation import Limits, validate_flow
@@ -51,11 +65,13 @@ logger = logging.getLogger("flowsvc.engine")
 
 @dataclass(frozen=True, slots=True)
 class _Node:
-    """A task of a prepared flow with its routes resolved."""
+    """A task of a prepared flow with its routes resolved and its params compiled."""
 
     name: str
     spec: TaskSpec
-    params: Mapping[str, Any]
+    template: Template
+    timeout_s: float | None
+    retry: RetryPolicy
     on_success: str  # a task name or END
     on_failure: str
 
@@ -102,6 +118,10 @@ class StopHandle:
         return self.reason is not None and task is not None and task.uncancel() == 0
 
 
+class _FlowTimedOut(Exception):
+    """The flow's own deadline passed (raised out of an attempt or a backoff wait)."""
+
+
 class FlowEngine:
     """Runs prepared flows against a TaskRegistry."""
 
@@ -135,7 +155,9 @@ class FlowEngine:
             nodes[task.name] = _Node(
                 name=task.name,
                 spec=spec,
-                params=task.params,
+                template=compile_params(task.params),
+                timeout_s=task.timeout_s,
+                retry=task.retry,
                 on_success=cond.target_task_success if cond else END,
                 on_failure=cond.target_task_failure if cond else END,
             )
@@ -177,55 +199,91 @@ class FlowEngine:
         flow_id: str | None = None,
         stop: StopHandle | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run `plan`, yielding FlowStarted, one TaskCompleted per task run, FlowFinished.
+        """Run `plan`, yielding FlowStarted, one TaskCompleted per attempt, FlowFinished.
 
-        `stop.request(reason)` ends the execution CANCELLED: before its next task, or at
-        once by cancelling the task that runs (whose result is then not recorded).
+        `stop.request(reason)` ends the execution CANCELLED: before its next attempt, or
+        at once by cancelling the attempt that runs (whose result is then not recorded).
         """
         stop = stop or StopHandle()
         flow_id = flow_id or str(uuid.uuid4())
         flow = plan.flow
         nodes = plan.nodes
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flow.timeout_s if flow.timeout_s else None
         started_at = datetime.now(UTC)
         log_event(logger, logging.INFO, "flow started", flow_id=flow_id, flow=flow.name)
         yield FlowStarted(flow_id, flow.name, started_at)
 
         history: list[StepRecord] = []
+        latest: dict[str, StepRecord] = {}  # each task's most recent attempt
         current = flow.start_task
         step = 0
-        status = FlowStatus.SUCCEEDED
+        status: FlowStatus | None = None
         message = ""
         try:
-            while True:
-                if stop.reason is not None:
-                    status = FlowStatus.CANCELLED
-                    message = f"Flow cancelled before step {step + 1} ({current!r}): {stop.reason}"
-                    break
-                if step >= plan.max_steps:
-                    status = FlowStatus.FAILED
-                    message = (
-                        f"Flow stopped: it reached its max_steps limit of {plan.max_steps} "
-                        f"before running {current!r} again"
-                    )
-                    break
-                step += 1
+            while status is None:
                 node = nodes[current]
-                stop._running = asyncio.current_task()
-                try:
-                    record = await self._run_task(
-                        node, flow_id, flow.name, step, flow_input, history
-                    )
-                except asyncio.CancelledError:
-                    if not stop.owns_cancellation():
-                        raise
-                    status = FlowStatus.CANCELLED
-                    message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
+                attempt = 0
+                while True:  # the attempts of this visit
+                    if stop.reason is not None:
+                        status = FlowStatus.CANCELLED
+                        message = (
+                            f"Flow cancelled before step {step + 1} ({current!r}): {stop.reason}"
+                        )
+                        break
+                    if step >= plan.max_steps:
+                        status = FlowStatus.FAILED
+                        message = (
+                            f"Flow stopped: it reached its max_steps limit of "
+                            f"{plan.max_steps} before running {current!r} again"
+                        )
+                        break
+                    step += 1
+                    attempt += 1
+                    stop._running = asyncio.current_task()
+                    try:
+                        record, retryable = await self._attempt(
+                            node, flow_id, flow.name, step, attempt, flow_input, history,
+                            latest, deadline,
+                        )  # fmt: skip
+                    except asyncio.CancelledError:
+                        if not stop.owns_cancellation():
+                            raise
+                        status = FlowStatus.CANCELLED
+                        message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
+                        break
+                    finally:
+                        stop._running = None
+                    history.append(record)
+                    latest[node.name] = record
+                    yield TaskCompleted(flow_id, record)
+                    if deadline is not None and loop.time() >= deadline:
+                        status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
+                        break
+                    if not _retry(node.retry, record, retryable, attempt):
+                        break
+                    # Back off before the next attempt: bounded by the flow's deadline,
+                    # cut short by a stop.
+                    delay = node.retry.backoff(attempt)
+                    if deadline is not None and loop.time() + delay >= deadline:
+                        delay = max(0.0, deadline - loop.time())
+                        status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
+                    stop._running = asyncio.current_task()
+                    try:
+                        await asyncio.sleep(delay)
+                    except asyncio.CancelledError:
+                        if not stop.owns_cancellation():
+                            raise
+                        status = FlowStatus.CANCELLED
+                        message = f"Flow cancelled while {current!r} waited to retry: {stop.reason}"
+                    finally:
+                        stop._running = None
+                    if status is not None:
+                        break
+                if status is not None:
                     break
-                finally:
-                    stop._running = None
-                history.append(record)
-                yield TaskCompleted(flow_id, record)
-                succeeded = record.status is TaskStatus.SUCCESS
+                last = history[-1]
+                succeeded = last.status is TaskStatus.SUCCESS
                 nxt = node.on_success if succeeded else node.on_failure
                 if nxt == END:
                     if succeeded:
@@ -237,7 +295,7 @@ class FlowEngine:
                     else:
                         status = FlowStatus.FAILED
                         message = f"Flow failed: task {current!r} (step {step}) failed: " + (
-                            record.error or "no error text"
+                            last.error or "no error text"
                         )
                     break
                 current = nxt
@@ -265,19 +323,30 @@ class FlowEngine:
         )
         yield FlowFinished(flow_id, status, message, finished_at, step)
 
-    async def _run_task(
+    async def _attempt(
         self,
         node: _Node,
         flow_id: str,
         flow_name: str,
         step: int,
+        attempt: int,
         flow_input: Mapping[str, Any],
         history: list[StepRecord],
-    ) -> StepRecord:
-        spec = node.spec
+        latest: Mapping[str, StepRecord],
+        deadline: float | None,
+    ) -> tuple[StepRecord, bool]:
+        """Run one attempt of a task: its record, and whether a failure may be retried.
+        Every outcome is a record (never an exception, but for cancellation)."""
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
-        result = await self._invoke(spec, node, flow_id, flow_name, step, flow_input, history)
+        try:
+            params = node.template.render(_lookup(flow_input, latest))
+        except MissingReferenceError as exc:
+            result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
+        else:
+            result = await self._call_with_timeouts(
+                node, flow_id, flow_name, step, params, flow_input, history, deadline
+            )
         duration = time.perf_counter() - t0
         status = result.status
         assert isinstance(status, TaskStatus)  # TaskResult normalises it
@@ -289,6 +358,7 @@ class FlowEngine:
             error=result.error if status is TaskStatus.FAILURE else None,
             started_at=started_at,
             duration_s=duration,
+            attempt=attempt,
         )
         log_event(
             logger,
@@ -297,23 +367,55 @@ class FlowEngine:
             flow_id=flow_id,
             task=node.name,
             step=step,
+            attempt=attempt,
             status=status.value,
             duration_s=round(duration, 6),
             error=record.error,
         )
-        return record
+        return record, result.retryable
 
-    async def _invoke(
+    async def _call_with_timeouts(
         self,
-        spec: TaskSpec,
         node: _Node,
         flow_id: str,
         flow_name: str,
         step: int,
+        params: Mapping[str, Any],
+        flow_input: Mapping[str, Any],
+        history: list[StepRecord],
+        deadline: float | None,
+    ) -> TaskResult:
+        call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history)
+        if node.timeout_s is None and deadline is None:
+            return await call  # the common case: no timer at all
+        loop = asyncio.get_running_loop()
+        task_deadline = loop.time() + node.timeout_s if node.timeout_s is not None else None
+        when = min(d for d in (task_deadline, deadline) if d is not None)
+        try:
+            async with asyncio.timeout_at(when):
+                return await call
+        except TimeoutError:
+            abandoned = (
+                "" if node.spec.is_async else " (a sync task's thread cannot be stopped: abandoned)"
+            )
+            if task_deadline is not None and task_deadline <= when:
+                return TaskResult.failure(f"timed out after {node.timeout_s:g}s{abandoned}")
+            return TaskResult.failure(
+                f"timed out: the flow's timeout passed while it ran{abandoned}", retryable=False
+            )
+
+    async def _invoke(
+        self,
+        node: _Node,
+        flow_id: str,
+        flow_name: str,
+        step: int,
+        params: Mapping[str, Any],
         flow_input: Mapping[str, Any],
         history: list[StepRecord],
     ) -> TaskResult:
         """Call the task; anything but a TaskResult becomes a failure result."""
+        spec = node.spec
         args: tuple[Any, ...] = ()
         if spec.takes_context:
             args = (
@@ -323,16 +425,24 @@ class FlowEngine:
                     task=node.name,
                     step=step,
                     input=flow_input,
-                    params=node.params,
+                    params=params,
                     results=HistoryView(history, len(history)),
                 ),
             )
+        kwargs: dict[str, Any] = {}
+        if spec.keyword_params is not None:
+            kwargs = (
+                dict(params)
+                if spec.takes_all_params
+                else {k: v for k, v in params.items() if k in spec.keyword_params}
+            )
         try:
             if spec.is_async:
-                out = await cast("Awaitable[TaskResult]", spec.fn(*args))
+                out = await cast("Awaitable[TaskResult]", spec.fn(*args, **kwargs))
             else:
                 loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self._executor, spec.fn, *args)
+                call = functools.partial(spec.fn, *args, **kwargs) if kwargs else spec.fn
+                out = await loop.run_in_executor(self._executor, call, *(() if kwargs else args))
                 if inspect.isawaitable(out):  # a plain function that returned a coroutine
                     out = await out
         except asyncio.CancelledError:
@@ -360,6 +470,33 @@ class FlowEngine:
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+def _timed_out(flow: Flow) -> str:
+    return f"Flow timed out: its timeout of {flow.timeout_s:g}s passed"
+
+
+def _lookup(flow_input: Mapping[str, Any], latest: Mapping[str, StepRecord]) -> Any:
+    def lookup(ref: Ref) -> Any:
+        if ref.root == INPUT:
+            return follow_path(flow_input, ref.path, ref)
+        record = latest.get(ref.root)
+        if record is None:
+            raise MissingReferenceError(f"${{{ref.text}}}: {ref.root!r} has not run yet")
+        result = {"data": record.data, "status": record.status.value, "error": record.error}
+        if not ref.path:
+            return result
+        return follow_path(result[ref.path[0]], ref.path[1:], ref)
+
+    return lookup
+
+
+def _retry(policy: RetryPolicy, record: StepRecord, retryable: bool, attempt: int) -> bool:
+    """Whether the attempt just made should be followed by another."""
+    if record.status is TaskStatus.SUCCESS or attempt >= policy.max_attempts or not retryable:
+        return False
+    error = record.error or ""
+    return not any(marker in error for marker in policy.non_retryable_errors)
 
 
 _SCALARS = (str, int, float, bool, type(None))

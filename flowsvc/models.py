@@ -32,6 +32,7 @@ class FlowStatus(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    TIMED_OUT = "timed_out"
 
     @property
     def is_final(self) -> bool:
@@ -43,12 +44,36 @@ OUTCOMES = frozenset(status.value for status in TaskStatus)
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often, and how long apart, a failed task is tried again."""
+
+    max_attempts: int = 1
+    initial_backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+    max_backoff_s: float = 60.0
+    #: Failures whose error text contains one of these are not retried.
+    non_retryable_errors: tuple[str, ...] = ()
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        delay: float = self.initial_backoff_s * self.backoff_multiplier ** (attempt - 1)
+        return min(delay, self.max_backoff_s)
+
+
+#: One attempt, no retry.
+NO_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """One step of a flow: a registered task name and its params."""
 
     name: str
     description: str = ""
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: Seconds one attempt may run (None: no limit but the server's cap).
+    timeout_s: float | None = None
+    retry: RetryPolicy = NO_RETRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +97,8 @@ class Flow:
     tasks: tuple[Task, ...] = ()
     conditions: tuple[Condition, ...] = ()
     max_steps: int = 0  # 0: the server default
+    #: Seconds the whole flow may run (None: no limit but the server's cap).
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +112,8 @@ class TaskResult:
     status: TaskStatus | str
     data: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: False: a failure that retrying cannot fix (the retry policy is not applied).
+    retryable: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, TaskStatus):
@@ -107,8 +136,10 @@ class TaskResult:
         return cls(TaskStatus.SUCCESS, dict(data or {}))
 
     @classmethod
-    def failure(cls, error: str, data: Mapping[str, Any] | None = None) -> TaskResult:
-        return cls(TaskStatus.FAILURE, dict(data or {}), error)
+    def failure(
+        cls, error: str, data: Mapping[str, Any] | None = None, *, retryable: bool = True
+    ) -> TaskResult:
+        return cls(TaskStatus.FAILURE, dict(data or {}), error, retryable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +153,7 @@ class StepRecord:
     error: str | None
     started_at: datetime
     duration_s: float
+    attempt: int = 1  # 1, 2, ... when the task is retried
 
 
 class HistoryView(Sequence[StepRecord]):

@@ -12,7 +12,9 @@ registrations with another.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,9 +35,72 @@ class TaskSpec:
     source: str
     is_async: bool
     takes_context: bool
+    #: JSON Schema of the params (declared, or from keyword-only parameters); None: any.
+    params_schema: Mapping[str, Any] | None = None
+    #: Keyword-only parameters the engine fills from params (None: params are not passed).
+    keyword_params: frozenset[str] | None = None
+    #: The function takes **kwargs: every param is passed.
+    takes_all_params: bool = False
 
 
-def _inspect(name: str, fn: Callable[..., Any], source: str | None) -> TaskSpec:
+_JSON_TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+    type(None): "null",
+}
+
+
+def _json_type(annotation: Any) -> list[str] | str | None:
+    """The JSON Schema type of an annotation, None when it says nothing we can check."""
+    if annotation in _JSON_TYPES:
+        return _JSON_TYPES[annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list) or origin in (Mapping, Sequence):
+        return "object" if origin in (dict, Mapping) else "array"
+    if origin in (typing.Union, types.UnionType):
+        members = [_json_type(a) for a in typing.get_args(annotation)]
+        if all(isinstance(m, str) for m in members):
+            return [m for m in members if isinstance(m, str)]
+    return None
+
+
+def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: describe names only
+        hints = {}
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for p in signature.parameters.values():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        prop: dict[str, Any] = {}
+        json_type = _json_type(hints.get(p.name))
+        if json_type is not None:
+            prop["type"] = json_type
+        if p.default is p.empty:
+            required.append(p.name)
+        elif p.default is None or isinstance(p.default, str | int | float | bool):
+            prop["default"] = p.default
+        properties[p.name] = prop
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _inspect(
+    name: str,
+    fn: Callable[..., Any],
+    source: str | None,
+    params_schema: Mapping[str, Any] | None = None,
+) -> TaskSpec:
     if not callable(fn):
         raise TaskRegistrationError(f"task {name!r}: {fn!r} is not callable")
     if not name or not isinstance(name, str):
@@ -56,6 +121,10 @@ def _inspect(name: str, fn: Callable[..., Any], source: str | None) -> TaskSpec:
             f"not {len(required)}: {signature}"
         )
     where = source or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    keyword = frozenset(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    if params_schema is None and (keyword or takes_all):
+        params_schema = _schema_from_signature(fn, signature)
     return TaskSpec(
         name=name,
         fn=fn,
@@ -63,6 +132,9 @@ def _inspect(name: str, fn: Callable[..., Any], source: str | None) -> TaskSpec:
         source=where,
         is_async=inspect.iscoroutinefunction(fn),
         takes_context=len(required) == 1,
+        params_schema=params_schema,
+        keyword_params=keyword if (keyword or takes_all) else None,
+        takes_all_params=takes_all,
     )
 
 
@@ -81,9 +153,21 @@ class TaskRegistry:
         registry.merge(BUILTINS)
         return registry
 
-    def register(self, name: str, fn: Callable[..., Any], *, source: str | None = None) -> None:
-        """Register `fn` under `name`; a clash names both sources."""
-        spec = _inspect(name, fn, source)
+    def register(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        source: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Register `fn` under `name`; a clash names both sources.
+
+        `params` is a JSON Schema of the params the task accepts (shown by ListTasks and
+        checked before a flow runs); without it, the schema comes from the function's
+        keyword-only parameters, which the engine then fills from the params.
+        """
+        spec = _inspect(name, fn, source, params)
         existing = self._tasks.get(name)
         if existing is not None:
             if existing.fn is fn:
@@ -93,11 +177,11 @@ class TaskRegistry:
             )
         self._tasks[name] = spec
 
-    def task(self, name: str) -> Callable[[F], F]:
+    def task(self, name: str, *, params: Mapping[str, Any] | None = None) -> Callable[[F], F]:
         """Decorator form of register()."""
 
         def decorate(fn: F) -> F:
-            self.register(name, fn)
+            self.register(name, fn, params=params)
             return fn
 
         return decorate
@@ -105,7 +189,7 @@ class TaskRegistry:
     def merge(self, other: TaskRegistry) -> None:
         """Copy every task of `other` into this registry."""
         for spec in other:
-            self.register(spec.name, spec.fn, source=spec.source)
+            self.register(spec.name, spec.fn, source=spec.source, params=spec.params_schema)
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)
@@ -127,11 +211,11 @@ class TaskRegistry:
 default_registry = TaskRegistry()
 
 
-def register_task(name: str) -> Callable[[F], F]:
+def register_task(name: str, *, params: Mapping[str, Any] | None = None) -> Callable[[F], F]:
     """Register a task in the default registry, as in the prototype::
 
     @register_task("my_new_task")
     def my_new_task() -> TaskResult:
         return TaskResult(status="success", data={"result": "value"})
     """
-    return default_registry.task(name)
+    return default_registry.task(name, params=params)

@@ -7,11 +7,17 @@ the path of the field at fault as the client wrote it, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from flowsvc.errors import Violation
-from flowsvc.models import END, OUTCOMES, Flow
-from flowsvc.registry import TaskRegistry
+from flowsvc.models import END, OUTCOMES, Flow, Task
+from flowsvc.references import INPUT, ReferenceSyntaxError, compile_params
+from flowsvc.registry import TaskRegistry, TaskSpec
+
+#: The largest backoff multiplier a retry policy may use.
+MAX_MULTIPLIER = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +30,14 @@ class Limits:
     max_steps_cap: int = 100_000
     #: The most tasks one flow may declare.
     max_tasks: int = 1000
+    #: The longest timeout a task may ask for, in seconds.
+    max_task_timeout_s: float = 3600.0
+    #: The longest timeout a flow may ask for, in seconds.
+    max_flow_timeout_s: float = 86400.0
+    #: The most attempts a retry policy may ask for.
+    max_attempts: int = 10
+    #: The longest backoff a retry policy may ask for, in seconds.
+    max_backoff_s: float = 3600.0
 
 
 #: Longest echo of a client's value in a violation (violations travel in trailers).
@@ -68,8 +82,11 @@ def validate_flow(
     elif len(flow.tasks) > limits.max_tasks:
         bad(".tasks", f"declares {len(flow.tasks)} tasks; the limit is {limits.max_tasks}")
 
+    graph = _Graph(flow, declared)
     first_index: dict[str, int] = {}
     for i, task in enumerate(flow.tasks):
+        _check_policy(f".tasks[{i}]", task, limits, bad)
+        _check_params(f".tasks[{i}]", task, registry.get(task.name), graph, bad)
         if not task.name:
             bad(f".tasks[{i}].name", "must not be empty")
             continue
@@ -124,4 +141,166 @@ def validate_flow(
             ".max_steps",
             f"{flow.max_steps} is over this server's cap of {limits.max_steps_cap}",
         )
+    _check_seconds(".timeout", flow.timeout_s, limits.max_flow_timeout_s, bad)
     return out
+
+
+Bad = Callable[[str, str], None]
+
+
+def _check_seconds(path: str, value: float | None, cap: float, bad: Bad) -> None:
+    if value is None:
+        return
+    if value <= 0:
+        bad(path, f"must be positive, not {value:g}s")
+    elif value > cap:
+        bad(path, f"{value:g}s is over this server's cap of {cap:g}s")
+
+
+def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
+    _check_seconds(f"{path}.timeout", task.timeout_s, limits.max_task_timeout_s, bad)
+    retry = task.retry
+    if retry.max_attempts < 1:
+        bad(f"{path}.retry.max_attempts", "must be at least 1")
+    elif retry.max_attempts > limits.max_attempts:
+        bad(
+            f"{path}.retry.max_attempts",
+            f"{retry.max_attempts} is over this server's cap of {limits.max_attempts}",
+        )
+    if retry.initial_backoff_s < 0:
+        bad(f"{path}.retry.initial_backoff", "must not be negative")
+    elif retry.initial_backoff_s > limits.max_backoff_s:
+        bad(
+            f"{path}.retry.initial_backoff",
+            f"{retry.initial_backoff_s:g}s is over this server's cap of {limits.max_backoff_s:g}s",
+        )
+    if not 1 <= retry.backoff_multiplier <= MAX_MULTIPLIER:
+        bad(
+            f"{path}.retry.backoff_multiplier",
+            f"must be between 1 and {MAX_MULTIPLIER:g}, not {retry.backoff_multiplier:g}",
+        )
+    if retry.max_backoff_s < 0:
+        bad(f"{path}.retry.max_backoff", "must not be negative")
+    elif retry.max_backoff_s > limits.max_backoff_s:
+        bad(
+            f"{path}.retry.max_backoff",
+            f"{retry.max_backoff_s:g}s is over this server's cap of {limits.max_backoff_s:g}s",
+        )
+
+
+class _Graph:
+    """Which tasks can run before which, from the routing (built only if params refer)."""
+
+    def __init__(self, flow: Flow, declared: set[str]) -> None:
+        self._flow = flow
+        self._declared = declared
+        self._reach: dict[str, set[str]] | None = None
+
+    def _build(self) -> dict[str, set[str]]:
+        edges: dict[str, set[str]] = {name: set() for name in self._declared}
+        seen: set[str] = set()
+        for c in self._flow.conditions:
+            if c.source_task in edges and c.source_task not in seen:
+                seen.add(c.source_task)
+                for target in (c.target_task_success, c.target_task_failure):
+                    if target in edges:
+                        edges[c.source_task].add(target)
+        reach: dict[str, set[str]] = {}
+        for source, targets in edges.items():  # tasks reachable in one step or more
+            found: set[str] = set()
+            todo = list(targets)
+            while todo:
+                node = todo.pop()
+                if node not in found:
+                    found.add(node)
+                    todo.extend(edges[node])
+            reach[source] = found
+        return reach
+
+    def declares(self, name: str) -> bool:
+        return name in self._declared
+
+    def may_run_before(self, earlier: str, later: str) -> bool:
+        if self._reach is None:
+            self._reach = self._build()
+        start = self._flow.start_task
+        from_start = self._reach.get(start, set()) | {start}
+        return earlier in from_start and later in self._reach.get(earlier, set())
+
+
+def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, bad: Bad) -> None:
+    try:
+        template = compile_params(task.params)
+    except ReferenceSyntaxError as exc:
+        bad(f"{path}.params", str(exc))
+        return
+    for where, ref in template.refs():
+        field = f"{path}.params{where}"
+        if ref.root == INPUT:
+            continue
+        if not graph.declares(ref.root):
+            bad(
+                field,
+                f"'${{{_clip(ref.text)}}}' refers to {_show(ref.root)}, which is neither "
+                f"{INPUT!r} nor a task of the flow",
+            )
+        elif task.name and not graph.may_run_before(ref.root, task.name):
+            bad(
+                field,
+                f"'${{{_clip(ref.text)}}}' refers to {_show(ref.root)}, which cannot have "
+                f"run before {_show(task.name)}",
+            )
+    schema = spec.params_schema if spec is not None else None
+    if schema:
+        _check_against_schema(f"{path}.params", task.params, schema, bad)
+
+
+def _check_against_schema(
+    path: str, params: Mapping[str, Any], schema: Mapping[str, Any], bad: Bad
+) -> None:
+    """The checks of a JSON Schema that matter before running: names, required, types."""
+    properties: Mapping[str, Any] = schema.get("properties", {})
+    for name in schema.get("required", ()):
+        if name not in params:
+            bad(f"{path}.{name}", "is required by this task")
+    if schema.get("additionalProperties") is False:
+        for name in params:
+            if name not in properties:
+                known = ", ".join(sorted(properties)) or "none"
+                bad(f"{path}.{name}", f"is not a param of this task (it takes: {known})")
+    for name, value in params.items():
+        expected = properties.get(name, {}).get("type")
+        if expected is None or (isinstance(value, str) and "${" in value):
+            continue  # no type declared, or only known once the reference is resolved
+        allowed = [expected] if isinstance(expected, str) else list(expected)
+        if not any(_is_json_type(value, t) for t in allowed):
+            bad(f"{path}.{name}", f"must be {' or '.join(allowed)}, not {_json_name(value)}")
+
+
+def _is_json_type(value: Any, json_type: str) -> bool:
+    if json_type == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if json_type == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()  # JSON numbers arrive as floats
+        )
+    checks = {
+        "string": str,
+        "boolean": bool,
+        "object": Mapping,
+        "array": list | tuple,
+        "null": type(None),
+    }
+    expected = checks.get(json_type)
+    return expected is None or isinstance(value, expected)
+
+
+def _json_name(value: Any) -> str:
+    for name in ("boolean", "integer", "number", "string", "object", "array", "null"):
+        if _is_json_type(value, name):
+            return name
+    return type(value).__name__
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "..."

@@ -148,7 +148,7 @@ def test_describe_flow_shows_fields(grpcurl_server: ServerProcess) -> None:
     text = output(grpcurl(grpcurl_server, DESCRIBE_FLOW))
     assert "flowmanager.v1.Flow is a message" in text
     fields = re.findall(r"^\s*(?:repeated )?\S+ (\w+) = \d+;", text, flags=re.MULTILINE)
-    assert fields == ["name", "start_task", "tasks", "conditions", "max_steps"]
+    assert fields == ["name", "start_task", "tasks", "conditions", "max_steps", "timeout"]
 
 
 def test_list_tasks(grpcurl_server: ServerProcess) -> None:

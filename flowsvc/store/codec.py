@@ -14,12 +14,14 @@ from datetime import datetime
 from typing import Any
 
 from flowsvc.models import (
+    NO_RETRY,
     Condition,
     Event,
     Flow,
     FlowFinished,
     FlowStarted,
     FlowStatus,
+    RetryPolicy,
     StepRecord,
     Task,
     TaskCompleted,
@@ -33,15 +35,57 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
 
 
+def _retry_to_json(retry: RetryPolicy) -> dict[str, Any]:
+    return {
+        "max_attempts": retry.max_attempts,
+        "initial_backoff_s": retry.initial_backoff_s,
+        "backoff_multiplier": retry.backoff_multiplier,
+        "max_backoff_s": retry.max_backoff_s,
+        "non_retryable_errors": list(retry.non_retryable_errors),
+    }
+
+
+def _task_to_json(task: Task) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": task.name,
+        "description": task.description,
+        "params": dict(task.params),
+    }
+    if task.timeout_s is not None:
+        out["timeout_s"] = task.timeout_s
+    if task.retry != NO_RETRY:
+        out["retry"] = _retry_to_json(task.retry)
+    return out
+
+
+def _task_from_json(data: Mapping[str, Any]) -> Task:
+    retry = data.get("retry")
+    return Task(
+        data["name"],
+        data["description"],
+        data["params"],
+        timeout_s=data.get("timeout_s"),
+        retry=(
+            RetryPolicy(
+                max_attempts=retry["max_attempts"],
+                initial_backoff_s=retry["initial_backoff_s"],
+                backoff_multiplier=retry["backoff_multiplier"],
+                max_backoff_s=retry["max_backoff_s"],
+                non_retryable_errors=tuple(retry["non_retryable_errors"]),
+            )
+            if retry
+            else NO_RETRY
+        ),
+    )
+
+
 def flow_to_json(flow: Flow) -> dict[str, Any]:
     return {
         "name": flow.name,
         "start_task": flow.start_task,
         "max_steps": flow.max_steps,
-        "tasks": [
-            {"name": t.name, "description": t.description, "params": dict(t.params)}
-            for t in flow.tasks
-        ],
+        "timeout_s": flow.timeout_s,
+        "tasks": [_task_to_json(t) for t in flow.tasks],
         "conditions": [
             {
                 "name": c.name,
@@ -61,7 +105,8 @@ def flow_from_json(data: Mapping[str, Any]) -> Flow:
         name=data["name"],
         start_task=data["start_task"],
         max_steps=data["max_steps"],
-        tasks=tuple(Task(t["name"], t["description"], t["params"]) for t in data["tasks"]),
+        timeout_s=data.get("timeout_s"),
+        tasks=tuple(_task_from_json(t) for t in data["tasks"]),
         conditions=tuple(
             Condition(
                 source_task=c["source_task"],
@@ -97,6 +142,7 @@ def event_to_json(event: Event) -> tuple[str, str]:
                 "error": r.error,
                 "started_at": r.started_at.isoformat(),
                 "duration_s": r.duration_s,
+                "attempt": r.attempt,
             }
         )
     if isinstance(event, FlowStarted):
@@ -126,6 +172,7 @@ def event_from_json(flow_id: str, kind: str, body: str) -> Event:
                 error=data["error"],
                 started_at=datetime.fromisoformat(data["started_at"]),
                 duration_s=data["duration_s"],
+                attempt=data.get("attempt", 1),
             ),
         )
     if kind == KIND_STARTED:

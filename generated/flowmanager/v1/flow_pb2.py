@@ -27,27 +27,29 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowmanager/v1/flow.proto\x12\x0e\x66lowmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\x04\x46low\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nstart_task\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.flowmanager.v1.Task\x12-\n\nconditions\x18\x04 \x03(\x0b\x32\x19.flowmanager.v1.Condition\x12\x11\n\tmax_steps\x18\x05 \x01(\r\"R\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x8e\x01\n\tCondition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bsource_task\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x1b\n\x13target_task_success\x18\x05 \x01(\t\x12\x1b\n\x13target_task_failure\x18\x06 \x01(\t\"\xe7\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.flowmanager.v1.TaskStatus\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04step\x18\x07 \x01(\r\"3\n\rFlowViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"f\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08is_async\x18\x04 \x01(\x08\x12\x15\n\rtakes_context\x18\x05 \x01(\x08*[\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_SUCCESS\x10\x01\x12\x17\n\x13TASK_STATUS_FAILURE\x10\x02*\xad\x01\n\nFlowStatus\x12\x1b\n\x17\x46LOW_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46LOW_STATUS_RUNNING\x10\x01\x12\x19\n\x15\x46LOW_STATUS_SUCCEEDED\x10\x02\x12\x16\n\x12\x46LOW_STATUS_FAILED\x10\x03\x12\x19\n\x15\x46LOW_STATUS_CANCELLED\x10\x04\x12\x1b\n\x17\x46LOW_STATUS_INTERRUPTED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lowmanager/v1/flow.proto\x12\x0e\x66lowmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x01\n\x04\x46low\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nstart_task\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.flowmanager.v1.Task\x12-\n\nconditions\x18\x04 \x03(\x0b\x32\x19.flowmanager.v1.Condition\x12\x11\n\tmax_steps\x18\x05 \x01(\r\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaa\x01\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x05retry\x18\x05 \x01(\x0b\x32\x1b.flowmanager.v1.RetryPolicy\"\xc1\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14non_retryable_errors\x18\x05 \x03(\t\"\x8e\x01\n\tCondition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bsource_task\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x1b\n\x13target_task_success\x18\x05 \x01(\t\x12\x1b\n\x13target_task_failure\x18\x06 \x01(\t\"\xf8\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.flowmanager.v1.TaskStatus\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"3\n\rFlowViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x96\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08is_async\x18\x04 \x01(\x08\x12\x15\n\rtakes_context\x18\x05 \x01(\x08\x12.\n\rparams_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct*[\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_SUCCESS\x10\x01\x12\x17\n\x13TASK_STATUS_FAILURE\x10\x02*\xc8\x01\n\nFlowStatus\x12\x1b\n\x17\x46LOW_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46LOW_STATUS_RUNNING\x10\x01\x12\x19\n\x15\x46LOW_STATUS_SUCCEEDED\x10\x02\x12\x16\n\x12\x46LOW_STATUS_FAILED\x10\x03\x12\x19\n\x15\x46LOW_STATUS_CANCELLED\x10\x04\x12\x1b\n\x17\x46LOW_STATUS_INTERRUPTED\x10\x05\x12\x19\n\x15\x46LOW_STATUS_TIMED_OUT\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flowmanager.v1.flow_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=906
-  _globals['_TASKSTATUS']._serialized_end=997
-  _globals['_FLOWSTATUS']._serialized_start=1000
-  _globals['_FLOWSTATUS']._serialized_end=1173
+  _globals['_TASKSTATUS']._serialized_start=1301
+  _globals['_TASKSTATUS']._serialized_end=1392
+  _globals['_FLOWSTATUS']._serialized_start=1395
+  _globals['_FLOWSTATUS']._serialized_end=1595
   _globals['_FLOW']._serialized_start=141
-  _globals['_FLOW']._serialized_end=284
-  _globals['_TASK']._serialized_start=286
-  _globals['_TASK']._serialized_end=368
-  _globals['_CONDITION']._serialized_start=371
-  _globals['_CONDITION']._serialized_end=513
-  _globals['_TASKRESULT']._serialized_start=516
-  _globals['_TASKRESULT']._serialized_end=747
-  _globals['_FLOWVIOLATION']._serialized_start=749
-  _globals['_FLOWVIOLATION']._serialized_end=800
-  _globals['_TASKINFO']._serialized_start=802
-  _globals['_TASKINFO']._serialized_end=904
+  _globals['_FLOW']._serialized_end=328
+  _globals['_TASK']._serialized_start=331
+  _globals['_TASK']._serialized_end=501
+  _globals['_RETRYPOLICY']._serialized_start=504
+  _globals['_RETRYPOLICY']._serialized_end=697
+  _globals['_CONDITION']._serialized_start=700
+  _globals['_CONDITION']._serialized_end=842
+  _globals['_TASKRESULT']._serialized_start=845
+  _globals['_TASKRESULT']._serialized_end=1093
+  _globals['_FLOWVIOLATION']._serialized_start=1095
+  _globals['_FLOWVIOLATION']._serialized_end=1146
+  _globals['_TASKINFO']._serialized_start=1149
+  _globals['_TASKINFO']._serialized_end=1299
 # @@protoc_insertion_point(module_scope)

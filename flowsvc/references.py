@@ -1,0 +1,191 @@
+"""References in task params: "${input.customer_id}", "${task1.data.raw_data}".
+
+    compile_params(params)  -> Template   once per flow (the engine's prepare)
+    template.refs()         -> every Ref, with the path of the param holding it (validation)
+    template.render(scope)  -> the params with references replaced (each attempt)
+
+A string that is exactly one reference takes the referenced value with its JSON type; a
+reference inside a longer string is replaced by its text (JSON for objects and lists).
+"$${" is a literal "${". Roots: `input`, or a task's name followed by `data`, `status`
+or `error` (or nothing: the whole result). Path segments are dict keys, or list indexes
+written as numbers ("items.0"). A task name cannot contain a dot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+INPUT = "input"
+RESULT_FIELDS = ("data", "status", "error")
+
+_TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+
+
+class ReferenceSyntaxError(ValueError):
+    """A "${...}" that cannot be read."""
+
+
+class MissingReferenceError(LookupError):
+    """A reference whose value is not there at run time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """One "${root.path...}"."""
+
+    text: str  # as written, without ${ }
+    root: str
+    path: tuple[str, ...]
+
+
+def parse_ref(body: str) -> Ref:
+    parts = body.strip().split(".")
+    if not parts[0] or any(not p for p in parts):
+        raise ReferenceSyntaxError(f"'${{{body}}}' is not a reference like ${{input.key}}")
+    ref = Ref(body.strip(), parts[0], tuple(parts[1:]))
+    if ref.root != INPUT and ref.path and ref.path[0] not in RESULT_FIELDS:
+        raise ReferenceSyntaxError(
+            f"'${{{body}}}': after a task name comes one of {', '.join(RESULT_FIELDS)}"
+        )
+    return ref
+
+
+class _Text:
+    """A string with references inside: rendered as text."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[str | Ref]) -> None:
+        self.parts = parts
+
+
+class _Whole:
+    """A string that is exactly one reference: rendered as the referenced value."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Ref) -> None:
+        self.ref = ref
+
+
+def _compile_string(value: str) -> str | _Text | _Whole:
+    if "${" not in value:
+        return value
+    parts: list[str | Ref] = []
+    pos = 0
+    for match in _TOKEN.finditer(value):
+        if match.start() > pos:
+            parts.append(value[pos : match.start()])
+        if match.group(0) == "$${":
+            parts.append("${")
+        else:
+            parts.append(parse_ref(match.group(1)))
+        pos = match.end()
+    rest = value[pos:]
+    if "${" in rest:
+        raise ReferenceSyntaxError(f"{value!r} has a '${{' without its closing '}}'")
+    if rest:
+        parts.append(rest)
+    if len(parts) == 1 and isinstance(parts[0], Ref):
+        return _Whole(parts[0])
+    if not any(isinstance(p, Ref) for p in parts):
+        return "".join(p for p in parts if isinstance(p, str))
+    return _Text(parts)
+
+
+def _compile(value: Any) -> Any:
+    if isinstance(value, str):
+        return _compile_string(value)
+    if isinstance(value, Mapping):
+        return {k: _compile(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_compile(v) for v in value]
+    return value
+
+
+def _walk_refs(value: Any, path: str) -> Iterator[tuple[str, Ref]]:
+    if isinstance(value, _Whole):
+        yield path, value.ref
+    elif isinstance(value, _Text):
+        for part in value.parts:
+            if isinstance(part, Ref):
+                yield path, part
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_refs(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk_refs(v, f"{path}[{i}]")
+
+
+Lookup = Callable[[Ref], Any]
+
+
+def _render(value: Any, lookup: Lookup) -> Any:
+    if isinstance(value, _Whole):
+        return lookup(value.ref)
+    if isinstance(value, _Text):
+        out = []
+        for part in value.parts:
+            if isinstance(part, Ref):
+                found = lookup(part)
+                out.append(found if isinstance(found, str) else json.dumps(found))
+            else:
+                out.append(part)
+        return "".join(out)
+    if isinstance(value, dict):
+        return {k: _render(v, lookup) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render(v, lookup) for v in value]
+    return value
+
+
+class Template:
+    """A task's params, compiled: render() is cheap, and free when there is no reference."""
+
+    __slots__ = ("_compiled", "_refs", "params")
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+        self._compiled = _compile(params)
+        self._refs = list(_walk_refs(self._compiled, ""))
+
+    def refs(self) -> list[tuple[str, Ref]]:
+        """(path below params, e.g. ".headers.Authorization", Ref) for every reference."""
+        return self._refs
+
+    def render(self, lookup: Lookup) -> Mapping[str, Any]:
+        if not self._refs:
+            return self.params
+        rendered: Mapping[str, Any] = _render(self._compiled, lookup)
+        return rendered
+
+
+def compile_params(params: Mapping[str, Any]) -> Template:
+    """Raises ReferenceSyntaxError for a malformed "${...}"."""
+    return Template(params)
+
+
+def follow_path(value: Any, path: tuple[str, ...], ref: Ref) -> Any:
+    """value[path[0]][path[1]]..., list indexes as numbers; MissingReferenceError if absent."""
+    for depth, key in enumerate(path):
+        where = ".".join((ref.root, *path[:depth])) or ref.root
+        if isinstance(value, Mapping):
+            if key not in value:
+                raise MissingReferenceError(f"${{{ref.text}}}: {where} has no key {key!r}")
+            value = value[key]
+        elif isinstance(value, list):
+            if not key.isdigit() or int(key) >= len(value):
+                raise MissingReferenceError(
+                    f"${{{ref.text}}}: {where} is a list of {len(value)}; no index {key!r}"
+                )
+            value = value[int(key)]
+        else:
+            raise MissingReferenceError(
+                f"${{{ref.text}}}: {where} is a {type(value).__name__}, not an object or list"
+            )
+    return value
