@@ -486,7 +486,7 @@ def _lookup(flow_input: Mapping[str, Any], latest: Mapping[str, StepRecord]) -> 
         result = {"data": record.data, "status": record.status.value, "error": record.error}
         if not ref.path:
             return result
-        return follow_path(result[ref.path[0]], ref.path[1:], ref)
+        return follow_path(result[ref.path[0]], ref.path[1:], ref, ref.path[:1])
 
     return lookup
 

@@ -170,10 +170,13 @@ def compile_params(params: Mapping[str, Any]) -> Template:
     return Template(params)
 
 
-def follow_path(value: Any, path: tuple[str, ...], ref: Ref) -> Any:
-    """value[path[0]][path[1]]..., list indexes as numbers; MissingReferenceError if absent."""
+def follow_path(
+    value: Any, path: tuple[str, ...], ref: Ref, walked: tuple[str, ...] = ()
+) -> Any:
+    """value[path[0]][path[1]]..., list indexes as numbers; MissingReferenceError if absent.
+    `walked`: the segments of the reference already followed to reach `value`."""
     for depth, key in enumerate(path):
-        where = ".".join((ref.root, *path[:depth])) or ref.root
+        where = ".".join((ref.root, *walked, *path[:depth]))
         if isinstance(value, Mapping):
             if key not in value:
                 raise MissingReferenceError(f"${{{ref.text}}}: {where} has no key {key!r}")

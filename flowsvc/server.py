@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
 import logging
+import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +33,7 @@ from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import FlowServicer, safe_deserializer
 from flowsvc.store.sqlite import SQLiteStore
+from flowsvc.tasks import http as http_task
 
 logger = logging.getLogger("flowsvc.server")
 
@@ -40,9 +43,34 @@ SERVICE_NAME = SERVICE.full_name
 TASK_THREAD_PREFIX = "flowsvc-task"
 
 
-def load_task_modules(modules: tuple[str, ...], registry: TaskRegistry) -> None:
-    """Import each module (its @register_task calls fill the default registry), then copy
-    the default registry into `registry`. Raises TaskModuleError / TaskRegistrationError."""
+#: The entry-point group through which installed packages add tasks.
+ENTRY_POINT_GROUP = "flowsvc.tasks"
+
+
+def load_task_modules(
+    modules: tuple[str, ...], registry: TaskRegistry, *, entry_points: bool = True
+) -> None:
+    """Add to `registry` the tasks of installed packages (entry-point group
+    `flowsvc.tasks`) and of `modules`. An entry point names a TaskRegistry object
+    (`pkg.tasks:registry`) or a module whose @register_task calls fill the default
+    registry; a module in `modules` is of the second kind. Raises TaskModuleError, and
+    TaskRegistrationError for a name registered twice (naming both sources)."""
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = ep.load()
+            except Exception as exc:
+                raise TaskModuleError(
+                    f"cannot load entry point {ep.name} = {ep.value} (group "
+                    f"{ENTRY_POINT_GROUP}): {type(exc).__name__}: {exc}"
+                ) from exc
+            if isinstance(loaded, TaskRegistry):
+                registry.merge(loaded)
+            elif not isinstance(loaded, types.ModuleType):
+                raise TaskModuleError(
+                    f"entry point {ep.name} = {ep.value} is a {type(loaded).__name__}; "
+                    "it must name a module or a flowsvc.TaskRegistry"
+                )
     for name in modules:
         try:
             importlib.import_module(name)
@@ -166,6 +194,7 @@ class FlowServer:
         # Whatever still runs now (a task ignoring cancellation) is cut off, recorded
         # INTERRUPTED, and the store is closed.
         await self.manager.close()
+        await http_task.aclose_clients()
         self._executor.shutdown(wait=False, cancel_futures=True)
         log_event(logger, logging.INFO, "stopped")
 

@@ -1,0 +1,131 @@
+"""The built-in `http` task: one HTTP request, asynchronously, through a shared pool.
+
+Params: `url` (http or https), `method` (default GET), `headers`, `query`, and a body:
+`json` (any JSON value) or `body` (text). Success when the status is 2xx, or one of
+`success_statuses`. The result's data: `status`, `headers` (lower-case names), and the
+body as `json` when it parses as JSON, else as `text`; a body longer than
+MAX_BODY_BYTES is cut there and `truncated` is true.
+
+Failures that retrying may fix (connection errors, 5xx, 408, 429) are retryable; other
+4xx answers are not, so a retry policy does not repeat a request the server refused.
+The client (connection pool) is shared by every flow on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json as jsonlib
+import weakref
+from typing import Any
+
+import httpx
+
+from flowsvc.models import TaskResult
+from flowsvc.tasks.builtin import BUILTINS
+
+#: The most body bytes kept in a result; the rest is dropped (`truncated: true`).
+MAX_BODY_BYTES = 64 * 1024
+#: Statuses that are worth retrying although they are not 5xx.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def client() -> httpx.AsyncClient:
+    """The event loop's shared client (created on first use)."""
+    loop = asyncio.get_running_loop()
+    shared = _clients.get(loop)
+    if shared is None or shared.is_closed:
+        shared = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            # No overall timeout of its own: the task's `timeout` bounds the request.
+            timeout=httpx.Timeout(None, connect=30.0),
+            follow_redirects=False,
+        )
+        _clients[loop] = shared
+    return shared
+
+
+async def aclose_clients() -> None:
+    """Close the running loop's client (server shutdown)."""
+    shared = _clients.pop(asyncio.get_running_loop(), None)
+    if shared is not None:
+        await shared.aclose()
+
+
+@BUILTINS.task("http")
+async def http(
+    *,
+    url: str,
+    method: str = "GET",
+    headers: dict[str, Any] | None = None,
+    query: dict[str, Any] | None = None,
+    json: Any = None,
+    body: str | None = None,
+    success_statuses: list[Any] | None = None,
+) -> TaskResult:
+    """Send one HTTP request; succeed on 2xx (or `success_statuses`). Data: status, headers,
+    json or text body (cut at 64 KiB)."""
+    if not url.startswith(("http://", "https://")):
+        return TaskResult.failure(
+            f"url must start with http:// or https://, not {url!r}", retryable=False
+        )
+    if json is not None and body is not None:
+        return TaskResult.failure("give `json` or `body`, not both", retryable=False)
+    request = client().build_request(
+        method.upper(),
+        url,
+        headers={k: str(v) for k, v in (headers or {}).items()},
+        params={k: _query_value(v) for k, v in (query or {}).items()},
+        json=json,
+        content=body.encode() if body is not None else None,
+    )
+    try:
+        response = await client().send(request, stream=True)
+    except httpx.HTTPError as exc:
+        return TaskResult.failure(f"{method.upper()} {url}: {type(exc).__name__}: {exc}")
+    try:
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                break
+    except httpx.HTTPError as exc:
+        return TaskResult.failure(f"{method.upper()} {url}: {type(exc).__name__}: {exc}")
+    finally:
+        await response.aclose()
+    raw = b"".join(chunks)
+    data: dict[str, Any] = {
+        "status": response.status_code,
+        "headers": {k.lower(): v for k, v in response.headers.items()},
+    }
+    if len(raw) > MAX_BODY_BYTES:
+        raw = raw[:MAX_BODY_BYTES]
+        data["truncated"] = True
+    data.update(_body(raw, response.headers.get("content-type", ""), response.encoding))
+    allowed = {int(s) for s in success_statuses or ()}
+    if 200 <= response.status_code < 300 or response.status_code in allowed:
+        return TaskResult.success(data)
+    retryable = response.status_code >= 500 or response.status_code in RETRYABLE_4XX
+    return TaskResult.failure(
+        f"HTTP {response.status_code} from {method.upper()} {url}", data, retryable=retryable
+    )
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # JSON numbers arrive as floats: 3.0 -> "3"
+    return value if isinstance(value, str) else jsonlib.dumps(value)
+
+
+def _body(raw: bytes, content_type: str, encoding: str | None) -> dict[str, Any]:
+    text = raw.decode(encoding or "utf-8", errors="replace")
+    if "json" in content_type:
+        try:
+            return {"json": jsonlib.loads(text)}
+        except ValueError:
+            pass
+    return {"text": text}

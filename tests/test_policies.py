@@ -1,0 +1,362 @@
+"""Per-task timeouts and retries, the flow's timeout, params that refer to earlier data."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from flowsvc import (
+    Condition,
+    Flow,
+    FlowEngine,
+    FlowStatus,
+    Task,
+    TaskContext,
+    TaskRegistry,
+    TaskResult,
+    TaskStatus,
+)
+from flowsvc.models import RetryPolicy
+from tests.support import chain, flow_pb, to_dict
+
+pb = flow_service_pb2
+
+
+def run(registry: TaskRegistry, flow: Flow, flow_input: dict | None = None):
+    # Its own thread pool, not asyncio's default one, which asyncio.run() would wait for
+    # at exit (a test that abandons a stuck sync task would then wait for it too).
+    pool = ThreadPoolExecutor(max_workers=4)
+    engine = FlowEngine(registry, executor=pool)
+    try:
+        return asyncio.run(engine.run(engine.prepare(flow), flow_input or {}))
+    finally:
+        pool.shutdown(wait=False)
+
+
+def flaky(registry: TaskRegistry, fail_times: int, name: str = "flaky", **failure) -> list[float]:
+    """Register a task failing `fail_times` times, then succeeding; returns call times."""
+    calls: list[float] = []
+
+    async def task() -> TaskResult:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) <= fail_times:
+            return TaskResult.failure(f"attempt {len(calls)} failed", **failure)
+        return TaskResult.success({"calls": len(calls)})
+
+    registry.register(name, task)
+    return calls
+
+
+def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    bad = error_details_pb2.BadRequest()
+    rpc_status.from_call(err).details[0].Unpack(bad)
+    return {v.field: v.description for v in bad.field_violations}
+
+
+# -- timeouts ---------------------------------------------------------------------------
+
+
+def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegistry) -> None:
+    cancelled = []
+
+    async def slow() -> TaskResult:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return TaskResult.success()
+
+    registry.register("slow", slow)
+    flow = Flow(
+        "t", "slow", (Task("slow", timeout_s=0.2), Task("noop")),
+        (Condition("slow", "end", "noop"),),
+    )  # fmt: skip
+    execution = run(registry, flow)
+    first = execution.history[0]
+    assert first.status is TaskStatus.FAILURE and first.error == "timed out after 0.2s"
+    assert cancelled == [True]
+    assert [r.task for r in execution.history] == ["slow", "noop"]  # the failure route
+
+
+def test_sync_task_past_its_timeout_is_abandoned_and_the_flow_moves_on(registry) -> None:
+    release = threading.Event()
+
+    def stuck() -> TaskResult:
+        release.wait(30)
+        return TaskResult.success()
+
+    registry.register("stuck", stuck)
+    flow = Flow(
+        "t", "stuck", (Task("stuck", timeout_s=0.2), Task("noop")),
+        (Condition("stuck", "end", "noop"),),
+    )  # fmt: skip
+    try:
+        execution = run(registry, flow)
+    finally:
+        release.set()
+    error = execution.history[0].error
+    assert error.startswith("timed out after 0.2s") and "abandoned" in error
+    assert execution.history[-1].task == "noop"
+    assert execution.status is FlowStatus.SUCCEEDED
+
+
+def test_flow_timeout_ends_the_flow_timed_out(registry: TaskRegistry) -> None:
+    flow = Flow(
+        "t",
+        "noop",
+        (Task("noop"), Task("sleep", params={"seconds": 30})),
+        (Condition("noop", "sleep", "end"),),
+        timeout_s=0.3,
+    )
+    execution = run(registry, flow)
+    assert execution.status is FlowStatus.TIMED_OUT
+    assert "0.3s" in execution.message
+    assert [r.task for r in execution.history] == ["noop", "sleep"]
+    assert "flow's timeout" in execution.history[-1].error
+
+
+def test_flow_timeout_during_a_backoff_wait(registry: TaskRegistry) -> None:
+    flaky(registry, fail_times=5)
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=10)
+    flow = Flow("t", "flaky", (Task("flaky", retry=policy),), timeout_s=0.2)
+    execution = run(registry, flow)
+    assert execution.status is FlowStatus.TIMED_OUT
+    assert len(execution.history) == 1  # the 10 s backoff was cut short by the flow timeout
+
+
+# -- retries ----------------------------------------------------------------------------
+
+
+def test_retries_until_success_recording_every_attempt(registry: TaskRegistry) -> None:
+    calls = flaky(registry, fail_times=2)
+    policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.05, backoff_multiplier=2.0,
+                         max_backoff_s=0.08)  # fmt: skip
+    execution = run(registry, Flow("t", "flaky", (Task("flaky", retry=policy),)))
+    assert [(r.attempt, r.status, r.error) for r in execution.history] == [
+        (1, TaskStatus.FAILURE, "attempt 1 failed"),
+        (2, TaskStatus.FAILURE, "attempt 2 failed"),
+        (3, TaskStatus.SUCCESS, None),
+    ]
+    assert [r.step for r in execution.history] == [1, 2, 3]
+    assert execution.status is FlowStatus.SUCCEEDED
+    # Waits of 0.05 s, then 0.1 s capped to 0.08 s (lower bounds only: never flaky).
+    assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.08
+
+
+def test_only_the_last_attempt_routes(registry: TaskRegistry) -> None:
+    flaky(registry, fail_times=9)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0)
+    flow = Flow(
+        "t", "flaky", (Task("flaky", retry=policy), Task("echo"), Task("noop")),
+        (Condition("flaky", "noop", "echo"),),
+    )  # fmt: skip
+    execution = run(registry, flow)
+    assert [(r.task, r.attempt) for r in execution.history] == [
+        ("flaky", 1), ("flaky", 2), ("flaky", 3), ("echo", 1),
+    ]  # fmt: skip
+
+
+def test_failures_marked_not_retryable_are_not_retried(registry: TaskRegistry) -> None:
+    flaky(registry, fail_times=9, name="final", retryable=False)
+    flaky(registry, fail_times=9, name="declined")
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0, non_retryable_errors=("failed",))
+    for name in ("final", "declined"):
+        retry = policy if name == "declined" else RetryPolicy(max_attempts=5, initial_backoff_s=0)
+        execution = run(registry, Flow("t", name, (Task(name, retry=retry),)))
+        assert len(execution.history) == 1, name
+
+
+def test_timeouts_are_retried(registry: TaskRegistry) -> None:
+    attempts = []
+
+    async def slow_then_fast() -> TaskResult:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await asyncio.sleep(30)
+        return TaskResult.success()
+
+    registry.register("slow_then_fast", slow_then_fast)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0)
+    execution = run(
+        registry,
+        Flow("t", "slow_then_fast", (Task("slow_then_fast", timeout_s=0.2, retry=policy),)),
+    )
+    assert [r.status for r in execution.history] == [TaskStatus.FAILURE, TaskStatus.SUCCESS]
+
+
+def test_every_attempt_counts_toward_max_steps(registry: TaskRegistry) -> None:
+    flaky(registry, fail_times=9)
+    policy = RetryPolicy(max_attempts=9, initial_backoff_s=0)
+    execution = run(registry, Flow("t", "flaky", (Task("flaky", retry=policy),), max_steps=4))
+    assert len(execution.history) == 4 and execution.status is FlowStatus.FAILED
+
+
+async def test_attempts_are_streamed_as_they_happen(stub, registry) -> None:
+    flaky(registry, fail_times=2)
+    flow = flow_pb(["flaky"])
+    flow.tasks[0].retry.max_attempts = 3
+    flow.tasks[0].retry.initial_backoff.FromMilliseconds(10)
+    messages = [m async for m in stub.StreamFlow(pb.StreamFlowRequest(flow=flow))]
+    results = [m.task_result for m in messages if m.HasField("task_result")]
+    assert [(r.attempt, r.status) for r in results] == [
+        (1, flow_pb2.TASK_STATUS_FAILURE),
+        (2, flow_pb2.TASK_STATUS_FAILURE),
+        (3, flow_pb2.TASK_STATUS_SUCCESS),
+    ]
+    got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=messages[0].started.flow_id))
+    assert got.execution.flow.tasks[0].retry.max_attempts == 3  # the policy is kept too
+
+
+async def test_caps_on_policies_are_validation_errors(stub) -> None:
+    flow = flow_pb(["noop", "echo"], {"noop": ("echo", "end")})
+    flow.timeout.FromSeconds(10**7)
+    noop, echo = flow.tasks
+    noop.retry.max_attempts = 10**6
+    noop.retry.backoff_multiplier = 0.5
+    noop.retry.initial_backoff.FromSeconds(10**6)
+    noop.timeout.FromSeconds(-1)
+    echo.timeout.FromSeconds(10**6)
+    echo.retry.max_backoff.FromSeconds(10**6)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(info.value)
+    assert set(found) == {
+        "flow.tasks[0].timeout",
+        "flow.tasks[0].retry.max_attempts",
+        "flow.tasks[0].retry.initial_backoff",
+        "flow.tasks[0].retry.backoff_multiplier",
+        "flow.tasks[1].timeout",
+        "flow.tasks[1].retry.max_backoff",
+        "flow.timeout",
+    }
+    assert "cap of 10" in found["flow.tasks[0].retry.max_attempts"]
+
+
+# -- data between tasks -----------------------------------------------------------------
+
+
+def test_references_keep_types_and_interpolate_text(registry: TaskRegistry) -> None:
+    seen: list[TaskContext] = []
+
+    def look(ctx: TaskContext) -> TaskResult:
+        seen.append(ctx)
+        return TaskResult.success(dict(ctx.params))
+
+    registry.register("look", look)
+    registry.register("make", lambda: TaskResult.success({"items": [{"id": 7}], "n": 2.5}))
+    params = {
+        "customer": "${input.customer_id}",
+        "profile": "${input.profile}",
+        "raw": "${task1.data.raw_data}",
+        "first_id": "${make.data.items.0.id}",
+        "line": "id=${input.customer_id} n=${make.data.n} items=${make.data.items}",
+        "status": "${make.status}",
+        "literal": "costs $${price}",
+        "nested": {"deep": ["${input.customer_id}"]},
+    }
+    flow = Flow(
+        "refs", "task1",
+        (Task("task1", params={"delay_seconds": 0}), Task("make"), Task("look", params=params)),
+        (Condition("task1", "make", "end"), Condition("make", "look", "end")),
+    )  # fmt: skip
+    execution = run(registry, flow, {"customer_id": 42, "profile": {"tier": "gold"}})
+    assert execution.status is FlowStatus.SUCCEEDED, execution.message
+    assert seen[0].params == {
+        "customer": 42,
+        "profile": {"tier": "gold"},
+        "raw": "data",
+        "first_id": 7,
+        "line": 'id=42 n=2.5 items=[{"id": 7}]',
+        "status": "success",
+        "literal": "costs ${price}",
+        "nested": {"deep": [42]},
+    }
+    assert seen[0].input == {"customer_id": 42, "profile": {"tier": "gold"}}
+    assert [r.task for r in seen[0].results] == ["task1", "make"]
+
+
+def test_missing_reference_at_run_time_fails_the_task_clearly(registry) -> None:
+    ran = []
+    registry.register("never", lambda: ran.append(1) or TaskResult.success())
+    flow = Flow(
+        "t", "echo",
+        (Task("echo"), Task("never", params={"x": "${echo.data.input.absent}"},
+                            retry=RetryPolicy(max_attempts=3, initial_backoff_s=0))),
+        (Condition("echo", "never", "end"),),
+    )  # fmt: skip
+    execution = run(registry, flow)
+    failed = execution.history[-1]
+    assert failed.task == "never" and failed.status is TaskStatus.FAILURE
+    assert "echo.data.input has no key 'absent'" in failed.error
+    assert ran == [] and len(execution.history) == 2  # not called, and not retried
+
+
+def test_a_task_in_a_loop_may_refer_to_its_own_earlier_run(registry: TaskRegistry) -> None:
+    flow = Flow(
+        "loop", "noop",
+        (Task("noop"), Task("echo", params={"previous": "${echo.data}"})),
+        (Condition("noop", "echo", "end"), Condition("echo", "echo", "end")),
+    )  # fmt: skip
+    assert FlowEngine(registry).validate(flow) == []
+    # Without the loop, `echo` cannot have run before itself.
+    flow = Flow(flow.name, flow.start_task, flow.tasks, flow.conditions[:1])
+    (violation,) = FlowEngine(registry).validate(flow)
+    assert violation.field == "flow.tasks[1].params.previous"
+
+
+async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None:
+    flow = chain(
+        ("echo", {"x": "${task2.data.processed_data}", "ok": "${input.anything}"}),
+        ("task2", {"y": "${ghost.data}"}),
+        ("noop", {"z": "${oops"}),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(info.value)
+    assert set(found) == {
+        "flow.tasks[0].params.x",
+        "flow.tasks[1].params.y",
+        "flow.tasks[2].params",
+    }
+    assert "'task2', which cannot have run before 'echo'" in found["flow.tasks[0].params.x"]
+    assert "neither 'input' nor a task" in found["flow.tasks[1].params.y"]
+    assert "closing" in found["flow.tasks[2].params"]
+
+
+async def test_params_schema_is_listed_and_enforced(stub, registry) -> None:
+    async def typed(*, count: int, label: str = "x", tags: list[str] | None = None) -> TaskResult:
+        """A task with declared params."""
+        return TaskResult.success({"count": count, "label": label})
+
+    registry.register("typed", typed)
+    tasks = {t.name: t for t in (await stub.ListTasks(pb.ListTasksRequest())).tasks}
+    schema = to_dict(tasks["typed"].params_schema)
+    assert schema["required"] == ["count"]
+    assert schema["properties"]["count"] == {"type": "integer"}
+    assert schema["properties"]["label"] == {"type": "string", "default": "x"}
+    assert schema["additionalProperties"] is False
+    assert to_dict(tasks["http"].params_schema)["required"] == ["url"]
+
+    ok = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain(("typed", {"count": 3}))))
+    assert to_dict(ok.execution_history[0].data) == {"count": 3.0, "label": "x"}
+    bad = chain(("typed", {"label": 5, "colour": "red"}))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=bad))
+    found = violations(info.value)
+    assert set(found) == {
+        "flow.tasks[0].params.count",
+        "flow.tasks[0].params.colour",
+        "flow.tasks[0].params.label",
+    }
+    assert "required" in found["flow.tasks[0].params.count"]
+    assert "must be string" in found["flow.tasks[0].params.label"]
