@@ -59,7 +59,7 @@ SEED_OUTPUTS = [
     ("task2", {"processed_data": "data"}),
     ("task3", {"storage_id": "12345"}),
 ]
-BUILTIN_TASKS = ["echo", "fail", "noop", "sleep", "task1", "task2", "task3"]
+BUILTIN_TASKS = ["echo", "fail", "http", "noop", "sleep", "task1", "task2", "task3"]
 # grpcurl exits with 64 + the gRPC status code when the RPC fails.
 GRPCURL_STATUS_OFFSET = 64
 INVALID_ARGUMENT = 3
@@ -156,7 +156,7 @@ def test_list_tasks(grpcurl_server: ServerProcess) -> None:
     assert [t["name"] for t in tasks] == BUILTIN_TASKS
     for task in tasks:
         assert task["description"], task
-        assert task["source"].startswith("flowsvc.tasks.builtin:"), task
+        assert task["source"].startswith("flowsvc.tasks."), task
 
 
 def test_execute_sample_flow(grpcurl_server: ServerProcess) -> None:

@@ -66,8 +66,7 @@ async def http(
     body: str | None = None,
     success_statuses: list[Any] | None = None,
 ) -> TaskResult:
-    """Send one HTTP request; succeed on 2xx (or `success_statuses`). Data: status, headers,
-    json or text body (cut at 64 KiB)."""
+    """Send one HTTP request; succeed on 2xx or success_statuses; data: status, headers, body."""
     if not url.startswith(("http://", "https://")):
         return TaskResult.failure(
             f"url must start with http:// or https://, not {url!r}", retryable=False
