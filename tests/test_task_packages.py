@@ -1,0 +1,160 @@
+"""Task packages: `pip install` one and a server has its tasks, with no configuration.
+
+Installs the README's worked example (examples/acme-flow-tasks) with pip into a folder
+of its own, and starts a real server that sees that folder: its tasks arrive through the
+`flowsvc.tasks` entry-point group. The test venv itself is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
+from google.protobuf import json_format
+
+from tests.support import ROOT, server_process, to_dict
+
+pb = flow_service_pb2
+EXAMPLE = ROOT / "examples" / "acme-flow-tasks"
+
+
+def pip_install(source: Path, site: Path, tmp_path: Path) -> None:
+    # Built from a copy: pip builds in place and would leave build/ files in the repo.
+    copy = tmp_path / "src" / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(copy),
+        ],
+        check=True,
+        timeout=300,
+    )
+
+
+def onboarding(db_path: Path) -> flow_pb2.Flow:
+    return json_format.ParseDict(
+        {
+            "name": "onboarding",
+            "start_task": "acme_save_customer",
+            "tasks": [
+                {
+                    "name": "acme_save_customer",
+                    "params": {
+                        "db_path": str(db_path),
+                        "name": "${input.name}",
+                        "email": "${input.email}",
+                    },
+                },
+                {
+                    "name": "acme_welcome",
+                    "params": {
+                        "customer_id": "${acme_save_customer.data.customer_id}",
+                        "name": "${input.name}",
+                    },
+                },
+            ],
+            "conditions": [
+                {
+                    "source_task": "acme_save_customer",
+                    "target_task_success": "acme_welcome",
+                    "target_task_failure": "end",
+                }
+            ],
+        },
+        flow_pb2.Flow(),
+    )
+
+
+async def test_installed_package_adds_its_tasks(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    pip_install(EXAMPLE, site, tmp_path)
+    env = {"PYTHONPATH": str(site)}
+    with server_process(tmp_path, env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            tasks = {t.name: t for t in (await stub.ListTasks(pb.ListTasksRequest())).tasks}
+            save = tasks["acme_save_customer"]
+            assert save.source == "acme_flow_tasks.tasks:save_customer"
+            assert save.description.startswith("Store a customer")
+            assert not save.is_async and save.takes_context
+            schema = to_dict(save.params_schema)
+            assert schema["required"] == ["db_path", "name", "email"]
+            assert tasks["acme_welcome"].is_async
+
+            db = tmp_path / "customers.db"
+            request = pb.ExecuteFlowRequest(flow=onboarding(db))
+            request.input.update({"name": "Ada", "email": "ada@example.org"})
+            response = await stub.ExecuteFlow(request, timeout=30)
+            assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED, response.message
+            welcome = to_dict(response.execution_history[-1].data)
+            assert welcome["message"] == "Welcome, Ada! Your customer number is 1."
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("SELECT name, email FROM customers").fetchall() == [
+                    ("Ada", "ada@example.org")
+                ]
+
+
+def test_a_name_clash_between_packages_is_refused_at_start(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    pip_install(EXAMPLE, site, tmp_path)
+    other = tmp_path / "other-tasks"
+    (other / "other_tasks").mkdir(parents=True)
+    (other / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools>=77"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "other-tasks"
+            version = "0.1.0"
+
+            [project.entry-points."flowsvc.tasks"]
+            other = "other_tasks"
+
+            [tool.setuptools]
+            packages = ["other_tasks"]
+            """
+        )
+    )
+    (other / "other_tasks" / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            from flowsvc import TaskResult, register_task
+
+            @register_task("acme_welcome")
+            def impostor():
+                return TaskResult(status="success")
+            """
+        )
+    )
+    pip_install(other, site, tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "acme_welcome" in result.stderr
+    assert "acme_flow_tasks.tasks:welcome" in result.stderr
+    assert "other_tasks:impostor" in result.stderr
