@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be positive, not {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -85,6 +92,14 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     #: Threads that run sync (def) tasks.
     sync_task_workers: int = 32
+    #: Longest timeout a task may ask for, in seconds.
+    max_task_timeout_seconds: float = 3600.0
+    #: Longest timeout a flow may ask for, in seconds.
+    max_flow_timeout_seconds: float = 86400.0
+    #: Most attempts a retry policy may ask for.
+    max_attempts: int = 10
+    #: Longest backoff a retry policy may ask for, in seconds.
+    max_backoff_seconds: float = 3600.0
     #: SQLite file of the execution store (":memory:" keeps nothing across restarts).
     db: str = "flowsvc.db"
     #: SQLite synchronous mode: FULL survives power loss, NORMAL a process crash.
@@ -104,6 +119,10 @@ class Settings:
             default_max_steps=self.default_max_steps,
             max_steps_cap=self.max_steps_cap,
             max_tasks=self.max_tasks,
+            max_task_timeout_s=self.max_task_timeout_seconds,
+            max_flow_timeout_s=self.max_flow_timeout_seconds,
+            max_attempts=self.max_attempts,
+            max_backoff_s=self.max_backoff_seconds,
         )
 
 
@@ -117,6 +136,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "grace_seconds": _non_negative_float,
     "max_message_bytes": _positive_int,
     "sync_task_workers": _positive_int,
+    "max_task_timeout_seconds": _positive_float,
+    "max_flow_timeout_seconds": _positive_float,
+    "max_attempts": _positive_int,
+    "max_backoff_seconds": _non_negative_float,
     "db": _non_empty,
     "db_synchronous": _synchronous,
     "db_busy_timeout_ms": _non_negative_int,
@@ -187,6 +210,10 @@ _FIELD_DOCS = {
     "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
     "max_message_bytes": "largest request accepted, in bytes",
     "sync_task_workers": "threads running sync (def) tasks",
+    "max_task_timeout_seconds": "longest timeout a task may ask for",
+    "max_flow_timeout_seconds": "longest timeout a flow may ask for",
+    "max_attempts": "most attempts a retry policy may ask for",
+    "max_backoff_seconds": "longest backoff a retry policy may ask for",
     "db": "SQLite file of the execution store, or :memory:",
     "db_synchronous": "FULL (survives power loss) or NORMAL (survives a process crash)",
     "db_busy_timeout_ms": "how long a write waits for a locked database",

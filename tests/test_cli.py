@@ -293,3 +293,19 @@ async def test_shutdown_does_not_hang_on_a_stuck_sync_task(tmp_path: Path) -> No
             assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
         assert await asyncio.to_thread(srv.proc.wait, 20) == 0
         assert "exiting with sync tasks still running" in [m["msg"] for m in srv.log_lines()]
+
+
+async def test_policy_caps_are_configurable(tmp_path: Path) -> None:
+    with server_process(
+        tmp_path, "--max-attempts", "3", env={"FLOWSVC_MAX_TASK_TIMEOUT_SECONDS": "1"}
+    ) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            flow = chain("noop")
+            flow.tasks[0].retry.max_attempts = 4
+            flow.tasks[0].timeout.FromSeconds(2)
+            response = await stub.ValidateFlow(flow_service_pb2.ValidateFlowRequest(flow=flow))
+            assert {v.field: v.description for v in response.violations} == {
+                "flow.tasks[0].timeout": "2s is over this server's cap of 1s",
+                "flow.tasks[0].retry.max_attempts": "4 is over this server's cap of 3",
+            }
