@@ -170,9 +170,7 @@ def compile_params(params: Mapping[str, Any]) -> Template:
     return Template(params)
 
 
-def follow_path(
-    value: Any, path: tuple[str, ...], ref: Ref, walked: tuple[str, ...] = ()
-) -> Any:
+def follow_path(value: Any, path: tuple[str, ...], ref: Ref, walked: tuple[str, ...] = ()) -> Any:
     """value[path[0]][path[1]]..., list indexes as numbers; MissingReferenceError if absent.
     `walked`: the segments of the reference already followed to reach `value`."""
     for depth, key in enumerate(path):

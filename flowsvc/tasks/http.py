@@ -67,20 +67,22 @@ async def http(
     success_statuses: list[Any] | None = None,
 ) -> TaskResult:
     """Send one HTTP request; succeed on 2xx or success_statuses; data: status, headers, body."""
-    if not url.startswith(("http://", "https://")):
-        return TaskResult.failure(
-            f"url must start with http:// or https://, not {url!r}", retryable=False
-        )
+    problem = _bad_url(url)
+    if problem:
+        return TaskResult.failure(problem, retryable=False)
     if json is not None and body is not None:
         return TaskResult.failure("give `json` or `body`, not both", retryable=False)
-    request = client().build_request(
-        method.upper(),
-        url,
-        headers={k: str(v) for k, v in (headers or {}).items()},
-        params={k: _query_value(v) for k, v in (query or {}).items()},
-        json=json,
-        content=body.encode() if body is not None else None,
-    )
+    try:
+        request = client().build_request(
+            method.upper(),
+            url,
+            headers={k: _text(v) for k, v in (headers or {}).items()},
+            params={k: _text(v) for k, v in (query or {}).items()},
+            json=_integral(json),
+            content=body.encode() if body is not None else None,
+        )
+    except (httpx.HTTPError, ValueError, TypeError) as exc:
+        return TaskResult.failure(f"cannot build the request: {exc}", retryable=False)
     try:
         response = await client().send(request, stream=True)
     except httpx.HTTPError as exc:
@@ -114,9 +116,36 @@ async def http(
     )
 
 
-def _query_value(value: Any) -> str:
+def _bad_url(url: str) -> str | None:
+    """Why `url` cannot be requested (a failure no retry can fix), or None."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        return f"not a valid URL: {url!r}: {exc}"
+    if parsed.scheme not in ("http", "https"):
+        return f"url must start with http:// or https://, not {url!r}"
+    if not parsed.host:
+        return f"url has no host: {url!r}"
+    if port is not None and not 0 < port < 65536:
+        return f"url has a port out of range: {url!r}"
+    return None
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers arrive as floats (protobuf Struct): send 1.0 as 1, as it was written."""
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # JSON numbers arrive as floats: 3.0 -> "3"
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> str:
+    """A header or query value as text: 3.0 -> "3", true -> "true", objects as JSON."""
+    value = _integral(value)
     return value if isinstance(value, str) else jsonlib.dumps(value)
 
 

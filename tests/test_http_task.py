@@ -1,0 +1,427 @@
+"""The built-in `http` task, through the gRPC API, against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+import pytest
+from flowmanager.v1 import flow_pb2, flow_service_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from flowsvc.tasks.http import MAX_BODY_BYTES
+from tests.support import chain, to_dict
+
+pb = flow_service_pb2
+BIG_BODY_BYTES = 200 * 1024
+
+
+# -- the HTTP server --------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One request as the HTTP server received it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: str
+    client: tuple[str, int]
+
+
+@dataclass
+class Remote:
+    """The running HTTP server: its base URL and what it has seen."""
+
+    base: str
+    requests: list[Seen] = field(default_factory=list)
+    #: Set when a /slow request has arrived (the handler is now waiting).
+    slow_started: threading.Event = field(default_factory=threading.Event)
+    #: Set at teardown: cuts every /slow wait short.
+    closing: threading.Event = field(default_factory=threading.Event)
+    flaky_counts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def seen(self, path: str) -> list[Seen]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+
+def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away (a timeout, a cut body)
+
+        def _json(self, status: int, value: Any) -> None:
+            self._answer(status, json.dumps(value).encode(), "application/json")
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode() if length else ""
+            parts = urlsplit(self.path)
+            seen = Seen(
+                method=self.command,
+                path=parts.path,
+                query=parse_qs(parts.query),
+                headers={k.lower(): v for k, v in self.headers.items()},
+                body=body,
+                client=(self.client_address[0], self.client_address[1]),
+            )
+            with remote.lock:
+                remote.requests.append(seen)
+            path = parts.path
+            if path == "/echo":
+                self._json(
+                    200,
+                    {
+                        "method": seen.method,
+                        "path": seen.path,
+                        "query": seen.query,
+                        "headers": seen.headers,
+                        "body": seen.body,
+                    },
+                )
+            elif path == "/json" and self.command == "GET":
+                self._json(200, {"hello": "world", "n": 3})
+            elif path == "/text" and self.command == "GET":
+                self._answer(200, b"plain body", "text/plain")
+            elif path.startswith("/status/"):
+                code = int(path.rsplit("/", 1)[1])
+                self._json(code, {"status": code})
+            elif path == "/slow":
+                seconds = float(seen.query.get("seconds", ["1"])[0])
+                remote.slow_started.set()
+                remote.closing.wait(seconds)  # the remote server is slow, not the test
+                self._json(200, {"slept": seconds})
+            elif path.startswith("/flaky/"):
+                key = path.rsplit("/", 1)[1]
+                with remote.lock:
+                    remote.flaky_counts[key] = count = remote.flaky_counts.get(key, 0) + 1
+                if count <= 2:
+                    self._json(500, {"ok": False, "count": count})
+                else:
+                    self._json(200, {"ok": True})
+            elif path == "/big":
+                self._answer(200, b"x" * BIG_BODY_BYTES, "text/plain")
+            else:
+                self._json(404, {"error": "no such endpoint"})
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+    return Handler
+
+
+@pytest.fixture
+def remote() -> Iterator[Remote]:
+    """A real HTTP/1.1 server on a free loopback port, in a daemon thread."""
+    rem = Remote(base="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(rem))
+    host, port = httpd.server_address[:2]
+    rem.base = f"http://{host}:{port}"
+    thread = threading.Thread(
+        target=httpd.serve_forever, args=(0.01,), name="test-http", daemon=True
+    )
+    thread.start()  # bound above, so it accepts connections already
+    try:
+        yield rem
+    finally:
+        rem.closing.set()  # ends any /slow wait
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def http_flow(**params: Any) -> flow_pb2.Flow:
+    return chain(("http", params))
+
+
+async def execute(stub, flow: flow_pb2.Flow, flow_input: dict | None = None):
+    request = pb.ExecuteFlowRequest(flow=flow)
+    if flow_input:
+        request.input.update(flow_input)
+    return await stub.ExecuteFlow(request)
+
+
+def retry(flow: flow_pb2.Flow, max_attempts: int, backoff_ms: int = 10) -> flow_pb2.Flow:
+    flow.tasks[0].retry.max_attempts = max_attempts
+    flow.tasks[0].retry.initial_backoff.FromMilliseconds(backoff_ms)
+    return flow
+
+
+def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    bad = error_details_pb2.BadRequest()
+    rpc_status.from_call(err).details[0].Unpack(bad)
+    return {v.field: v.description for v in bad.field_violations}
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (nothing listens on it now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SUCCESS = flow_pb2.TASK_STATUS_SUCCESS
+FAILURE = flow_pb2.TASK_STATUS_FAILURE
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+async def test_get_json(stub, remote: Remote) -> None:
+    resp = await execute(stub, http_flow(url=remote.url("/json")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    (result,) = resp.execution_history
+    assert result.status == SUCCESS and result.attempt == 1 and not result.error
+    data = to_dict(result.data)
+    assert data["status"] == 200
+    assert data["json"] == {"hello": "world", "n": 3}
+    assert data["headers"]["content-type"] == "application/json"
+    assert "text" not in data and "truncated" not in data
+    assert [r.method for r in remote.seen("/json")] == ["GET"]
+
+
+async def test_get_text(stub, remote: Remote) -> None:
+    resp = await execute(stub, http_flow(url=remote.url("/text")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    data = to_dict(resp.execution_history[0].data)
+    assert data["status"] == 200
+    assert data["text"] == "plain body"
+    assert "json" not in data
+    assert data["headers"]["content-type"] == "text/plain"
+
+
+async def test_post_json_with_headers_and_query(stub, remote: Remote) -> None:
+    flow = http_flow(
+        url=remote.url("/echo"),
+        method="post",
+        json={"a": 1},
+        headers={"X-Trace": "t1"},
+        query={"page": 2, "q": "x y"},
+    )
+    resp = await execute(stub, flow)
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    echo = to_dict(resp.execution_history[0].data)["json"]
+    assert echo["method"] == "POST"
+    assert echo["path"] == "/echo"
+    assert json.loads(echo["body"]) == {"a": 1}
+    assert echo["headers"]["x-trace"] == "t1"
+    assert echo["headers"]["content-type"] == "application/json"
+    # An integer arrives (through protobuf's Struct) as 2.0 and must be sent as "2".
+    assert echo["query"] == {"page": ["2"], "q": ["x y"]}
+    (seen,) = remote.seen("/echo")
+    assert seen.method == "POST" and seen.query == {"page": ["2"], "q": ["x y"]}
+
+
+async def test_post_raw_text_body(stub, remote: Remote) -> None:
+    flow = http_flow(url=remote.url("/echo"), method="POST", body="raw text")
+    resp = await execute(stub, flow)
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    echo = to_dict(resp.execution_history[0].data)["json"]
+    assert echo["method"] == "POST"
+    assert echo["body"] == "raw text"
+    assert echo["query"] == {}
+
+
+async def test_integers_in_a_json_body_are_sent_as_integers(stub, remote: Remote) -> None:
+    flow = http_flow(url=remote.url("/echo"), method="POST", json={"a": 1, "b": [2, 2.5]})
+    await execute(stub, flow)
+    (seen,) = remote.seen("/echo")
+    assert seen.body == '{"a":1,"b":[2,2.5]}'
+
+
+async def test_integer_header_values_are_sent_as_integers(stub, remote: Remote) -> None:
+    await execute(stub, http_flow(url=remote.url("/echo"), headers={"X-Count": 2}))
+    (seen,) = remote.seen("/echo")
+    assert seen.headers["x-count"] == "2"
+
+
+async def test_big_body_is_truncated(stub, remote: Remote) -> None:
+    resp = await execute(stub, http_flow(url=remote.url("/big")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    data = to_dict(resp.execution_history[0].data)
+    assert data["status"] == 200
+    assert data["truncated"] is True
+    assert len(data["text"]) == MAX_BODY_BYTES == 64 * 1024
+    assert data["text"] == "x" * MAX_BODY_BYTES
+
+
+# -- failures and retries ---------------------------------------------------------------
+
+
+async def test_5xx_is_retried_until_the_attempts_run_out(stub, remote: Remote) -> None:
+    resp = await execute(stub, retry(http_flow(url=remote.url("/status/500")), 3))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    history = resp.execution_history
+    assert [(r.attempt, r.status) for r in history] == [(1, FAILURE), (2, FAILURE), (3, FAILURE)]
+    for r in history:
+        assert "HTTP 500" in r.error, r.error
+        assert to_dict(r.data)["status"] == 500  # the answer is kept with the failure
+    assert len(remote.seen("/status/500")) == 3
+
+
+async def test_flaky_endpoint_succeeds_on_the_third_attempt(stub, remote: Remote) -> None:
+    key = uuid.uuid4().hex
+    flow = retry(http_flow(url=remote.url(f"/flaky/{key}")), 5)
+    messages = [m async for m in stub.StreamFlow(pb.StreamFlowRequest(flow=flow))]
+    results = [m.task_result for m in messages if m.HasField("task_result")]
+    assert [(r.attempt, r.status) for r in results] == [(1, FAILURE), (2, FAILURE), (3, SUCCESS)]
+    assert all("HTTP 500" in r.error for r in results[:2])
+    assert to_dict(results[2].data)["json"] == {"ok": True}
+    assert messages[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert len(remote.seen(f"/flaky/{key}")) == 3
+
+
+async def test_4xx_is_not_retried(stub, remote: Remote) -> None:
+    url = remote.url("/status/404")
+    resp = await execute(stub, retry(http_flow(url=url), 3))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    (result,) = resp.execution_history
+    assert result.status == FAILURE and result.attempt == 1
+    assert result.error.startswith("HTTP 404 "), result.error
+    assert result.error == f"HTTP 404 from GET {url}"
+    assert len(remote.seen("/status/404")) == 1
+
+
+async def test_success_statuses_make_a_4xx_a_success(stub, remote: Remote) -> None:
+    flow = retry(http_flow(url=remote.url("/status/404"), success_statuses=[404]), 3)
+    resp = await execute(stub, flow)
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    (result,) = resp.execution_history
+    assert result.status == SUCCESS
+    data = to_dict(result.data)
+    assert data["status"] == 404 and data["json"] == {"status": 404}
+
+
+@pytest.mark.parametrize("code", [408, 429])
+async def test_408_and_429_are_retried(stub, remote: Remote, code: int) -> None:
+    resp = await execute(stub, retry(http_flow(url=remote.url(f"/status/{code}")), 2))
+    assert [r.attempt for r in resp.execution_history] == [1, 2]
+    assert len(remote.seen(f"/status/{code}")) == 2
+
+
+async def test_timeout_does_not_block_the_server(stub, health_stub, remote: Remote) -> None:
+    flow = http_flow(url=remote.url("/slow?seconds=2"))
+    flow.tasks[0].timeout.FromMilliseconds(200)
+    slow = asyncio.ensure_future(execute(stub, flow))
+    try:
+        # Wait (off the event loop) until the request hangs on the remote server.
+        assert await asyncio.to_thread(remote.slow_started.wait, 5)
+        health = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        other = await execute(stub, chain("noop"))
+        assert other.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert not slow.done()  # both answered while the slow request still hung
+        resp = await asyncio.wait_for(slow, timeout=5)
+    finally:
+        slow.cancel()
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    (result,) = resp.execution_history
+    assert result.status == FAILURE
+    assert result.error.startswith("timed out after 0.2s"), result.error
+    assert result.duration.ToMilliseconds() < 1500
+    # The cut-off request left the shared pool usable.
+    after = await execute(stub, http_flow(url=remote.url("/json")))
+    assert after.status == flow_pb2.FLOW_STATUS_SUCCEEDED, after.message
+
+
+async def test_connection_refused_is_retried(stub) -> None:
+    url = f"http://127.0.0.1:{free_port()}/json"
+    resp = await execute(stub, retry(http_flow(url=url), 2))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    history = resp.execution_history
+    assert [(r.attempt, r.status) for r in history] == [(1, FAILURE), (2, FAILURE)]
+    for r in history:
+        assert "ConnectError" in r.error, r.error
+        assert r.error.startswith(f"GET {url}: ")
+
+
+# -- the shared connection pool ---------------------------------------------------------
+
+
+async def test_connections_are_reused_across_flows(stub, remote: Remote) -> None:
+    for _ in range(2):
+        resp = await execute(stub, http_flow(url=remote.url("/json")))
+        assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    first, second = remote.seen("/json")
+    assert first.client == second.client  # one keep-alive connection, same client port
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+async def test_non_http_url_fails_without_retry(stub) -> None:
+    resp = await execute(stub, retry(http_flow(url="ftp://x"), 3))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    (result,) = resp.execution_history
+    assert result.status == FAILURE and result.attempt == 1
+    assert "http:// or https://" in result.error and "ftp://x" in result.error
+
+
+@pytest.mark.parametrize("url", ["http://", "http://127.0.0.1:99999/json"])
+async def test_malformed_http_url_fails_without_retry(stub, url: str) -> None:
+    resp = await execute(stub, retry(http_flow(url=url), 3))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    assert [r.attempt for r in resp.execution_history] == [1]
+
+
+async def test_missing_url_is_invalid_argument(stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await execute(stub, http_flow(method="GET"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(info.value)
+    assert "flow.tasks[0].params.url" in found
+    assert "required" in found["flow.tasks[0].params.url"]
+
+
+async def test_unknown_param_is_invalid_argument(stub, remote: Remote) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await execute(stub, http_flow(url=remote.url("/json"), colour="red"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(info.value)) == {"flow.tasks[0].params.colour"}
+    assert remote.seen("/json") == []  # nothing ran
+
+
+# -- references -------------------------------------------------------------------------
+
+
+async def test_url_from_a_reference_to_the_input(stub, remote: Remote) -> None:
+    flow = chain("echo", ("http", {"url": "${input.base}/json"}))
+    resp = await execute(stub, flow, {"base": remote.base})
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert [r.task for r in resp.execution_history] == ["echo", "http"]
+    data = to_dict(resp.execution_history[1].data)
+    assert data["json"] == {"hello": "world", "n": 3}
+    assert len(remote.seen("/json")) == 1
