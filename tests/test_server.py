@@ -139,6 +139,15 @@ async def test_deadline_cancels_the_running_task(stub, registry) -> None:
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await _wait(state["cancelled"])
     assert state["after"] == []
+    # The client's deadline ends the flow CANCELLED (its own timeout would be TIMED_OUT).
+    listed = await stub.ListExecutions(flow_service_pb2.ListExecutionsRequest())
+    flow_id = listed.executions[0].flow_id
+    for _ in range(500):
+        got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=flow_id))
+        if got.execution.status != flow_pb2.FLOW_STATUS_RUNNING:
+            break
+        await asyncio.sleep(0.01)
+    assert got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
 
 
 async def test_sync_task_does_not_block_other_rpcs_or_health(stub, health_stub, registry) -> None:
