@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,20 @@ async def _serve(settings: config.Settings) -> None:
     await server.shutdown()
 
 
+def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run `main` on uvloop (measured: +20 % unary, +16 % streaming) or asyncio."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def _exit_despite_stuck_task_threads() -> None:
     """A sync task still running after shutdown cannot be killed, and Python would wait for
     its thread at exit forever: log it and leave without waiting."""
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level if args.command == "serve" else "WARNING")
     try:
         if args.command == "serve":
-            asyncio.run(_serve(settings))
+            _run_loop(_serve(settings), settings.event_loop)
             _exit_despite_stuck_task_threads()
             return EXIT_OK
         if args.command == "run":

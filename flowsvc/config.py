@@ -63,6 +63,13 @@ def _synchronous(text: str) -> str:
     return value
 
 
+def _event_loop(text: str) -> str:
+    value = text.lower()
+    if value not in {"auto", "uvloop", "asyncio"}:
+        raise ValueError("must be auto, uvloop or asyncio")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -92,6 +99,8 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     #: Threads that run sync (def) tasks.
     sync_task_workers: int = 32
+    #: The event loop: "uvloop", "asyncio", or "auto" (uvloop when installed).
+    event_loop: str = "auto"
     #: Longest timeout a task may ask for, in seconds.
     max_task_timeout_seconds: float = 3600.0
     #: Longest timeout a flow may ask for, in seconds.
@@ -136,6 +145,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "grace_seconds": _non_negative_float,
     "max_message_bytes": _positive_int,
     "sync_task_workers": _positive_int,
+    "event_loop": _event_loop,
     "max_task_timeout_seconds": _positive_float,
     "max_flow_timeout_seconds": _positive_float,
     "max_attempts": _positive_int,
@@ -210,6 +220,7 @@ _FIELD_DOCS = {
     "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
     "max_message_bytes": "largest request accepted, in bytes",
     "sync_task_workers": "threads running sync (def) tasks",
+    "event_loop": "auto (uvloop when installed), uvloop or asyncio",
     "max_task_timeout_seconds": "longest timeout a task may ask for",
     "max_flow_timeout_seconds": "longest timeout a flow may ask for",
     "max_attempts": "most attempts a retry policy may ask for",
