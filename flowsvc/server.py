@@ -39,6 +39,8 @@ logger = logging.getLogger("flowsvc.server")
 
 SERVICE = flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"]
 SERVICE_NAME = SERVICE.full_name
+#: How long RPCs get to send their last messages once every flow has ended.
+FINAL_RPC_GRACE_SECONDS = 2.0
 #: Names of the threads that run sync tasks.
 TASK_THREAD_PREFIX = "flowsvc-task"
 
@@ -190,7 +192,9 @@ class FlowServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.manager.wait_idle(), timeout=2.0)
         await self.health.close(wait_seconds=1.0)
-        await self.server.stop(0)
+        # The flows have ended; their RPCs may still be sending the last messages: let
+        # them (stop returns as soon as every RPC is done).
+        await self.server.stop(FINAL_RPC_GRACE_SECONDS)
         # Whatever still runs now (a task ignoring cancellation) is cut off, recorded
         # INTERRUPTED, and the store is closed.
         await self.manager.close()
