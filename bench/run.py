@@ -155,11 +155,12 @@ def floor_server(execute: Path, stream: Path, uvloop: bool) -> Any:
 
 
 def sample_flow() -> flow_pb2.Flow:
-    """The prototype's sample flow, its tasks without their 0.5 s delay."""
-    flow = flow_pb2.Flow(name="Data processing flow", start_task="task1")
-    for name in ("task1", "task2", "task3"):
-        flow.tasks.add(name=name).params.update({"delay_seconds": 0})
-    for a, b in (("task1", "task2"), ("task2", "task3")):
+    """The prototype's sample flow (3 tasks, 2 conditions), its tasks three noops."""
+    flow = flow_pb2.Flow(name="Data processing flow", start_task="noop_a")
+    for name, description in (("noop_a", "Fetch data"), ("noop_b", "Process data"),
+                              ("noop_c", "Store data")):  # fmt: skip
+        flow.tasks.add(name=name, description=description)
+    for a, b in (("noop_a", "noop_b"), ("noop_b", "noop_c")):
         flow.conditions.add(
             source_task=a, outcome="success", target_task_success=b, target_task_failure="end"
         )

@@ -25,6 +25,15 @@ for _name in ("sync_sleep_a", "sync_sleep_b", "sync_sleep_c"):
     register_task(_name)(_sync_sleep)
 
 
+async def _noop() -> TaskResult:
+    return TaskResult.success()
+
+
+# The sample flow's three steps as noops: what flowsvc adds, without any task's own work.
+for _name in ("noop_a", "noop_b", "noop_c"):
+    register_task(_name)(_noop)
+
+
 @register_task("tick")
 async def tick(ctx: TaskContext) -> TaskResult:
     """Sleep param seconds; succeed until step param n, then fail (ends a tick loop)."""

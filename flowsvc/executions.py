@@ -22,13 +22,16 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
-from flowsvc.engine import FlowEngine, StopHandle
+from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle
 from flowsvc.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -42,7 +45,7 @@ from flowsvc.errors import (
 from flowsvc.logs import event as log_event
 from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
 from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
-from flowsvc.store.codec import request_hash
+from flowsvc.store.codec import dumps, flow_to_json, request_hash
 
 logger = logging.getLogger("flowsvc.executions")
 
@@ -59,6 +62,35 @@ class ManagerSettings:
     retention_seconds: float = 7 * 24 * 3600.0
     #: How long to wait for a stopped execution to end before CancelExecution answers.
     cancel_wait_seconds: float = 10.0
+
+
+#: Events of one execution queued for commit at most, before its engine waits.
+MAX_UNCOMMITTED = 64
+#: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
+PREPARED_CACHE_SIZE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    plan: PreparedFlow
+    flow_json: str
+    flow_digest: str
+
+
+class _FlowIds:
+    """UUID4 strings from random bytes read 4 KiB at a time (one syscall per 256 ids)."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+
+    def __call__(self) -> str:
+        if not self._pool:
+            self._pool = os.urandom(4096)
+        raw, self._pool = self._pool[:16], self._pool[16:]
+        return str(uuid.UUID(bytes=raw, version=4))
+
+
+new_flow_id = _FlowIds()
 
 
 def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
@@ -179,6 +211,7 @@ class ExecutionManager:
         # Written (INTERRUPTED) once the store can write (see _record_ends).
         self._unrecorded: dict[str, str] = {}
         self._secret = b""
+        self._prepared: OrderedDict[bytes, _Prepared] = OrderedDict()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -246,24 +279,47 @@ class ExecutionManager:
 
     # -- starting and following ----------------------------------------------------------
 
+    def prepare(self, build: Callable[[], Flow | None], key: bytes | None = None) -> _Prepared:
+        """The prepared flow, its stored JSON and its digest: from the cache when `key` (the
+        flow's canonical bytes) was seen before, else built, validated and cached. A flow
+        is submitted again and again, and validating it is most of the cost of starting it."""
+        if key is not None:
+            hit = self._prepared.get(key)
+            if hit is not None:
+                self._prepared.move_to_end(key)
+                return hit
+        flow = build()
+        plan = self.engine.prepare(flow)  # INVALID_ARGUMENT, never cached
+        flow_json = dumps(flow_to_json(plan.flow))
+        prepared = _Prepared(plan, flow_json, hashlib.sha256(flow_json.encode()).hexdigest())
+        if key is not None:
+            self._prepared[key] = prepared
+            if len(self._prepared) > PREPARED_CACHE_SIZE:
+                self._prepared.popitem(last=False)
+        return prepared
+
     async def start(
         self,
-        flow: Flow | None,
+        flow: Callable[[], Flow | None],
         flow_input: Mapping[str, Any],
         *,
         request_id: str = "",
         continue_on_disconnect: bool = False,
+        cache_key: bytes | None = None,
     ) -> Attachment:
-        plan = self.engine.prepare(flow)  # INVALID_ARGUMENT before anything else
-        assert flow is not None
+        """Start an execution of the flow that `flow()` builds (not called on a cache hit
+        for `cache_key`)."""
+        prepared = self.prepare(flow, cache_key)  # INVALID_ARGUMENT before anything else
+        plan = prepared.plan
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgumentError.one(
                 "request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}"
             )
         if self.draining:
             raise ShuttingDownError("the server is shutting down; retry on another instance")
-        digest = request_hash(flow, flow_input)
-        if request_id:
+        digest = ""
+        if request_id:  # what a retry must match: only needed with a request_id
+            digest = request_hash(prepared.flow_digest, flow_input)
             found = await self._by_request_id(request_id, digest)
             if found is not None:
                 return found
@@ -274,8 +330,9 @@ class ExecutionManager:
                 retry_after=1.0,
             )
         new = NewExecution(
-            flow_id=str(uuid.uuid4()),
-            flow=flow,
+            flow_id=new_flow_id(),
+            flow=plan.flow,
+            flow_json=prepared.flow_json,
             input=flow_input,
             request_id=request_id or None,
             request_hash=digest,
@@ -393,14 +450,34 @@ class ExecutionManager:
     # -- the drive: engine -> store -> followers -----------------------------------------
 
     async def _drive(self, run: Run, plan: Any, flow_input: Mapping[str, Any]) -> None:
+        """Run the engine; commit each event, and publish it once committed.
+
+        Commits are pipelined: the engine goes on to its next task while an event is
+        being committed (the store batches it with other executions' events), and the
+        event is published to followers only from its commit's callback, in order. So
+        no client ever sees an uncommitted event, and no execution waits for the disk
+        between two tasks (at most MAX_UNCOMMITTED events are in flight per execution).
+        """
         sequence = 0
+        pending: deque[asyncio.Future[None]] = deque()
         try:
             events = self.engine.events(plan, flow_input, run.flow_id, run.stop)
             async with contextlib.aclosing(events):
                 async for event in events:
                     sequence += 1
-                    await self._store(self.store.append(run.flow_id, sequence, event))
-                    run.publish(event)
+                    committed = self.store.append_nowait(run.flow_id, sequence, event)
+                    committed.add_done_callback(partial(self._committed, run, event))
+                    pending.append(committed)
+                    while pending and pending[0].done():
+                        pending.popleft()
+                    if len(pending) > MAX_UNCOMMITTED:
+                        await self._store(pending.popleft())
+                    if run.error is not None:
+                        break  # a commit failed: stop running tasks whose results are lost
+            for committed in pending:
+                await self._store(committed)
+            if run.error is not None:
+                raise run.error
         except StoreUnavailableError as exc:
             # The event could not be committed, so it is not sent. Its end is recorded
             # once the store can write again (see _probe_store).
@@ -421,6 +498,18 @@ class ExecutionManager:
             self._live.pop(run.flow_id, None)
             if not self._live:
                 self._idle.set()
+
+    def _committed(self, run: Run, event: Event, committed: asyncio.Future[None]) -> None:
+        """A commit callback: publish the event, or stop the execution if it failed."""
+        if committed.cancelled():
+            return
+        error = committed.exception()
+        if error is not None:
+            if run.error is None:
+                run.fail(error)
+            return
+        if run.error is None:
+            run.publish(event)
 
     # -- look-ups ----------------------------------------------------------------------------
 

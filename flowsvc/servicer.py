@@ -206,11 +206,17 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self.engine = manager.engine
 
     async def _start(self, request: pb.ExecuteFlowRequest | pb.StreamFlowRequest) -> Attachment:
+        # The flow's bytes key the manager's cache of validated flows: a flow sent before
+        # is neither converted nor validated again.
+        key = (
+            request.flow.SerializeToString(deterministic=True) if request.HasField("flow") else None
+        )
         return await self.manager.start(
-            convert.request_flow_from_pb(request),
+            lambda: convert.request_flow_from_pb(request),
             convert.struct_from_pb(request.input),
             request_id=request.request_id,
             continue_on_disconnect=request.continue_on_disconnect,
+            cache_key=key,
         )
 
     @unary

@@ -7,6 +7,7 @@ event of it, numbered 1, 2, ... per execution. Callers rely on one promise: when
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ class NewExecution:
 
     flow_id: str
     flow: Flow
+    flow_json: str  # the flow as the store keeps it (store.codec.flow_to_json, encoded)
     input: Mapping[str, Any]
     request_id: str | None
     request_hash: str
@@ -64,6 +66,10 @@ class ExecutionStore(Protocol):
 
     async def append(self, flow_id: str, sequence: int, event: Event) -> None:
         """Commit one event; a FlowFinished also sets the execution's final status."""
+
+    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
+        """Queue one event for commit; the future is done once it is committed (in the
+        order events were queued) or has failed with StoreUnavailableError."""
 
     async def get(self, flow_id: str) -> ExecutionRecord | None: ...
 

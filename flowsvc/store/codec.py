@@ -31,8 +31,8 @@ from flowsvc.models import (
 KIND_STARTED, KIND_TASK, KIND_FINISHED = "started", "task", "finished"
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+#: One encoder for all: json.dumps with options builds a new one per call.
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
 
 
 def _retry_to_json(retry: RetryPolicy) -> dict[str, Any]:
@@ -121,12 +121,11 @@ def flow_from_json(data: Mapping[str, Any]) -> Flow:
     )
 
 
-def request_hash(flow: Flow, flow_input: Mapping[str, Any]) -> str:
-    """A digest of what was asked: the same flow and input give the same digest."""
-    canonical = json.dumps(
-        {"flow": flow_to_json(flow), "input": flow_input}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def request_hash(flow_digest: str, flow_input: Mapping[str, Any]) -> str:
+    """A digest of what was asked (the flow's digest, and the input): the same flow and
+    input give the same digest."""
+    canonical = json.dumps(flow_input, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{flow_digest}:{canonical}".encode()).hexdigest()
 
 
 def event_to_json(event: Event) -> tuple[str, str]:

@@ -38,7 +38,6 @@ from flowsvc.store.codec import (
     event_from_json,
     event_to_json,
     flow_from_json,
-    flow_to_json,
 )
 
 logger = logging.getLogger("flowsvc.store")
@@ -57,8 +56,7 @@ CREATE TABLE executions (
     status        TEXT    NOT NULL,
     message       TEXT    NOT NULL DEFAULT '',
     created_at    TEXT    NOT NULL,
-    finished_at   TEXT,
-    last_sequence INTEGER NOT NULL DEFAULT 0
+    finished_at   TEXT
 );
 CREATE INDEX executions_by_status ON executions (status, cursor);
 CREATE INDEX executions_by_name ON executions (flow_name, cursor);
@@ -81,7 +79,8 @@ MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 
 _COLUMNS = (
     "cursor, flow_id, flow_json, input_json, request_id, request_hash, status, message, "
-    "created_at, finished_at, last_sequence"
+    "created_at, finished_at,"
+    " (SELECT COALESCE(MAX(sequence), 0) FROM events e WHERE e.flow_id = executions.flow_id)"
 )
 
 
@@ -105,14 +104,26 @@ def _record(row: tuple[Any, ...]) -> ExecutionRecord:
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[sqlite3.Connection], Any] | None  # None: an event append (`row`)
     write: bool
     future: asyncio.Future[Any]
+    row: tuple[Any, ...] | None = None  # (flow_id, sequence, kind, body)
+    finish: tuple[Any, ...] | None = None  # (status, message, finished_at, flow_id)
     result: Any = field(default=None)
     error: BaseException | None = field(default=None)
 
 
 _STOP = object()
+
+_INSERT_EVENT = "INSERT INTO events (flow_id, sequence, kind, body) VALUES (?, ?, ?, ?)"
+_FINISH = (
+    "UPDATE executions SET status = ?, message = ?, finished_at = ? WHERE flow_id = ?"
+    " AND status = 'running'"
+)
+
+
+class _JobFailed(Exception):
+    """A job of a batch failed: the batch is retried job by job."""
 
 
 def _unavailable(exc: sqlite3.Error) -> StoreUnavailableError:
@@ -181,43 +192,79 @@ class SQLiteStore:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        writes = any(job.write for job in batch)
+        """Run a batch in one transaction and one commit; consecutive appends go in one
+        executemany. If a job fails, the batch is rolled back and its jobs are run again
+        one transaction each, so that only the failing job fails (the rare path)."""
         try:
-            if writes:
-                conn.execute("BEGIN IMMEDIATE")
-            for i, job in enumerate(batch):
-                if writes:
-                    conn.execute(f"SAVEPOINT job{i}")
+            self._transaction(conn, batch)
+        except _JobFailed:
+            for job in batch:
+                job.result = job.error = None
                 try:
-                    job.result = job.fn(conn)
-                except sqlite3.IntegrityError as exc:
-                    job.error = exc
+                    self._transaction(conn, [job])
+                except _JobFailed:
+                    pass  # job.error says why
                 except sqlite3.Error as exc:
-                    if writes and not conn.in_transaction:
-                        # SQLite rolled the whole transaction back itself (SQLITE_FULL,
-                        # SQLITE_IOERR ...): the batch is lost, not just this job.
-                        raise
                     job.error = _unavailable(exc)
-                except Exception as exc:
-                    job.error = exc
-                if writes:
-                    if job.error is not None:
-                        conn.execute(f"ROLLBACK TO job{i}")
-                    conn.execute(f"RELEASE job{i}")
-            if writes:
-                conn.execute("COMMIT")
-                self.commits += 1
         except sqlite3.Error as exc:
             # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed:
             # nothing of this batch is committed, so every job fails.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             error = _unavailable(exc)
             for job in batch:
                 job.error = error
         self.jobs += len(batch)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, batch)
+
+    def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        writes = any(job.write for job in batch)
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+            pending: list[_Job] = []
+            for job in batch:
+                if job.fn is None:
+                    pending.append(job)
+                    continue
+                if pending:
+                    self._append_rows(conn, pending)
+                    pending = []
+                try:
+                    job.result = job.fn(conn)
+                except sqlite3.IntegrityError as exc:
+                    job.error = exc
+                    raise _JobFailed from exc
+                except sqlite3.Error as exc:
+                    if writes and not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself (SQLITE_FULL,
+                        # SQLITE_IOERR ...): the batch is lost, not just this job.
+                        raise
+                    job.error = _unavailable(exc)
+                    raise _JobFailed from exc
+                except Exception as exc:
+                    job.error = exc
+                    raise _JobFailed from exc
+            if pending:
+                self._append_rows(conn, pending)
+            if writes:
+                conn.execute("COMMIT")
+                self.commits += 1
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _append_rows(conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        try:
+            conn.executemany(_INSERT_EVENT, [job.row for job in jobs if job.row is not None])
+            finishes = [job.finish for job in jobs if job.finish is not None]
+            if finishes:
+                conn.executemany(_FINISH, finishes)
+        except sqlite3.IntegrityError as exc:
+            for job in jobs:
+                job.error = exc
+            raise _JobFailed from exc
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
         if self._thread is None or self._loop is None:
@@ -273,7 +320,7 @@ class SQLiteStore:
                 (
                     new.flow_id,
                     new.flow.name,
-                    dumps(flow_to_json(new.flow)),
+                    new.flow_json,
                     dumps(dict(new.input)),
                     new.request_id,
                     new.request_hash,
@@ -301,13 +348,21 @@ class SQLiteStore:
         result: tuple[ExecutionRecord, bool] = await self._call(create, write=True)
         return result
 
-    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
+    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
+        """Queue one event; the future is done once it is committed (or failed)."""
+        if self._thread is None or self._loop is None:
+            raise StoreUnavailableError("execution store is closed")
         kind, body = event_to_json(event)
+        finish = None
+        if kind == KIND_FINISHED:
+            assert isinstance(event, FlowFinished)
+            finish = (event.status.value, event.message, _ts(event.finished_at), flow_id)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._jobs.put(_Job(None, True, future, (flow_id, sequence, kind, body), finish))
+        return future
 
-        def append(conn: sqlite3.Connection) -> None:
-            _insert_event(conn, flow_id, sequence, kind, body, event)
-
-        await self._call(append, write=True)
+    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
+        await self.append_nowait(flow_id, sequence, event)
 
     async def get(self, flow_id: str) -> ExecutionRecord | None:
         def get(conn: sqlite3.Connection) -> ExecutionRecord | None:
@@ -437,21 +492,10 @@ def _ts(moment: datetime) -> str:
 def _insert_event(
     conn: sqlite3.Connection, flow_id: str, sequence: int, kind: str, body: str, event: Event
 ) -> None:
-    conn.execute(
-        "INSERT INTO events (flow_id, sequence, kind, body) VALUES (?, ?, ?, ?)",
-        (flow_id, sequence, kind, body),
-    )
+    conn.execute(_INSERT_EVENT, (flow_id, sequence, kind, body))
     if kind == KIND_FINISHED:
         assert isinstance(event, FlowFinished)
-        conn.execute(
-            "UPDATE executions SET last_sequence = ?, status = ?, message = ?, finished_at = ?"
-            " WHERE flow_id = ?",
-            (sequence, event.status.value, event.message, _ts(event.finished_at), flow_id),
-        )
-    else:
-        conn.execute(
-            "UPDATE executions SET last_sequence = ? WHERE flow_id = ?", (sequence, flow_id)
-        )
+        conn.execute(_FINISH, (event.status.value, event.message, _ts(event.finished_at), flow_id))
 
 
 def _settle(batch: list[_Job]) -> None:

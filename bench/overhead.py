@@ -1,0 +1,70 @@
+"""flowsvc's own cost per flow, without gRPC: ExecutionManager + engine + store in-process.
+
+    .venv/bin/python bench/overhead.py [--flows 20000] [--concurrency 64] [--db :memory:]
+
+A tool for tuning the hot path (quick to run, and no network noise); scripts/bench is
+what reports the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/tasks.py
+
+import tasks  # noqa: F401  (registers the noop_* tasks in the default registry)
+from flowmanager.v1 import flow_service_pb2 as pb
+from run import sample_flow
+
+from flowsvc import convert
+from flowsvc.engine import FlowEngine
+from flowsvc.executions import ExecutionManager, ManagerSettings
+from flowsvc.registry import TaskRegistry, default_registry
+from flowsvc.store.sqlite import SQLiteStore
+
+
+async def main(flows: int, concurrency: int, db: str) -> None:
+    registry = TaskRegistry.with_builtins()
+    registry.merge(default_registry)
+    manager = ExecutionManager(
+        FlowEngine(registry),
+        SQLiteStore(db),
+        ManagerSettings(max_in_flight=10**6, retention_seconds=0),
+    )
+    await manager.open()
+    request = pb.ExecuteFlowRequest(flow=sample_flow()).SerializeToString()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with sem:
+            req = pb.ExecuteFlowRequest.FromString(request)
+            attachment = await manager.start(
+                lambda: convert.request_flow_from_pb(req),
+                convert.struct_from_pb(req.input),
+                cache_key=req.flow.SerializeToString(deterministic=True),
+            )
+            events = await manager.drain(attachment)
+            manager.release(attachment, completed=True)
+            convert.execute_response_from_events(attachment.flow_id, events).SerializeToString()
+
+    await asyncio.gather(*(one() for _ in range(500)))  # warm up
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(flows)))
+    elapsed = time.perf_counter() - t0
+    await manager.close()
+    print(f"{flows / elapsed:,.0f} flows/s  ({elapsed / flows * 1e6:.1f} us per flow, db {db})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--flows", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--db", default=":memory:")
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(main(args.flows, args.concurrency, args.db))
