@@ -228,7 +228,7 @@ def h2load(
         if quick:
             argv += ["-n", str(max(100, conns * streams * 4))]
         else:
-            argv += ["-D", str(duration), "--warm-up-time", "1"]
+            argv += ["-D", str(max(1, round(duration))), "--warm-up-time", "1"]
         argv.append(f"http://{address}/flowmanager.v1.FlowService/{method}")
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
         times_us = sorted(
@@ -495,7 +495,7 @@ def main() -> int:
     )
     parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per h2load run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per h2load run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     parser.add_argument(
         "--uvloop",

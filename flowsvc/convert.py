@@ -7,7 +7,7 @@ Functions are named `x_from_pb` / `x_to_pb`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from flowmanager.v1 import flow_pb2, flow_service_pb2
@@ -32,6 +32,7 @@ from flowsvc.models import (
 from flowsvc.registry import TaskSpec
 from flowsvc.store import ExecutionRecord
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TASK_STATUS_TO_PB = {
     TaskStatus.SUCCESS: flow_pb2.TASK_STATUS_SUCCESS,
     TaskStatus.FAILURE: flow_pb2.TASK_STATUS_FAILURE,
@@ -130,8 +131,11 @@ def step_to_pb(record: StepRecord, out: flow_pb2.TaskResult) -> None:
     struct_to_pb(record.data, out.data)
     if record.error is not None:
         out.error = record.error
-    out.started_at.FromDatetime(record.started_at)
-    out.duration.FromNanoseconds(round(record.duration_s * 1e9))
+    delta = record.started_at - _EPOCH  # FromDatetime() does the same, slower
+    out.started_at.seconds = delta.days * 86400 + delta.seconds
+    out.started_at.nanos = delta.microseconds * 1000
+    nanos = round(record.duration_s * 1e9)
+    out.duration.seconds, out.duration.nanos = divmod(nanos, 1_000_000_000)
     out.step = record.step
     out.attempt = record.attempt
 

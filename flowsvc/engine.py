@@ -340,7 +340,10 @@ class FlowEngine:
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         try:
-            params = node.template.render(_lookup(flow_input, latest))
+            template = node.template
+            params = (
+                template.render(_lookup(flow_input, latest)) if template.refers else template.params
+            )
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
@@ -360,18 +363,19 @@ class FlowEngine:
             duration_s=duration,
             attempt=attempt,
         )
-        log_event(
-            logger,
-            logging.INFO,
-            "task finished",
-            flow_id=flow_id,
-            task=node.name,
-            step=step,
-            attempt=attempt,
-            status=status.value,
-            duration_s=round(duration, 6),
-            error=record.error,
-        )
+        if logger.isEnabledFor(logging.INFO):  # no keyword dict to build when it is off
+            log_event(
+                logger,
+                logging.INFO,
+                "task finished",
+                flow_id=flow_id,
+                task=node.name,
+                step=step,
+                attempt=attempt,
+                status=status.value,
+                duration_s=round(duration, 6),
+                error=record.error,
+            )
         return record, result.retryable
 
     async def _call_with_timeouts(

@@ -445,6 +445,12 @@ class ExecutionManager:
 
     async def drain(self, attachment: Attachment) -> list[Event]:
         """Every event of the execution, once it has ended (what ExecuteFlow returns)."""
+        run = self._live.get(attachment.flow_id)
+        if run is not None:
+            await run.wait_done()
+            if run.error is not None:
+                raise run.error
+            return run.events
         return [event async for _, event in self.follow(attachment.flow_id, 0)]
 
     # -- the drive: engine -> store -> followers -----------------------------------------

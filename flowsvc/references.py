@@ -147,12 +147,14 @@ def _render(value: Any, lookup: Lookup) -> Any:
 class Template:
     """A task's params, compiled: render() is cheap, and free when there is no reference."""
 
-    __slots__ = ("_compiled", "_refs", "params")
+    __slots__ = ("_compiled", "_refs", "params", "refers")
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = params
         self._compiled = _compile(params)
         self._refs = list(_walk_refs(self._compiled, ""))
+        #: False: render() would return `params` as they are.
+        self.refers = bool(self._refs)
 
     def refs(self) -> list[tuple[str, Ref]]:
         """(path below params, e.g. ".headers.Authorization", Ref) for every reference."""
