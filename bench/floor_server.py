@@ -61,7 +61,13 @@ async def serve(execute: pb.ExecuteFlowResponse, stream: list[pb.StreamFlowRespo
             response_serializer=pb.StreamFlowResponse.SerializeToString,
         ),
     }
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", 100000),
+            ("grpc.server.max_pending_requests_hard_limit", 200000),
+        ]
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

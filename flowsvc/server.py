@@ -254,6 +254,11 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
             # Refuse to share a port with another process (a second server would
             # silently split the traffic).
             ("grpc.so_reuseport", 0),
+            # grpc cancels calls that arrive faster than the server takes them once more
+            # than 1,000 (3,000 hard) are pending: a burst of executions as large as
+            # --max-in-flight must be accepted, not CANCELLED.
+            ("grpc.server.max_pending_requests", max(1000, settings.max_in_flight)),
+            ("grpc.server.max_pending_requests_hard_limit", max(3000, 2 * settings.max_in_flight)),
         ]
     )
     server.add_generic_rpc_handlers(
