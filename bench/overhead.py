@@ -24,15 +24,17 @@ from flowsvc import convert
 from flowsvc.engine import FlowEngine
 from flowsvc.executions import ExecutionManager, ManagerSettings
 from flowsvc.registry import TaskRegistry, default_registry
+from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
 
 
 async def main(flows: int, concurrency: int, db: str) -> None:
     registry = TaskRegistry.with_builtins()
     registry.merge(default_registry)
+    store = MemoryStore() if db == ":memory:" else SQLiteStore(db)
     manager = ExecutionManager(
         FlowEngine(registry),
-        SQLiteStore(db),
+        store,
         ManagerSettings(max_in_flight=10**6, retention_seconds=0),
     )
     await manager.open()

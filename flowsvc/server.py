@@ -32,6 +32,8 @@ from flowsvc.executions import ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import FlowServicer, safe_deserializer
+from flowsvc.store import ExecutionStore
+from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
 from flowsvc.tasks import http as http_task
 
@@ -39,6 +41,8 @@ logger = logging.getLogger("flowsvc.server")
 
 SERVICE = flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"]
 SERVICE_NAME = SERVICE.full_name
+#: The --db value that keeps executions in memory only (MemoryStore).
+MEMORY = ":memory:"
 #: How long RPCs get to send their last messages once every flow has ended.
 FINAL_RPC_GRACE_SECONDS = 2.0
 #: Names of the threads that run sync tasks.
@@ -231,11 +235,15 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
             health_updates.add(task)
             task.add_done_callback(health_updates.discard)
 
-    store = SQLiteStore(
-        settings.db,
-        synchronous=settings.db_synchronous,
-        busy_timeout_ms=settings.db_busy_timeout_ms,
-        max_bytes=settings.db_max_bytes,
+    store: ExecutionStore = (
+        MemoryStore()
+        if settings.db == MEMORY
+        else SQLiteStore(
+            settings.db,
+            synchronous=settings.db_synchronous,
+            busy_timeout_ms=settings.db_busy_timeout_ms,
+            max_bytes=settings.db_max_bytes,
+        )
     )
     manager = ExecutionManager(
         engine,

@@ -380,9 +380,11 @@ async def test_retry_while_the_first_still_runs_attaches_to_it(
 # -- limits -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def settings() -> Settings:
-    return Settings(listen="127.0.0.1:0", db=":memory:", max_in_flight=2, grace_seconds=5.0)
+@pytest.fixture(params=["memory", "sqlite"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Every test here runs against both stores: in memory, and a SQLite file."""
+    db = ":memory:" if request.param == "memory" else str(tmp_path / "executions.db")
+    return Settings(listen="127.0.0.1:0", db=db, max_in_flight=2, grace_seconds=5.0)
 
 
 async def test_in_flight_cap_gives_resource_exhausted_with_retry_info(stub, registry) -> None:

@@ -1,0 +1,169 @@
+"""The in-memory execution store (`--db :memory:`): for tests and benchmarks.
+
+Same Protocol and behaviour as the SQLite store, with nothing kept across restarts and
+no thread: an append is "committed" the moment it is made, so its future is done at once
+(its callbacks still run in order, on the next turns of the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from flowsvc.errors import StoreUnavailableError
+from flowsvc.models import Event, FlowFinished, FlowStatus
+from flowsvc.store import ExecutionRecord, NewExecution, StoredEvent
+
+
+@dataclass(slots=True)
+class _Entry:
+    new: NewExecution
+    cursor: int
+    status: FlowStatus = FlowStatus.RUNNING
+    message: str = ""
+    finished_at: datetime | None = None
+    events: list[Event] = field(default_factory=list)
+
+    def record(self) -> ExecutionRecord:
+        new = self.new
+        return ExecutionRecord(
+            flow_id=new.flow_id,
+            flow=new.flow,
+            input=new.input,
+            request_id=new.request_id,
+            request_hash=new.request_hash,
+            status=self.status,
+            message=self.message,
+            created_at=new.created_at,
+            finished_at=self.finished_at,
+            last_sequence=len(self.events),
+            cursor=self.cursor,
+        )
+
+
+class MemoryStore:
+    """ExecutionStore in a dict."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}  # in creation order
+        self._by_request: dict[str, str] = {}
+        self._cursor = 0
+        self._secret = os.urandom(32)
+        self._open = False
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def _check(self) -> None:
+        if not self._open:
+            raise StoreUnavailableError("execution store is closed")
+
+    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+        self._check()
+        if new.request_id is not None and new.request_id in self._by_request:
+            return self._entries[self._by_request[new.request_id]].record(), False
+        self._cursor += 1
+        entry = _Entry(new, self._cursor)
+        self._entries[new.flow_id] = entry
+        if new.request_id is not None:
+            self._by_request[new.request_id] = new.flow_id
+        return entry.record(), True
+
+    def _append(self, flow_id: str, sequence: int, event: Event) -> None:
+        entry = self._entries[flow_id]
+        if sequence != len(entry.events) + 1:
+            raise ValueError(f"event {sequence} of {flow_id} is out of order")
+        entry.events.append(event)
+        if isinstance(event, FlowFinished) and entry.status is FlowStatus.RUNNING:
+            entry.status = event.status
+            entry.message = event.message
+            entry.finished_at = event.finished_at
+
+    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
+        self._check()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._append(flow_id, sequence, event)
+        future.set_result(None)
+        return future
+
+    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
+        self._check()
+        self._append(flow_id, sequence, event)
+
+    async def get(self, flow_id: str) -> ExecutionRecord | None:
+        self._check()
+        entry = self._entries.get(flow_id)
+        return entry.record() if entry else None
+
+    async def get_by_request_id(self, request_id: str) -> ExecutionRecord | None:
+        self._check()
+        flow_id = self._by_request.get(request_id)
+        return self._entries[flow_id].record() if flow_id else None
+
+    async def events(self, flow_id: str, after: int = 0) -> list[StoredEvent]:
+        self._check()
+        entry = self._entries.get(flow_id)
+        if entry is None:
+            return []
+        return [StoredEvent(i + 1, e) for i, e in enumerate(entry.events) if i + 1 > after]
+
+    async def page(
+        self,
+        limit: int,
+        before_cursor: int | None,
+        status: FlowStatus | None,
+        flow_name: str | None,
+    ) -> list[ExecutionRecord]:
+        self._check()
+        out: list[ExecutionRecord] = []
+        for flow_id in reversed(self._entries):  # newest first
+            entry = self._entries[flow_id]
+            if before_cursor is not None and entry.cursor >= before_cursor:
+                continue
+            if status is not None and entry.status is not status:
+                continue
+            if flow_name is not None and entry.new.flow.name != flow_name:
+                continue
+            out.append(entry.record())
+            if len(out) == limit:
+                break
+        return out
+
+    async def finish_running(
+        self,
+        make_final: Callable[[ExecutionRecord], FlowFinished],
+        only: Collection[str] | None = None,
+    ) -> list[str]:
+        self._check()
+        done = []
+        for flow_id, entry in list(self._entries.items()):
+            if entry.status is not FlowStatus.RUNNING or (only is not None and flow_id not in only):
+                continue
+            self._append(flow_id, len(entry.events) + 1, make_final(entry.record()))
+            done.append(flow_id)
+        return done
+
+    async def delete_finished_before(self, cutoff: datetime) -> int:
+        self._check()
+        old = [
+            flow_id
+            for flow_id, entry in self._entries.items()
+            if entry.finished_at is not None and entry.finished_at < cutoff
+        ]
+        for flow_id in old:
+            entry = self._entries.pop(flow_id)
+            if entry.new.request_id is not None:
+                self._by_request.pop(entry.new.request_id, None)
+        return len(old)
+
+    async def check_writable(self) -> None:
+        self._check()
+
+    async def secret(self) -> bytes:
+        return self._secret
