@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -75,22 +74,6 @@ class _Prepared:
     plan: PreparedFlow
     flow_json: str
     flow_digest: str
-
-
-class _FlowIds:
-    """UUID4 strings from random bytes read 4 KiB at a time (one syscall per 256 ids)."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-
-    def __call__(self) -> str:
-        if not self._pool:
-            self._pool = os.urandom(4096)
-        raw, self._pool = self._pool[:16], self._pool[16:]
-        return str(uuid.UUID(bytes=raw, version=4))
-
-
-new_flow_id = _FlowIds()
 
 
 def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
@@ -330,7 +313,7 @@ class ExecutionManager:
                 retry_after=1.0,
             )
         new = NewExecution(
-            flow_id=new_flow_id(),
+            flow_id=str(uuid.uuid4()),
             flow=plan.flow,
             flow_json=prepared.flow_json,
             input=flow_input,
