@@ -39,7 +39,6 @@ from flowsvc.errors import (
     ShuttingDownError,
     StoreUnavailableError,
     TooManyExecutionsError,
-    Violation,
 )
 from flowsvc.logs import event as log_event
 from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
@@ -613,4 +612,4 @@ class ExecutionManager:
             await asyncio.sleep(interval)
 
 
-__all__ = ["Attachment", "ExecutionManager", "ManagerSettings", "Run", "Violation", "parse_flow_id"]
+__all__ = ["Attachment", "ExecutionManager", "ManagerSettings", "Run", "parse_flow_id"]

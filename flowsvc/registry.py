@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flowsvc.errors import TaskRegistrationError
-from flowsvc.models import TaskContext
 
-TaskFn = Callable[[], Any] | Callable[[TaskContext], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
