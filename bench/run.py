@@ -45,7 +45,6 @@ from typing import Any
 
 import grpc
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pb = flow_service_pb2
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,25 +300,23 @@ def throughput(
 # -- scenarios driven by a Python client ------------------------------------------------------
 
 
-async def health_probe(address: str, stop: asyncio.Event, every: float = 0.01) -> list[float]:
-    """Health Check latencies (ms), one call every `every` seconds until `stop`."""
-    latencies: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(every)
-    return latencies
-
-
 async def concurrent_flows(
     address: str, flow: flow_pb2.Flow, count: int, channels: int = 8
 ) -> tuple[float, list[int], list[float]]:
-    """Start `count` ExecuteFlows at once; (wall seconds, statuses, health latencies)."""
-    stop = asyncio.Event()
-    probe = asyncio.ensure_future(health_probe(address, stop))
+    """Start `count` ExecuteFlows at once; (wall seconds, statuses, health latencies).
+
+    Health is probed from a process of its own: in this one, the probe's latency would
+    include this client's own event loop, busy with `count` calls.
+    """
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "bench" / "health_probe.py"),
+        address,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert probe.stdout is not None
+    assert (await probe.stdout.readline()).strip() == b"ready"
     chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
     try:
         stubs = [flow_service_pb2_grpc.FlowServiceStub(c) for c in chans]
@@ -332,10 +329,10 @@ async def concurrent_flows(
         )
         wall = time.perf_counter() - t0
     finally:
-        stop.set()
-        health = await probe
+        out, _ = await probe.communicate(b"")
         for c in chans:
             await c.close()
+    health: list[float] = json.loads(out)
     return wall, [r.status for r in responses], health
 
 
