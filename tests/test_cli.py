@@ -170,6 +170,7 @@ def test_missing_task_module_is_a_clear_error(tmp_path: Path) -> None:
     ("args", "env", "needle"),
     [
         (["--default-max-steps", "zero"], {}, "--default-max-steps"),
+        ([], {"FLOWSVC_EVENT_LOOP": "trio"}, "FLOWSVC_EVENT_LOOP"),
         ([], {"FLOWSVC_GRACE_SECONDS": "-1"}, "FLOWSVC_GRACE_SECONDS"),
         ([], {"FLOWSVC_LOG_LEVEL": "loud"}, "FLOWSVC_LOG_LEVEL"),
         (["--default-max-steps", "50", "--max-steps-cap", "10"], {}, "max_steps_cap"),
@@ -309,3 +310,14 @@ async def test_policy_caps_are_configurable(tmp_path: Path) -> None:
                 "flow.tasks[0].timeout": "2s is over this server's cap of 1s",
                 "flow.tasks[0].retry.max_attempts": "4 is over this server's cap of 3",
             }
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_both_event_loops_serve(tmp_path: Path, loop: str) -> None:
+    with server_process(tmp_path, "--event-loop", loop, "--db", ":memory:") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            response = await stub.ExecuteFlow(
+                flow_service_pb2.ExecuteFlowRequest(flow=chain("noop"))
+            )
+            assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
