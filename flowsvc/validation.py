@@ -167,24 +167,21 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
             f"{path}.retry.max_attempts",
             f"{retry.max_attempts} is over this server's cap of {limits.max_attempts}",
         )
-    if retry.initial_backoff_s < 0:
-        bad(f"{path}.retry.initial_backoff", "must not be negative")
-    elif retry.initial_backoff_s > limits.max_backoff_s:
-        bad(
-            f"{path}.retry.initial_backoff",
-            f"{retry.initial_backoff_s:g}s is over this server's cap of {limits.max_backoff_s:g}s",
-        )
+    for name, seconds in (
+        ("initial_backoff", retry.initial_backoff_s),
+        ("max_backoff", retry.max_backoff_s),
+    ):
+        if seconds < 0:
+            bad(f"{path}.retry.{name}", "must not be negative")
+        elif seconds > limits.max_backoff_s:
+            bad(
+                f"{path}.retry.{name}",
+                f"{seconds:g}s is over this server's cap of {limits.max_backoff_s:g}s",
+            )
     if not 1 <= retry.backoff_multiplier <= MAX_MULTIPLIER:
         bad(
             f"{path}.retry.backoff_multiplier",
             f"must be between 1 and {MAX_MULTIPLIER:g}, not {retry.backoff_multiplier:g}",
-        )
-    if retry.max_backoff_s < 0:
-        bad(f"{path}.retry.max_backoff", "must not be negative")
-    elif retry.max_backoff_s > limits.max_backoff_s:
-        bad(
-            f"{path}.retry.max_backoff",
-            f"{retry.max_backoff_s:g}s is over this server's cap of {limits.max_backoff_s:g}s",
         )
 
 
