@@ -53,9 +53,21 @@ def struct_from_pb(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def struct_to_pb(data: Mapping[str, Any], out: struct_pb2.Struct) -> None:
-    """Fill `out` from a JSON-compatible mapping."""
+    """Fill `out` from a JSON-compatible mapping (read-only mappings and tuples too)."""
     if data:
-        out.update(data)
+        try:
+            out.update(data)
+        except (TypeError, ValueError):
+            out.Clear()
+            out.update(_plain(data))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:

@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 INPUT = "input"
@@ -150,7 +151,9 @@ class Template:
     __slots__ = ("_compiled", "_refs", "params", "refers")
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self.params = params
+        # Read-only: prepared flows are cached and shared by every execution of the flow,
+        # so a task must not be able to change the params the next execution gets.
+        self.params: Mapping[str, Any] = MappingProxyType(dict(params))
         self._compiled = _compile(params)
         self._refs = list(_walk_refs(self._compiled, ""))
         #: False: render() would return `params` as they are.

@@ -413,3 +413,32 @@ def test_outside_cancel_still_propagates_after_a_stop_request(registry: TaskRegi
 
     asyncio.run(main())
     assert state["after"] == []
+
+
+def test_params_are_read_only_so_executions_cannot_leak_into_each_other(registry) -> None:
+    def meddle(ctx: TaskContext) -> TaskResult:
+        try:
+            ctx.params["x"] = "changed"  # type: ignore[index]
+        except TypeError:
+            return TaskResult.success({"seen": ctx.params["x"], "params": ctx.params})
+        return TaskResult.failure("params were writable")
+
+    registry.register("meddle", meddle)
+    engine = FlowEngine(registry)
+    plan = engine.prepare(Flow("f", "meddle", (Task("meddle", params={"x": "original"}),)))
+    for _ in range(2):  # one prepared flow, two executions
+        execution = asyncio.run(engine.run(plan, {}))
+        assert execution.status is FlowStatus.SUCCEEDED, execution.history[0].error
+        assert execution.history[0].data["seen"] == "original"
+
+
+async def test_read_only_params_returned_as_data_are_stored(stub, registry) -> None:
+    from flowmanager.v1 import flow_service_pb2
+
+    from tests.support import chain
+
+    registry.register("give_back", lambda ctx: TaskResult.success({"params": ctx.params}))
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain(("give_back", {"k": "v"})))
+    response = await stub.ExecuteFlow(request, timeout=10)
+    got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id))
+    assert got.execution.execution_history[0] == response.execution_history[0]

@@ -31,8 +31,17 @@ from flowsvc.models import (
 KIND_STARTED, KIND_TASK, KIND_FINISHED = "started", "task", "finished"
 
 
+def _plain(value: Any) -> Any:
+    """What json cannot encode by itself: read-only mappings (task params) as dicts."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 #: One encoder for all: json.dumps with options builds a new one per call.
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
+dumps = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=True, default=_plain
+).encode
 #: JSON text of a str (the C function json itself uses).
 _string = json.encoder.encode_basestring
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
