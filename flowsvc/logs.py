@@ -20,9 +20,22 @@ _encode = json.JSONEncoder(default=str).encode
 class JsonFormatter(logging.Formatter):
     """Formats a record as a JSON object with its `extra` fields at the top level."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        # The date and time to the second change once a second: format them then only.
+        second = int(created)
+        if second != self._second:
+            moment = datetime.fromtimestamp(second, UTC)
+            self._second, self._second_text = second, moment.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((created - second) * 1000):03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

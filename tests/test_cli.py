@@ -61,6 +61,15 @@ async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
         lines = srv.log_lines()
         messages = [line["msg"] for line in lines]
         assert messages.index("shutting down") < messages.index("stopped")
+        # Every line is one JSON object with a UTC timestamp to the millisecond.
+        import re
+
+        assert all(
+            re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["ts"])
+            for line in lines
+        )
+        task_lines = [line for line in lines if line["msg"] == "task finished"]
+        assert task_lines and {"flow_id", "task", "status", "duration_s"} <= set(task_lines[0])
         # Nothing went wrong on the way out: no error lines (e.g. a cancelled health Watch).
         assert [line for line in lines if line["level"] == "error"] == []
 
