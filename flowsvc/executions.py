@@ -103,6 +103,7 @@ class Run:
         "flow_id",
         "stop",
         "task",
+        "unpublished",
     )
 
     def __init__(self, flow_id: str, continue_on_disconnect: bool) -> None:
@@ -113,6 +114,8 @@ class Run:
         self.finished = False
         self.error: BaseException | None = None
         self.callers = 0
+        #: Events committed or being committed whose publication is still to come.
+        self.unpublished = 0
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -454,6 +457,12 @@ class ExecutionManager:
                 async for event in events:
                     sequence += 1
                     committed = self.store.append_nowait(run.flow_id, sequence, event)
+                    if not run.unpublished and committed.done() and committed.exception() is None:
+                        # Committed at once (the in-memory store), and no earlier event
+                        # waits for its callback: publish now, in order.
+                        run.publish(event)
+                        continue
+                    run.unpublished += 1
                     committed.add_done_callback(partial(self._committed, run, event))
                     pending.append(committed)
                     while pending and pending[0].done():
@@ -489,6 +498,7 @@ class ExecutionManager:
 
     def _committed(self, run: Run, event: Event, committed: asyncio.Future[None]) -> None:
         """A commit callback: publish the event, or stop the execution if it failed."""
+        run.unpublished -= 1
         if committed.cancelled():
             return
         error = committed.exception()
