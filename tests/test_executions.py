@@ -619,3 +619,45 @@ async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
             assert [m.sequence for m in watched] == [1, 2, 3]
     finally:
         await server.shutdown(grace=0)
+
+
+async def _newest_flow_id(stub) -> str:
+    return (await stub.ListExecutions(pb.ListExecutionsRequest())).executions[0].flow_id
+
+
+async def test_cancel_of_an_execute_flow_while_its_caller_waits(stub, registry) -> None:
+    started, _, cancelled = gate(registry)
+    execute = asyncio.ensure_future(
+        stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "gated", "echo")), timeout=10)
+    )
+    await started.wait()
+    flow_id = await _newest_flow_id(stub)
+    watch = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+    response = await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+    assert response.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+    result = await execute  # the caller gets the cancelled execution, with OK
+    assert result.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert [r.task for r in result.execution_history] == ["noop"]
+    assert cancelled == [flow_id]
+    watched = await read_all(watch)
+    assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+
+async def test_execute_flow_caller_leaving_ends_it_for_its_watchers_too(stub, registry) -> None:
+    started, _, cancelled = gate(registry)
+    execute = asyncio.ensure_future(
+        stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated", "echo")), timeout=10)
+    )
+    await started.wait()
+    flow_id = await _newest_flow_id(stub)
+    watch = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+    assert (await watch.read()).WhichOneof("event") == "started"
+    execute.cancel()  # the caller goes away
+    rest = await read_all(watch)
+    assert await watch.code() == grpc.StatusCode.OK
+    assert [m.WhichOneof("event") for m in rest] == ["finished"]
+    assert rest[0].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert rest[0].sequence == 2
+    got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+    assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and "caller went away" in got.message
+    assert cancelled == [flow_id]

@@ -150,6 +150,8 @@ class SQLiteStore:
         self._max_bytes = max_bytes
         self._max_batch = max_batch
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        # Executions one of whose events failed to commit (touched by the store thread only).
+        self._broken: set[str] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Commits made and jobs served, for the benchmarks' group-commit figures.
@@ -203,18 +205,26 @@ class SQLiteStore:
                 try:
                     self._transaction(conn, [job])
                 except _JobFailed:
-                    pass  # job.error says why
+                    self._lost(job)
                 except sqlite3.Error as exc:
                     job.error = _unavailable(exc)
+                    self._lost(job)
         except sqlite3.Error as exc:
             # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed:
             # nothing of this batch is committed, so every job fails.
             error = _unavailable(exc)
             for job in batch:
                 job.error = error
+                self._lost(job)
         self.jobs += len(batch)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, batch)
+
+    def _lost(self, job: _Job) -> None:
+        """An event was not committed: no later event of its execution may be, or the
+        execution would have a hole (pipelined commits queue them before they know)."""
+        if job.row is not None:
+            self._broken.add(job.row[0])
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         writes = any(job.write for job in batch)
@@ -224,6 +234,12 @@ class SQLiteStore:
             pending: list[_Job] = []
             for job in batch:
                 if job.fn is None:
+                    if job.row is not None and job.row[0] in self._broken:
+                        job.error = StoreUnavailableError(
+                            "execution store unavailable: an earlier event of this "
+                            "execution could not be committed"
+                        )
+                        continue
                     pending.append(job)
                     continue
                 if pending:
