@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from flowsvc import config, convert, logs
 from flowsvc.engine import FlowEngine
 from flowsvc.errors import FlowsvcError, FlowValidationError
-from flowsvc.models import FlowStatus
+from flowsvc.models import Event, FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 
@@ -96,9 +96,17 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     engine = _engine(settings)
     request = _read_request(args.flow_file, args.input)
     plan = engine.prepare(convert.request_flow_from_pb(request))
-    execution = asyncio.run(engine.run(plan, convert.struct_from_pb(request.input)))
-    _print(convert.execution_to_pb(execution))
-    return EXIT_OK if execution.status is FlowStatus.SUCCEEDED else EXIT_FLOW_FAILED
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in engine.events(plan, convert.struct_from_pb(request.input))]
+
+    events = asyncio.run(collect())
+    # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
+    response = convert.execute_response_from_events(events[0].flow_id, events)
+    _print(response)
+    final = events[-1]
+    succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
+    return EXIT_OK if succeeded else EXIT_FLOW_FAILED
 
 
 def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:

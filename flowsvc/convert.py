@@ -18,7 +18,6 @@ from flowsvc.models import (
     NO_RETRY,
     Condition,
     Event,
-    Execution,
     Flow,
     FlowFinished,
     FlowStarted,
@@ -150,18 +149,6 @@ def step_to_pb(record: StepRecord, out: flow_pb2.TaskResult) -> None:
     out.duration.seconds, out.duration.nanos = divmod(nanos, 1_000_000_000)
     out.step = record.step
     out.attempt = record.attempt
-
-
-def execution_to_pb(execution: Execution) -> flow_service_pb2.ExecuteFlowResponse:
-    """The ExecuteFlow response for a finished execution."""
-    out = flow_service_pb2.ExecuteFlowResponse(
-        flow_id=execution.flow_id,
-        status=_FLOW_STATUS_TO_PB[execution.status],
-        message=execution.message,
-    )
-    for record in execution.history:
-        step_to_pb(record, out.execution_history.add())
-    return out
 
 
 StreamMessage = TypeVar(

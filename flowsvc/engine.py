@@ -25,7 +25,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -347,8 +347,10 @@ class FlowEngine:
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
-            result = await self._call_with_timeouts(
-                node, flow_id, flow_name, step, params, flow_input, history, deadline
+            result = await self._with_timeouts(
+                node,
+                self._invoke(node, flow_id, flow_name, step, params, flow_input, history),
+                deadline,
             )
         duration = time.perf_counter() - t0
         status = result.status
@@ -378,18 +380,10 @@ class FlowEngine:
             )
         return record, result.retryable
 
-    async def _call_with_timeouts(
-        self,
-        node: _Node,
-        flow_id: str,
-        flow_name: str,
-        step: int,
-        params: Mapping[str, Any],
-        flow_input: Mapping[str, Any],
-        history: list[StepRecord],
-        deadline: float | None,
+    async def _with_timeouts(
+        self, node: _Node, call: Coroutine[Any, Any, TaskResult], deadline: float | None
     ) -> TaskResult:
-        call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history)
+        """Await `call` within the task's timeout and the flow's deadline."""
         if node.timeout_s is None and deadline is None:
             return await call  # the common case: no timer at all
         loop = asyncio.get_running_loop()
