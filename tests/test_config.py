@@ -1,0 +1,37 @@
+"""Settings: the defaults the issues name, and flags winning over FLOWSVC_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowsvc.config import Settings, from_sources
+
+
+def test_defaults() -> None:
+    settings = from_sources({}, environ={})
+    assert settings == Settings()
+    assert settings.listen == "[::]:50051"
+    assert settings.default_max_steps == 1000
+    assert settings.grace_seconds == 10.0
+    assert settings.db == "flowsvc.db"
+    assert settings.db_synchronous == "FULL"
+
+
+def test_flag_wins_over_environment_which_wins_over_default() -> None:
+    environ = {"FLOWSVC_GRACE_SECONDS": "3", "FLOWSVC_TASK_MODULES": "a, b,,c"}
+    settings = from_sources({"grace_seconds": "7"}, environ=environ)
+    assert settings.grace_seconds == 7.0
+    assert settings.task_modules == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        ({"FLOWSVC_MAX_IN_FLIGHT": "0"}, "FLOWSVC_MAX_IN_FLIGHT"),
+        ({"FLOWSVC_DB_SYNCHRONOUS": "OFF"}, "FLOWSVC_DB_SYNCHRONOUS"),
+        ({"FLOWSVC_DB": " "}, "FLOWSVC_DB"),
+    ],
+)
+def test_bad_values_name_their_variable(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        from_sources({}, environ=environ)
