@@ -211,7 +211,10 @@ class FlowEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flow.timeout_s if flow.timeout_s else None
         started_at = datetime.now(UTC)
-        log_event(logger, logging.INFO, "flow started", flow_id=flow_id, flow=flow.name)
+        logging_info = logger.isEnabledFor(logging.INFO)  # checked once per execution
+        if logging_info:
+            log_event(logger, logging.INFO, "flow started", flow_id=flow_id, flow=flow.name)
+        me = asyncio.current_task()  # the task running this generator, for stop.request()
         yield FlowStarted(flow_id, flow.name, started_at)
 
         history: list[StepRecord] = []
@@ -240,7 +243,7 @@ class FlowEngine:
                         break
                     step += 1
                     attempt += 1
-                    stop._running = asyncio.current_task()
+                    stop._running = me
                     try:
                         record, retryable = await self._attempt(
                             node, flow_id, flow.name, step, attempt, flow_input, history,
@@ -268,7 +271,7 @@ class FlowEngine:
                     if deadline is not None and loop.time() + delay >= deadline:
                         delay = max(0.0, deadline - loop.time())
                         status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
-                    stop._running = asyncio.current_task()
+                    stop._running = me
                     try:
                         await asyncio.sleep(delay)
                     except asyncio.CancelledError:
@@ -311,16 +314,17 @@ class FlowEngine:
             )
             raise
         finished_at = datetime.now(UTC)
-        log_event(
-            logger,
-            logging.INFO,
-            "flow ended",
-            flow_id=flow_id,
-            flow=flow.name,
-            status=status.value,
-            steps=step,
-            duration_s=round((finished_at - started_at).total_seconds(), 6),
-        )
+        if logging_info:
+            log_event(
+                logger,
+                logging.INFO,
+                "flow ended",
+                flow_id=flow_id,
+                flow=flow.name,
+                status=status.value,
+                steps=step,
+                duration_s=round((finished_at - started_at).total_seconds(), 6),
+            )
         yield FlowFinished(flow_id, status, message, finished_at, step)
 
     async def _attempt(
@@ -347,11 +351,11 @@ class FlowEngine:
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
-            result = await self._with_timeouts(
-                node,
-                self._invoke(node, flow_id, flow_name, step, params, flow_input, history),
-                deadline,
-            )
+            call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history)
+            if node.timeout_s is None and deadline is None:
+                result = await call  # the common case: no timer at all
+            else:
+                result = await self._with_timeouts(node, call, deadline)
         duration = time.perf_counter() - t0
         status = result.status
         assert isinstance(status, TaskStatus)  # TaskResult normalises it
@@ -384,8 +388,6 @@ class FlowEngine:
         self, node: _Node, call: Coroutine[Any, Any, TaskResult], deadline: float | None
     ) -> TaskResult:
         """Await `call` within the task's timeout and the flow's deadline."""
-        if node.timeout_s is None and deadline is None:
-            return await call  # the common case: no timer at all
         loop = asyncio.get_running_loop()
         task_deadline = loop.time() + node.timeout_s if node.timeout_s is not None else None
         when = min(d for d in (task_deadline, deadline) if d is not None)
@@ -460,10 +462,13 @@ class FlowEngine:
             return TaskResult.failure(
                 f"task returned {type(out).__name__}, not a TaskResult: {out!r:.200}"
             )
+        data = out.data
+        if type(data) is dict and not data:  # the common case: nothing to check
+            return out
         problem = (
-            _json_problem(out.data, "data")
-            if isinstance(out.data, Mapping)
-            else f"data is a {type(out.data).__name__}, not a mapping"
+            _json_problem(data, "data")
+            if isinstance(data, Mapping)
+            else f"data is a {type(data).__name__}, not a mapping"
         )
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")

@@ -23,11 +23,10 @@ import hmac
 import json
 import logging
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle
@@ -91,10 +90,16 @@ def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
 
 
 class Run:
-    """A live execution: its committed events so far, and the followers waiting for more."""
+    """A live execution: its committed events so far, and the followers waiting for more.
+
+    Followers wait on futures of their own, woken only when there is something new; a
+    caller that only wants the end (ExecuteFlow) is woken once, at the end.
+    """
 
     __slots__ = (
-        "_changed",
+        "_commits_waiter",
+        "_done_waiters",
+        "_waiters",
         "callers",
         "continue_on_disconnect",
         "error",
@@ -114,40 +119,75 @@ class Run:
         self.finished = False
         self.error: BaseException | None = None
         self.callers = 0
-        #: Events committed or being committed whose publication is still to come.
+        #: Events queued for commit whose on_commit callback has not come yet.
         self.unpublished = 0
         self.task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []  # followers: woken by every event
+        self._done_waiters: list[asyncio.Future[None]] = []  # woken at the end only
+        # The drive, waiting for commits: (woken when unpublished <= this, its future)
+        self._commits_waiter: tuple[int, asyncio.Future[None]] | None = None
 
-    def _signal(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        waiters.clear()
 
     def publish(self, event: Event) -> None:
         self.events.append(event)
+        if self._waiters:
+            self._wake(self._waiters)
         if isinstance(event, FlowFinished):
             self.finished = True
-        self._signal()
+            self._wake(self._done_waiters)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self._signal()
+        self._wake(self._waiters)
+        self._wake(self._done_waiters)
+
+    def on_commit(self, event: Event, error: BaseException | None) -> None:
+        """The store's callback for each event: publish it, or stop on a failed commit."""
+        self.unpublished -= 1
+        if error is not None:
+            if self.error is None:
+                self.fail(error)
+        elif self.error is None:
+            self.publish(event)
+        waiter = self._commits_waiter
+        if waiter is not None and (self.unpublished <= waiter[0] or self.error is not None):
+            self._commits_waiter = None
+            if not waiter[1].done():
+                waiter[1].set_result(None)
+
+    async def commits_down_to(self, count: int) -> None:
+        """Wait until at most `count` events await their commit (or a commit failed)."""
+        while self.unpublished > count and self.error is None:
+            future = asyncio.get_running_loop().create_future()
+            self._commits_waiter = (count, future)
+            await future
 
     async def follow(self, after: int) -> AsyncIterator[tuple[int, Event]]:
         index = after
+        events = self.events
         while True:
-            while index < len(self.events):
+            while index < len(events):
                 index += 1
-                yield index, self.events[index - 1]
+                yield index, events[index - 1]
             if self.finished:
                 return
             if self.error is not None:
                 raise self.error
-            await self._changed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     async def wait_done(self) -> None:
         while not self.finished and self.error is None:
-            await self._changed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._done_waiters.append(waiter)
+            await waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,15 +364,24 @@ class ExecutionManager:
             created_at=datetime.now(UTC),
         )
         self._starting += 1
-        creating = asyncio.ensure_future(self._store(self.store.create(new)))
         try:
-            # Shielded: the record is written whatever happens to this caller, so it
-            # must be driven to an end even if the caller leaves meanwhile.
-            record, created = await asyncio.shield(creating)
-        except asyncio.CancelledError:
-            creating.add_done_callback(
-                lambda done: self._launch_orphan(done, plan, flow_input, continue_on_disconnect)
-            )
+            creating = self.store.create_nowait(new)
+            if creating.done():  # the in-memory store: no wait, nothing to shield
+                record, created = creating.result()
+            else:
+                try:
+                    # Shielded: the record is written whatever happens to this caller,
+                    # so it must be driven to an end even if the caller leaves meanwhile.
+                    record, created = await asyncio.shield(creating)
+                except asyncio.CancelledError:
+                    creating.add_done_callback(
+                        lambda done: self._launch_orphan(
+                            done, plan, flow_input, continue_on_disconnect
+                        )
+                    )
+                    raise
+        except StoreUnavailableError:
+            self._set_store_health(False)
             raise
         finally:
             self._starting -= 1
@@ -445,41 +494,38 @@ class ExecutionManager:
 
         Commits are pipelined: the engine goes on to its next task while an event is
         being committed (the store batches it with other executions' events), and the
-        event is published to followers only from its commit's callback, in order. So
-        no client ever sees an uncommitted event, and no execution waits for the disk
-        between two tasks (at most MAX_UNCOMMITTED events are in flight per execution).
+        event is published to followers only from the store's on_commit callback, in
+        order. So no client ever sees an uncommitted event, and no execution waits for
+        the disk between two tasks (at most MAX_UNCOMMITTED events are in flight per
+        execution).
         """
         sequence = 0
-        pending: deque[asyncio.Future[None]] = deque()
+        append = self.store.append_nowait
+        on_commit = run.on_commit
+        flow_id = run.flow_id
         try:
-            events = self.engine.events(plan, flow_input, run.flow_id, run.stop)
+            events = self.engine.events(plan, flow_input, flow_id, run.stop)
             async with contextlib.aclosing(events):
                 async for event in events:
                     sequence += 1
-                    committed = self.store.append_nowait(run.flow_id, sequence, event)
-                    if not run.unpublished and committed.done() and committed.exception() is None:
-                        # Committed at once (the in-memory store), and no earlier event
-                        # waits for its callback: publish now, in order.
-                        run.publish(event)
-                        continue
                     run.unpublished += 1
-                    committed.add_done_callback(partial(self._committed, run, event))
-                    pending.append(committed)
-                    while pending and pending[0].done():
-                        pending.popleft()
-                    if len(pending) > MAX_UNCOMMITTED:
-                        await self._store(pending.popleft())
+                    append(flow_id, sequence, event, on_commit)
+                    if run.unpublished > MAX_UNCOMMITTED:
+                        await run.commits_down_to(MAX_UNCOMMITTED // 2)
                     if run.error is not None:
                         break  # a commit failed: stop running tasks whose results are lost
-            for committed in pending:
-                await self._store(committed)
+            if run.unpublished:
+                await run.commits_down_to(0)
             if run.error is not None:
+                if isinstance(run.error, StoreUnavailableError):
+                    self._set_store_health(False)
                 raise run.error
         except StoreUnavailableError as exc:
             # The event could not be committed, so it is not sent. Its end is recorded
             # once the store can write again (see _probe_store).
             self._unrecorded[run.flow_id] = f"Flow interrupted: the execution store failed: {exc}"
-            run.fail(exc)
+            if run.error is None:
+                run.fail(exc)
         except asyncio.CancelledError:
             # Cut off at close(), which records the end.
             self._unrecorded[run.flow_id] = "Flow interrupted: the server stopped before it ended"
@@ -495,19 +541,6 @@ class ExecutionManager:
             self._live.pop(run.flow_id, None)
             if not self._live:
                 self._idle.set()
-
-    def _committed(self, run: Run, event: Event, committed: asyncio.Future[None]) -> None:
-        """A commit callback: publish the event, or stop the execution if it failed."""
-        run.unpublished -= 1
-        if committed.cancelled():
-            return
-        error = committed.exception()
-        if error is not None:
-            if run.error is None:
-                run.fail(error)
-            return
-        if run.error is None:
-            run.publish(event)
 
     # -- look-ups ----------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Execution stores: one Protocol, and SQLite (file or `:memory:`) behind it.
 
 A store keeps every execution (its flow, input, request_id, status, times) and every
-event of it, numbered 1, 2, ... per execution. Callers rely on one promise: when
-`append` returns, the event is committed, so it may be sent to clients.
+event of it, numbered 1, 2, ... per execution. Callers rely on one promise: an event
+is sent to clients only from its `on_commit` callback, so only once it is committed.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class StoredEvent:
     event: Event
 
 
+#: Called once per appended event: (the event, None) when committed, else (it, the error).
+OnCommit = Callable[[Event, BaseException | None], None]
+
+
 class ExecutionStore(Protocol):
     """Where executions live. Every method may raise StoreUnavailableError."""
 
@@ -60,16 +64,18 @@ class ExecutionStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
         """Record a new RUNNING execution, or, when `new.request_id` is already taken,
-        return that execution and False (the caller compares request hashes)."""
+        return that execution and False (the caller compares request hashes). The future
+        may be done already (the in-memory store)."""
 
-    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
-        """Commit one event; a FlowFinished also sets the execution's final status."""
-
-    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
-        """Queue one event for commit; the future is done once it is committed (in the
-        order events were queued) or has failed with StoreUnavailableError."""
+    def append_nowait(self, flow_id: str, sequence: int, event: Event, on_commit: OnCommit) -> None:
+        """Queue one event for commit; a FlowFinished also sets the execution's final
+        status. `on_commit(event, None)` is called on the event loop's thread once it is
+        committed, or `on_commit(event, StoreUnavailableError)` once it has failed, in the
+        order events were queued; before this returns when the commit is immediate (the
+        in-memory store). Once an event of an execution has failed, none of its later
+        events is committed."""
 
     async def get(self, flow_id: str) -> ExecutionRecord | None: ...
 
@@ -111,5 +117,6 @@ __all__ = [
     "ExecutionStore",
     "FlowFinished",
     "NewExecution",
+    "OnCommit",
     "StoredEvent",
 ]

@@ -1,8 +1,8 @@
 """The in-memory execution store (`--db :memory:`): for tests and benchmarks.
 
 Same Protocol and behaviour as the SQLite store, with nothing kept across restarts and
-no thread: an append is "committed" the moment it is made, so its future is done at once
-(its callbacks still run in order, on the next turns of the loop).
+no thread: an append is "committed" the moment it is made, and its on_commit callback
+is called before append_nowait returns.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datetime import datetime
 
 from flowsvc.errors import StoreUnavailableError
 from flowsvc.models import Event, FlowFinished, FlowStatus
-from flowsvc.store import ExecutionRecord, NewExecution, StoredEvent
+from flowsvc.store import ExecutionRecord, NewExecution, OnCommit, StoredEvent
 
 
 @dataclass(slots=True)
@@ -64,7 +64,16 @@ class MemoryStore:
         if not self._open:
             raise StoreUnavailableError("execution store is closed")
 
-    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
+        future: asyncio.Future[tuple[ExecutionRecord, bool]]
+        future = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self._create(new))
+        except StoreUnavailableError as exc:
+            future.set_exception(exc)
+        return future
+
+    def _create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
         self._check()
         if new.request_id is not None and new.request_id in self._by_request:
             return self._entries[self._by_request[new.request_id]].record(), False
@@ -85,16 +94,12 @@ class MemoryStore:
             entry.message = event.message
             entry.finished_at = event.finished_at
 
-    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
-        self._check()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def append_nowait(self, flow_id: str, sequence: int, event: Event, on_commit: OnCommit) -> None:
+        if not self._open:
+            on_commit(event, StoreUnavailableError("execution store is closed"))
+            return
         self._append(flow_id, sequence, event)
-        future.set_result(None)
-        return future
-
-    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
-        self._check()
-        self._append(flow_id, sequence, event)
+        on_commit(event, None)
 
     async def get(self, flow_id: str) -> ExecutionRecord | None:
         self._check()

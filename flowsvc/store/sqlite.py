@@ -31,7 +31,7 @@ from typing import Any
 
 from flowsvc.errors import StoreUnavailableError
 from flowsvc.models import Event, FlowFinished, FlowStatus
-from flowsvc.store import ExecutionRecord, NewExecution, StoredEvent
+from flowsvc.store import ExecutionRecord, NewExecution, OnCommit, StoredEvent
 from flowsvc.store.codec import (
     KIND_FINISHED,
     dumps,
@@ -106,9 +106,11 @@ def _record(row: tuple[Any, ...]) -> ExecutionRecord:
 class _Job:
     fn: Callable[[sqlite3.Connection], Any] | None  # None: an event append (`row`)
     write: bool
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None  # None: an event append (`on_commit`)
     row: tuple[Any, ...] | None = None  # (flow_id, sequence, kind, body)
     finish: tuple[Any, ...] | None = None  # (status, message, finished_at, flow_id)
+    event: Event | None = None
+    on_commit: OnCommit | None = None
     result: Any = field(default=None)
     error: BaseException | None = field(default=None)
 
@@ -282,12 +284,19 @@ class SQLiteStore:
                 job.error = exc
             raise _JobFailed from exc
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], Any], *, write: bool
+    ) -> asyncio.Future[Any]:
+        """Queue `fn` for the store thread; the future is its result (or its error)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._thread is None or self._loop is None:
-            raise StoreUnavailableError("execution store is closed")
-        future = self._loop.create_future()
-        self._jobs.put(_Job(fn, write, future))
-        return await future
+            future.set_exception(StoreUnavailableError("execution store is closed"))
+        else:
+            self._jobs.put(_Job(fn, write, future))
+        return future
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
+        return await self._submit(fn, write=write)
 
     # -- the ExecutionStore API ------------------------------------------------------------
 
@@ -322,7 +331,7 @@ class SQLiteStore:
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join)
 
-    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
         def create(conn: sqlite3.Connection) -> tuple[ExecutionRecord, bool]:
             if new.request_id is not None:
                 row = conn.execute(
@@ -361,24 +370,21 @@ class SQLiteStore:
                 True,
             )
 
-        result: tuple[ExecutionRecord, bool] = await self._call(create, write=True)
-        return result
+        return self._submit(create, write=True)
 
-    def append_nowait(self, flow_id: str, sequence: int, event: Event) -> asyncio.Future[None]:
-        """Queue one event; the future is done once it is committed (or failed)."""
+    def append_nowait(self, flow_id: str, sequence: int, event: Event, on_commit: OnCommit) -> None:
+        """Queue one event; `on_commit` is called once its batch is committed (or failed)."""
         if self._thread is None or self._loop is None:
-            raise StoreUnavailableError("execution store is closed")
+            on_commit(event, StoreUnavailableError("execution store is closed"))
+            return
         kind, body = event_to_json(event)
         finish = None
         if kind == KIND_FINISHED:
             assert isinstance(event, FlowFinished)
             finish = (event.status.value, event.message, _ts(event.finished_at), flow_id)
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._jobs.put(_Job(None, True, future, (flow_id, sequence, kind, body), finish))
-        return future
-
-    async def append(self, flow_id: str, sequence: int, event: Event) -> None:
-        await self.append_nowait(flow_id, sequence, event)
+        self._jobs.put(
+            _Job(None, True, None, (flow_id, sequence, kind, body), finish, event, on_commit)
+        )
 
     async def get(self, flow_id: str) -> ExecutionRecord | None:
         def get(conn: sqlite3.Connection) -> ExecutionRecord | None:
@@ -515,10 +521,15 @@ def _insert_event(
 
 
 def _settle(batch: list[_Job]) -> None:
+    """On the loop's thread, once per batch: tell each job's caller how it went."""
     for job in batch:
-        if job.future.done():  # its caller was cancelled meanwhile
+        if job.on_commit is not None:
+            job.on_commit(job.event, job.error)  # type: ignore[arg-type]
+            continue
+        future = job.future
+        if future is None or future.done():  # its caller was cancelled meanwhile
             continue
         if job.error is not None:
-            job.future.set_exception(job.error)
+            future.set_exception(job.error)
         else:
-            job.future.set_result(job.result)
+            future.set_result(job.result)
