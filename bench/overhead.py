@@ -39,24 +39,27 @@ async def main(flows: int, concurrency: int, db: str) -> None:
     )
     await manager.open()
     request = pb.ExecuteFlowRequest(flow=sample_flow()).SerializeToString()
-    sem = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
-        async with sem:
-            req = pb.ExecuteFlowRequest.FromString(request)
-            attachment = await manager.start(
-                lambda: convert.request_flow_from_pb(req),
-                convert.struct_from_pb(req.input),
-                cache_key=req.flow.SerializeToString(deterministic=True),
-            )
-            events = await manager.drain(attachment)
-            manager.release(attachment, completed=True)
-            convert.execute_response_from_events(attachment.flow_id, events).SerializeToString()
+        req = pb.ExecuteFlowRequest.FromString(request)
+        attachment = await manager.start(
+            lambda: convert.request_flow_from_pb(req),
+            convert.struct_from_pb(req.input),
+            cache_key=req.flow.SerializeToString(deterministic=True),
+        )
+        events = await manager.drain(attachment)
+        manager.release(attachment, completed=True)
+        convert.execute_response_from_events(attachment.flow_id, events).SerializeToString()
 
-    await asyncio.gather(*(one() for _ in range(500)))  # warm up
+    async def worker(count: int) -> None:  # `concurrency` of these run at once
+        for _ in range(count):
+            await one()
+
+    await asyncio.gather(*(worker(500 // concurrency + 1) for _ in range(concurrency)))  # warm up
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(flows)))
+    await asyncio.gather(*(worker(flows // concurrency) for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    flows = flows // concurrency * concurrency
     await manager.close()
     print(f"{flows / elapsed:,.0f} flows/s  ({elapsed / flows * 1e6:.1f} us per flow, db {db})")
 

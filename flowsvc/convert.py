@@ -48,6 +48,8 @@ _FLOW_STATUS_TO_PB = {
 
 def struct_from_pb(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as a plain dict (numbers come back as floats, as in JSON)."""
+    if not struct.fields:
+        return {}  # most inputs: MessageToDict costs microseconds even for nothing
     return json_format.MessageToDict(struct)
 
 

@@ -367,16 +367,16 @@ class ExecutionManager:
         try:
             creating = self.store.create_nowait(new)
             if creating.done():  # the in-memory store: no wait, nothing to shield
-                record, created = creating.result()
+                existing = creating.result()
             else:
                 try:
                     # Shielded: the record is written whatever happens to this caller,
                     # so it must be driven to an end even if the caller leaves meanwhile.
-                    record, created = await asyncio.shield(creating)
+                    existing = await asyncio.shield(creating)
                 except asyncio.CancelledError:
                     creating.add_done_callback(
                         lambda done: self._launch_orphan(
-                            done, plan, flow_input, continue_on_disconnect
+                            done, new.flow_id, plan, flow_input, continue_on_disconnect
                         )
                     )
                     raise
@@ -385,10 +385,10 @@ class ExecutionManager:
             raise
         finally:
             self._starting -= 1
-        if not created:  # a concurrent retry created it first
-            return self._attach_existing(record, digest)
-        run = self._launch(record.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
-        return Attachment(record.flow_id, run, created=True)
+        if existing is not None:  # a concurrent retry created it first
+            return self._attach_existing(existing, digest)
+        run = self._launch(new.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
+        return Attachment(new.flow_id, run, created=True)
 
     def _launch(
         self,
@@ -402,12 +402,14 @@ class ExecutionManager:
         run.callers = callers
         self._live[flow_id] = run
         self._idle.clear()
-        run.task = asyncio.create_task(self._drive(run, plan, flow_input), name=f"flow-{flow_id}")
+        # Not named: naming a task costs more than the rest of its creation.
+        run.task = asyncio.create_task(self._drive(run, plan, flow_input))
         return run
 
     def _launch_orphan(
         self,
-        creating: asyncio.Future[tuple[ExecutionRecord, bool]],
+        creating: asyncio.Future[ExecutionRecord | None],
+        flow_id: str,
         plan: Any,
         flow_input: Mapping[str, Any],
         continue_on_disconnect: bool,
@@ -416,10 +418,9 @@ class ExecutionManager:
         (at once, CANCELLED, unless the caller asked to continue on disconnect)."""
         if creating.cancelled() or creating.exception() is not None:
             return
-        record, created = creating.result()
-        if not created:
+        if creating.result() is not None:  # a retry's: not created
             return
-        run = self._launch(record.flow_id, plan, flow_input, continue_on_disconnect, callers=0)
+        run = self._launch(flow_id, plan, flow_input, continue_on_disconnect, callers=0)
         if not continue_on_disconnect:
             run.stop.request("the caller went away before the execution started")
 

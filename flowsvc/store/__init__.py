@@ -64,10 +64,10 @@ class ExecutionStore(Protocol):
 
     async def close(self) -> None: ...
 
-    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
-        """Record a new RUNNING execution, or, when `new.request_id` is already taken,
-        return that execution and False (the caller compares request hashes). The future
-        may be done already (the in-memory store)."""
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[ExecutionRecord | None]:
+        """Record a new RUNNING execution (the future's result is None) or, when
+        `new.request_id` is already taken, return that execution instead (the caller
+        compares request hashes). The future may be done already (the in-memory store)."""
 
     def append_nowait(self, flow_id: str, sequence: int, event: Event, on_commit: OnCommit) -> None:
         """Queue one event for commit; a FlowFinished also sets the execution's final

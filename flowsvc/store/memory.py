@@ -64,8 +64,8 @@ class MemoryStore:
         if not self._open:
             raise StoreUnavailableError("execution store is closed")
 
-    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
-        future: asyncio.Future[tuple[ExecutionRecord, bool]]
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[ExecutionRecord | None]:
+        future: asyncio.Future[ExecutionRecord | None]
         future = asyncio.get_running_loop().create_future()
         try:
             future.set_result(self._create(new))
@@ -73,16 +73,16 @@ class MemoryStore:
             future.set_exception(exc)
         return future
 
-    def _create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+    def _create(self, new: NewExecution) -> ExecutionRecord | None:
         self._check()
         if new.request_id is not None and new.request_id in self._by_request:
-            return self._entries[self._by_request[new.request_id]].record(), False
+            return self._entries[self._by_request[new.request_id]].record()
         self._cursor += 1
         entry = _Entry(new, self._cursor)
         self._entries[new.flow_id] = entry
         if new.request_id is not None:
             self._by_request[new.request_id] = new.flow_id
-        return entry.record(), True
+        return None
 
     def _append(self, flow_id: str, sequence: int, event: Event) -> None:
         entry = self._entries[flow_id]

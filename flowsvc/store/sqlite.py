@@ -331,15 +331,15 @@ class SQLiteStore:
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join)
 
-    def create_nowait(self, new: NewExecution) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
-        def create(conn: sqlite3.Connection) -> tuple[ExecutionRecord, bool]:
+    def create_nowait(self, new: NewExecution) -> asyncio.Future[ExecutionRecord | None]:
+        def create(conn: sqlite3.Connection) -> ExecutionRecord | None:
             if new.request_id is not None:
                 row = conn.execute(
                     f"SELECT {_COLUMNS} FROM executions WHERE request_id = ?", (new.request_id,)
                 ).fetchone()
                 if row is not None:
-                    return _record(row), False
-            cur = conn.execute(
+                    return _record(row)
+            conn.execute(
                 "INSERT INTO executions (flow_id, flow_name, flow_json, input_json, request_id,"
                 " request_hash, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -353,22 +353,7 @@ class SQLiteStore:
                     _ts(new.created_at),
                 ),
             )
-            return (
-                ExecutionRecord(
-                    flow_id=new.flow_id,
-                    flow=new.flow,
-                    input=new.input,
-                    request_id=new.request_id,
-                    request_hash=new.request_hash,
-                    status=FlowStatus.RUNNING,
-                    message="",
-                    created_at=new.created_at,
-                    finished_at=None,
-                    last_sequence=0,
-                    cursor=cur.lastrowid or 0,
-                ),
-                True,
-            )
+            return None
 
         return self._submit(create, write=True)
 
