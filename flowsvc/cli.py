@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -125,11 +126,26 @@ async def _serve(settings: config.Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = await build_server(settings)
+    _tune_gc()
     # Always printed, whatever the log level: port 0 users learn the real port here.
     host = settings.listen.rsplit(":", 1)[0]
     print(f"flowsvc: serving on {host}:{server.port}", flush=True)
     await stop.wait()
     await server.shutdown()
+
+
+#: Allocations between two young-generation collections (CPython's default: 700). Each
+#: flow allocates a few hundred objects, nearly all short-lived; measured with
+#: scripts/bench-like load (ExecuteFlow, 4x16): 270 -> 247 us of the loop's CPU per call.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Collect less often, and never again scan what startup made (modules, registry)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
