@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -150,6 +151,9 @@ class Run:
     def on_commit(self, event: Event, error: BaseException | None) -> None:
         """The store's callback for each event: publish it, or stop on a failed commit."""
         self.unpublished -= 1
+        if error is None and self._commits_waiter is None and self.error is None:
+            self.publish(event)  # the common case, first
+            return
         if error is not None:
             if self.error is None:
                 self.fail(error)
@@ -197,6 +201,16 @@ class Attachment:
     flow_id: str
     run: Run | None  # None: the execution had already ended
     created: bool
+
+
+def new_flow_id() -> str:
+    """A random (version 4) UUID in its canonical text form: what str(uuid.uuid4()) gives,
+    in less than half the time (no UUID object on the way)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = "89ab"  # the RFC 4122 variant: the top two bits of the 17th digit are 10
 
 
 def parse_flow_id(value: str, field: str = "flow_id") -> str:
@@ -355,7 +369,7 @@ class ExecutionManager:
                 retry_after=1.0,
             )
         new = NewExecution(
-            flow_id=str(uuid.uuid4()),
+            flow_id=new_flow_id(),
             flow=plan.flow,
             flow_json=prepared.flow_json,
             input=flow_input,
@@ -506,7 +520,7 @@ class ExecutionManager:
         flow_id = run.flow_id
         try:
             events = self.engine.events(plan, flow_input, flow_id, run.stop)
-            async with contextlib.aclosing(events):
+            try:
                 async for event in events:
                     sequence += 1
                     run.unpublished += 1
@@ -515,6 +529,8 @@ class ExecutionManager:
                         await run.commits_down_to(MAX_UNCOMMITTED // 2)
                     if run.error is not None:
                         break  # a commit failed: stop running tasks whose results are lost
+            finally:
+                await events.aclose()
             if run.unpublished:
                 await run.commits_down_to(0)
             if run.error is not None:
