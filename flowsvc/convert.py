@@ -131,10 +131,11 @@ def request_flow_from_pb(
     return flow_from_pb(request.flow) if request.HasField("flow") else None
 
 
-def _timestamp(dt: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt)
-    return ts
+def _set_time(out: timestamp_pb2.Timestamp, moment: datetime) -> None:
+    """out = moment (aware): what Timestamp.FromDatetime() does, several times faster."""
+    delta = moment - _EPOCH
+    out.seconds = delta.days * 86400 + delta.seconds
+    out.nanos = delta.microseconds * 1000
 
 
 def step_to_pb(record: StepRecord, out: flow_pb2.TaskResult) -> None:
@@ -144,9 +145,7 @@ def step_to_pb(record: StepRecord, out: flow_pb2.TaskResult) -> None:
     struct_to_pb(record.data, out.data)
     if record.error is not None:
         out.error = record.error
-    delta = record.started_at - _EPOCH  # FromDatetime() does the same, slower
-    out.started_at.seconds = delta.days * 86400 + delta.seconds
-    out.started_at.nanos = delta.microseconds * 1000
+    _set_time(out.started_at, record.started_at)
     nanos = round(record.duration_s * 1e9)
     out.duration.seconds, out.duration.nanos = divmod(nanos, 1_000_000_000)
     out.step = record.step
@@ -170,11 +169,11 @@ def event_to_pb(
     elif isinstance(event, FlowStarted):
         out.started.flow_id = event.flow_id
         out.started.flow_name = event.flow_name
-        out.started.started_at.CopyFrom(_timestamp(event.started_at))
+        _set_time(out.started.started_at, event.started_at)
     elif isinstance(event, FlowFinished):
         out.finished.status = _FLOW_STATUS_TO_PB[event.status]
         out.finished.message = event.message
-        out.finished.finished_at.CopyFrom(_timestamp(event.finished_at))
+        _set_time(out.finished.finished_at, event.finished_at)
         out.finished.steps = event.steps
     else:  # pragma: no cover - Event is a closed union
         raise TypeError(f"unknown event {event!r}")
@@ -286,9 +285,9 @@ def stored_execution_to_pb(
     out.message = record.message
     if record.request_id:
         out.request_id = record.request_id
-    out.create_time.FromDatetime(record.created_at)
+    _set_time(out.create_time, record.created_at)
     if record.finished_at is not None:
-        out.end_time.FromDatetime(record.finished_at)
+        _set_time(out.end_time, record.finished_at)
     for event in events:
         if isinstance(event, TaskCompleted):
             step_to_pb(event.record, out.execution_history.add())
@@ -300,8 +299,8 @@ def summary_to_pb(record: ExecutionRecord, out: flow_service_pb2.ExecutionSummar
     out.flow_id = record.flow_id
     out.flow_name = record.flow.name
     out.status = _FLOW_STATUS_TO_PB[record.status]
-    out.create_time.FromDatetime(record.created_at)
+    _set_time(out.create_time, record.created_at)
     if record.finished_at is not None:
-        out.end_time.FromDatetime(record.finished_at)
+        _set_time(out.end_time, record.finished_at)
     if record.request_id:
         out.request_id = record.request_id
