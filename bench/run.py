@@ -2,10 +2,12 @@
 
 Starts what it needs: the server under test (`flowsvc serve`), the floor server
 (bench/floor_server.py: same generated code and grpc.aio stack, canned answers of the
-same size), and h2load (Debian's nghttp2-client) as the load generator for the
-throughput scenarios, so that the client is not the bottleneck. Every throughput figure
-is also given as a ratio to the floor measured in the same run: the machines are shared
-and noisy, absolute numbers drift. Prints a table, writes the figures as JSON.
+same size), the ceiling (the same server making each answer with the least work any
+Python flow engine must do: what flowsvc could reach at best), and h2load (Debian's
+nghttp2-client) as the load generator for the throughput scenarios, so that the client
+is not the bottleneck. Every throughput figure is also given as a ratio to the floor
+measured in the same run: the machines are shared and noisy, absolute numbers drift.
+Prints a table, writes the figures as JSON.
 
 Scenarios (--only takes a comma-separated subset):
   execute         ExecuteFlow of the 3-task sample flow (no delay), in-memory store
@@ -136,7 +138,8 @@ def flowsvc_server(db: str, uvloop: bool, *extra: str) -> Any:
     return started(argv, "flowsvc: serving on", env={"PYTHONPATH": pythonpath})
 
 
-def floor_server(execute: Path, stream: Path, uvloop: bool) -> Any:
+def floor_server(execute: Path, stream: Path, uvloop: bool, minimal: bool = False) -> Any:
+    """The floor (canned answers) or, `minimal`, the ceiling (floor_server.py says more)."""
     argv = [
         sys.executable,
         str(ROOT / "bench" / "floor_server.py"),
@@ -147,6 +150,8 @@ def floor_server(execute: Path, stream: Path, uvloop: bool) -> Any:
     ]
     if uvloop:
         argv.append("--uvloop")
+    if minimal:
+        argv.append("--minimal")
     return started(argv, "floor: serving on")
 
 
@@ -269,29 +274,36 @@ def throughput(
     with flowsvc_server(db, args.uvloop) as server:
         execute, stream, execute_size, stream_size = asyncio.run(capture(server.address, workdir))
         size = (execute_size + 5) if method == "ExecuteFlow" else (stream_size + 5 * 5)
-        with floor_server(execute, stream, args.uvloop) as floor:
+        with (
+            floor_server(execute, stream, args.uvloop) as floor,
+            floor_server(execute, stream, args.uvloop, minimal=True) as ceiling,
+        ):
             loads = [(4, 16)] if args.quick else LOADS
             for conns, streams in loads:
-                floor_run = h2load(
-                    floor.address, method, body, conns, streams, args.quick, args.duration, size
-                )
-                real_run = h2load(
-                    server.address, method, body, conns, streams, args.quick, args.duration, size
-                )
-                ratio = real_run["rps"] / floor_run["rps"] if floor_run["rps"] else float("nan")
+                runs = {
+                    who: h2load(
+                        proc.address, method, body, conns, streams, args.quick, args.duration, size
+                    )
+                    for who, proc in (("floor", floor), ("flowsvc", server), ("ceiling", ceiling))
+                }
+                floor_rps = runs["floor"]["rps"]
+                ratio = runs["flowsvc"]["rps"] / floor_rps if floor_rps else float("nan")
+                ceiling_ratio = runs["ceiling"]["rps"] / floor_rps if floor_rps else float("nan")
                 rows.append(
                     {
                         "load": f"{conns}x{streams}",
-                        "flowsvc": real_run,
-                        "floor": floor_run,
+                        **runs,
                         "ratio": round(ratio, 3),
+                        "ceiling_ratio": round(ceiling_ratio, 3),
                     }
                 )
+                real_run = runs["flowsvc"]
                 print(
                     f"  {name:<15} {conns:>2}x{streams:<3} flowsvc {real_run['rps']:>8.0f}/s "
                     f"p50 {real_run['p50_ms']:>6.2f} ms p99 {real_run['p99_ms']:>7.2f} ms | "
-                    f"floor {floor_run['rps']:>8.0f}/s | ratio {ratio:.2f}"
-                    + ("" if real_run["answers_ok"] and floor_run["answers_ok"] else "  ANSWERS?"),
+                    f"floor {floor_rps:>8.0f}/s | ratio {ratio:.2f} | "
+                    f"ceiling {runs['ceiling']['rps']:>8.0f}/s, ratio {ceiling_ratio:.2f}"
+                    + ("" if all(run["answers_ok"] for run in runs.values()) else "  ANSWERS?"),
                     flush=True,
                 )
     results[name] = {"method": method, "db": db, "rows": rows}
