@@ -33,7 +33,8 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert set(report["results"]) == set(SCENARIOS)
     for name in ("execute", "stream", "execute_sqlite", "stream_sqlite"):
         for row in report["results"][name]["rows"]:
-            # Real answers came back from both servers (not gRPC errors).
-            assert row["flowsvc"]["answers_ok"] and row["floor"]["answers_ok"], row
+            # Real answers came back from every server (not gRPC errors).
+            assert all(row[who]["answers_ok"] for who in ("flowsvc", "floor", "ceiling")), row
+            assert row["ceiling_ratio"] > 0, row
     assert report["results"]["slow_async"]["all_succeeded"]
     assert report["results"]["slow_sync"]["all_succeeded"]
