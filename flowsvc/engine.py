@@ -364,7 +364,11 @@ class FlowEngine:
             task=node.name,
             status=status,
             data=result.data,
-            error=result.error if status is TaskStatus.FAILURE else None,
+            error=(
+                clean_text(result.error)
+                if status is TaskStatus.FAILURE and result.error is not None
+                else None
+            ),
             started_at=started_at,
             duration_s=duration,
             attempt=attempt,
@@ -502,17 +506,40 @@ def _retry(policy: RetryPolicy, record: StepRecord, retryable: bool, attempt: in
     return not any(marker in error for marker in policy.non_retryable_errors)
 
 
-_SCALARS = (str, int, float, bool, type(None))
+_SCALARS = (int, float, bool, type(None))
+
+
+def _not_unicode(text: str) -> bool:
+    """True for a str that cannot be encoded as UTF-8 (it holds a lone surrogate): no
+    store, no protobuf message and no client could take it."""
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def clean_text(text: str) -> str:
+    """`text` with any lone surrogate escaped (\\udc80): safe to store and send."""
+    if not _not_unicode(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _json_problem(value: Any, path: str) -> str | None:
     """Where `value` stops being JSON (str keys; str, number, bool, null, list, dict)."""
+    if isinstance(value, str):
+        return f"{path} is a string with a lone surrogate" if _not_unicode(value) else None
     if isinstance(value, _SCALARS):
         return None
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path} has a non-string key {key!r}"
+            if _not_unicode(key):
+                return f"{path} has a key with a lone surrogate: {clean_text(key)!r}"
             problem = _json_problem(item, f"{path}.{key}")
             if problem:
                 return problem

@@ -661,3 +661,42 @@ async def test_execute_flow_caller_leaving_ends_it_for_its_watchers_too(stub, re
     got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
     assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and "caller went away" in got.message
     assert cancelled == [flow_id]
+
+
+# -- text no store or client could take --------------------------------------------------
+
+
+async def test_a_lone_surrogate_from_a_task_fails_that_task_and_nothing_else(
+    registry, stub
+) -> None:
+    """A str with a lone surrogate cannot be stored (UTF-8) nor sent (protobuf): the task's
+    result fails with a clear error, escaped error text is kept, and the store goes on."""
+
+    @registry.task("surrogate_data")
+    async def surrogate_data() -> TaskResult:
+        return TaskResult.success({"name": "caf\udce9"})
+
+    @registry.task("surrogate_error")
+    async def surrogate_error() -> TaskResult:
+        raise ValueError("bad byte \udcff in input")
+
+    executed = await stub.ExecuteFlow(
+        pb.ExecuteFlowRequest(flow=chain("surrogate_data")), timeout=10
+    )
+    assert executed.status == flow_pb2.FLOW_STATUS_FAILED
+    (result,) = executed.execution_history
+    assert result.status == flow_pb2.TASK_STATUS_FAILURE
+    assert "data.name is a string with a lone surrogate" in result.error
+
+    raised = await stub.ExecuteFlow(
+        pb.ExecuteFlowRequest(flow=chain("surrogate_error")), timeout=10
+    )
+    (result,) = raised.execution_history
+    assert result.error == "ValueError: bad byte \\udcff in input"
+
+    # Both were recorded as they were answered, and the store still takes new executions.
+    for answered in (executed, raised):
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=answered.flow_id))
+        assert got.execution.execution_history[0].error == answered.execution_history[0].error
+    after = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
+    assert after.status == flow_pb2.FLOW_STATUS_SUCCEEDED

@@ -218,6 +218,11 @@ class SQLiteStore:
             for job in batch:
                 job.error = error
                 self._lost(job)
+        except Exception as exc:  # a bug: fail the batch, never the store thread
+            logger.exception("store batch failed")
+            for job in batch:
+                job.error = exc
+                self._lost(job)
         self.jobs += len(batch)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, batch)
@@ -279,7 +284,9 @@ class SQLiteStore:
             finishes = [job.finish for job in jobs if job.finish is not None]
             if finishes:
                 conn.executemany(_FINISH, finishes)
-        except sqlite3.IntegrityError as exc:
+        except (sqlite3.IntegrityError, ValueError) as exc:
+            # A duplicate row, or text SQLite cannot take (the engine lets none through):
+            # the batch is run again job by job, so that only the culprit fails.
             for job in jobs:
                 job.error = exc
             raise _JobFailed from exc
