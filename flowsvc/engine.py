@@ -303,28 +303,11 @@ class FlowEngine:
                     break
                 current = nxt
         except asyncio.CancelledError:
-            log_event(
-                logger,
-                logging.INFO,
-                "flow ended",
-                flow_id=flow_id,
-                flow=flow.name,
-                status=FlowStatus.CANCELLED.value,
-                steps=step,
-            )
+            _log_ended(flow_id, flow.name, FlowStatus.CANCELLED, step, started_at)
             raise
         finished_at = datetime.now(UTC)
         if logging_info:
-            log_event(
-                logger,
-                logging.INFO,
-                "flow ended",
-                flow_id=flow_id,
-                flow=flow.name,
-                status=status.value,
-                steps=step,
-                duration_s=round((finished_at - started_at).total_seconds(), 6),
-            )
+            _log_ended(flow_id, flow.name, status, step, started_at, finished_at)
         yield FlowFinished(flow_id, status, message, finished_at, step)
 
     async def _attempt(
@@ -477,6 +460,27 @@ class FlowEngine:
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+def _log_ended(
+    flow_id: str,
+    flow_name: str,
+    status: FlowStatus,
+    steps: int,
+    started_at: datetime,
+    finished_at: datetime | None = None,
+) -> None:
+    end = finished_at or datetime.now(UTC)
+    log_event(
+        logger,
+        logging.INFO,
+        "flow ended",
+        flow_id=flow_id,
+        flow=flow_name,
+        status=status.value,
+        steps=steps,
+        duration_s=round((end - started_at).total_seconds(), 6),
+    )
 
 
 def _timed_out(flow: Flow) -> str:
