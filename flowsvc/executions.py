@@ -151,9 +151,6 @@ class Run:
     def on_commit(self, event: Event, error: BaseException | None) -> None:
         """The store's callback for each event: publish it, or stop on a failed commit."""
         self.unpublished -= 1
-        if error is None and self._commits_waiter is None and self.error is None:
-            self.publish(event)  # the common case, first
-            return
         if error is not None:
             if self.error is None:
                 self.fail(error)
