@@ -211,9 +211,12 @@ class FlowEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flow.timeout_s if flow.timeout_s else None
         started_at = datetime.now(UTC)
+        # Logged at INFO: one line per flow, as it ends (and any failed attempt); its start
+        # and each successful attempt at DEBUG. At thousands of flows a second, every
+        # line emitted is measurable (a JSON line costs ~40 us of the loop in a server).
         logging_info = logger.isEnabledFor(logging.INFO)  # checked once per execution
-        if logging_info:
-            log_event(logger, logging.INFO, "flow started", flow_id=flow_id, flow=flow.name)
+        if logging_info and logger.isEnabledFor(logging.DEBUG):
+            log_event(logger, logging.DEBUG, "flow started", flow_id=flow_id, flow=flow.name)
         me = asyncio.current_task()  # the task running this generator, for stop.request()
         yield FlowStarted(flow_id, flow.name, started_at)
 
@@ -356,10 +359,11 @@ class FlowEngine:
             duration_s=duration,
             attempt=attempt,
         )
-        if logger.isEnabledFor(logging.INFO):  # no keyword dict to build when it is off
+        level = logging.DEBUG if status is TaskStatus.SUCCESS else logging.INFO
+        if logger.isEnabledFor(level):  # no keyword dict to build when it is off
             log_event(
                 logger,
-                logging.INFO,
+                level,
                 "task finished",
                 flow_id=flow_id,
                 task=node.name,

@@ -50,6 +50,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str) -> None:
     """Send flowsvc's logs to stderr as JSON lines at `level`."""
+    # What the lines never show is not gathered (the logging HOWTO's "Optimization"):
+    # the caller's file and line (a stack walk per line), thread and process names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

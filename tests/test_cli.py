@@ -68,8 +68,8 @@ async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
             re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["ts"])
             for line in lines
         )
-        task_lines = [line for line in lines if line["msg"] == "task finished"]
-        assert task_lines and {"flow_id", "task", "status", "duration_s"} <= set(task_lines[0])
+        ended = [line for line in lines if line["msg"] == "flow ended"]
+        assert ended and {"flow_id", "flow", "status", "steps", "duration_s"} <= set(ended[0])
         # Nothing went wrong on the way out: no error lines (e.g. a cancelled health Watch).
         assert [line for line in lines if line["level"] == "error"] == []
 

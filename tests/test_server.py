@@ -218,18 +218,25 @@ async def test_shutdown_goes_not_serving_refuses_new_flows_and_drains(
 
 
 async def test_structured_log_lines_for_flow_and_tasks(stub, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="flowsvc")
+    caplog.set_level(logging.DEBUG, logger="flowsvc")
     response = await stub.ExecuteFlow(
         flow_service_pb2.ExecuteFlowRequest(flow=chain("noop", ("fail", {"message": "x"}))),
         timeout=10,
     )
     mine = [r for r in caplog.records if getattr(r, "flow_id", None) == response.flow_id]
-    messages = [r.getMessage() for r in mine]
-    assert messages == ["flow started", "task finished", "task finished", "flow ended"]
+    lines = [(r.levelname, r.getMessage()) for r in mine]
+    # At INFO, one line per flow (as it ends) and one per failed attempt; the rest at DEBUG.
+    assert lines == [
+        ("DEBUG", "flow started"),
+        ("DEBUG", "task finished"),
+        ("INFO", "task finished"),
+        ("INFO", "flow ended"),
+    ]
     task_lines = [r for r in mine if r.getMessage() == "task finished"]
     assert [(r.task, r.status) for r in task_lines] == [("noop", "success"), ("fail", "failure")]
+    assert task_lines[1].error == "x"
     assert all(r.duration_s >= 0 for r in task_lines)
-    assert mine[-1].status == "failed"
+    assert mine[-1].status == "failed" and mine[-1].steps == 2 and mine[-1].duration_s >= 0
 
 
 async def test_list_tasks_describes_the_registry(stub, registry) -> None:
