@@ -112,7 +112,7 @@ def started(argv: list[str], ready: str, env: dict[str, str] | None = None) -> I
             popen.wait()
 
 
-def flowsvc_server(db: str, uvloop: bool, *extra: str) -> Any:
+def flowsvc_server(db: str, args: argparse.Namespace, *extra: str) -> Any:
     argv = [
         sys.executable,
         "-m",
@@ -123,7 +123,7 @@ def flowsvc_server(db: str, uvloop: bool, *extra: str) -> Any:
         "--db",
         db,
         "--log-level",
-        "WARNING",
+        args.log_level,
         "--max-in-flight",
         "100000",
         "--retention-seconds",
@@ -131,7 +131,7 @@ def flowsvc_server(db: str, uvloop: bool, *extra: str) -> Any:
         "--task-modules",
         "tasks",
         "--event-loop",
-        "uvloop" if uvloop else "asyncio",
+        "uvloop" if args.uvloop else "asyncio",
         *extra,
     ]
     pythonpath = os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])
@@ -271,7 +271,7 @@ def throughput(
     body = workdir / f"{method}.req"
     body.write_bytes(grpc_frame(request(flow=sample_flow())))
     rows = []
-    with flowsvc_server(db, args.uvloop) as server:
+    with flowsvc_server(db, args) as server:
         execute, stream, execute_size, stream_size = asyncio.run(capture(server.address, workdir))
         size = (execute_size + 5) if method == "ExecuteFlow" else (stream_size + 5 * 5)
         with (
@@ -358,7 +358,7 @@ def slow(results: dict[str, Any], name: str, args: argparse.Namespace) -> None:
         else ("sleep_a", "sleep_b", "sleep_c")
     )
     extra = ["--sync-task-workers", str(count)] if sync else []
-    with flowsvc_server(":memory:", args.uvloop, *extra) as server:
+    with flowsvc_server(":memory:", args, *extra) as server:
         wall, statuses, health = asyncio.run(
             concurrent_flows(server.address, chain(*names, seconds=seconds), count)
         )
@@ -443,7 +443,7 @@ def memory(results: dict[str, Any], args: argparse.Namespace) -> None:
             await c.close()
         return before, during
 
-    with flowsvc_server(":memory:", args.uvloop) as server:
+    with flowsvc_server(":memory:", args) as server:
         before, during = asyncio.run(measure(server))
     per = (during - before) * 1024 / count
     results["memory"] = {
@@ -480,7 +480,7 @@ def latency(results: dict[str, Any], args: argparse.Namespace) -> None:
                         out.append((now * 1e9 - done) / 1e6)
         return out
 
-    with flowsvc_server(":memory:", args.uvloop) as server:
+    with flowsvc_server(":memory:", args) as server:
         samples = asyncio.run(measure(server.address))
     results["latency"] = {
         "samples": len(samples),
@@ -512,6 +512,11 @@ def main() -> int:
         default=_has_uvloop(),
         help="server and floor on uvloop (default: when installed)",
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="flowsvc's log level (default WARNING: the figures leave logging out)",
+    )
     args = parser.parse_args()
     chosen = [s for s in args.only.split(",") if s] or SCENARIOS
     unknown = set(chosen) - set(SCENARIOS)
@@ -533,7 +538,7 @@ def main() -> int:
     length = "quick" if args.quick else f"{args.duration:g}s per h2load run"
     print(
         f"flowsvc bench: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"uvloop {'on' if args.uvloop else 'off'}, {length}",
+        f"uvloop {'on' if args.uvloop else 'off'}, {length}, server log level {args.log_level}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -566,6 +571,7 @@ def main() -> int:
             "python": platform.python_version(),
         },
         "uvloop": args.uvloop,
+        "log_level": args.log_level,
         "quick": args.quick,
         "duration_s": args.duration,
         "started_at": started_at,
