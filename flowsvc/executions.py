@@ -473,19 +473,21 @@ class ExecutionManager:
         ):
             run.stop.request("the caller went away (cancelled, deadline passed or disconnected)")
 
-    async def follow(self, flow_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
-        """(sequence, event) after `after`: stored ones, then live ones until the end."""
+    def follow(self, flow_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+        """(sequence, event) after `after`, until the end: the live run's own iterator
+        (no generator in between: each message of a stream passes through it), else the
+        stored events."""
         run = self._live.get(flow_id)
-        if run is None:
-            record = await self._store(self.store.get(flow_id))
-            if record is None:
-                raise NotFoundError(f"no execution {flow_id}")
-            # Not live, so it has ended (or a crash or store failure cut it short): every
-            # event it will ever have is in the store.
         if run is not None:
-            async for item in run.follow(after):
-                yield item
-            return
+            return run.follow(after)
+        return self._follow_stored(flow_id, after)
+
+    async def _follow_stored(self, flow_id: str, after: int) -> AsyncIterator[tuple[int, Event]]:
+        record = await self._store(self.store.get(flow_id))
+        if record is None:
+            raise NotFoundError(f"no execution {flow_id}")
+        # Not live, so it has ended (or a crash or store failure cut it short): every event
+        # it will ever have is in the store.
         for stored in await self._store(self.store.events(flow_id, after)):
             yield stored.sequence, stored.event
 

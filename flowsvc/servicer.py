@@ -19,7 +19,6 @@ A task that fails is not an error: it is in the response, with status FAILED.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import uuid
@@ -187,9 +186,12 @@ def streaming(
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
-            async with contextlib.aclosing(fn(self, request, context)) as responses:
+            responses = fn(self, request, context)
+            try:
                 async for response in responses:
                     yield response
+            finally:
+                await responses.aclose()  # what contextlib.aclosing does, a layer cheaper
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
