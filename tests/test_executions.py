@@ -700,3 +700,40 @@ async def test_a_lone_surrogate_from_a_task_fails_that_task_and_nothing_else(
         assert got.execution.execution_history[0].error == answered.execution_history[0].error
     after = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
     assert after.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+# -- back-pressure of the commit pipeline ---------------------------------------------------
+
+
+async def test_an_engine_faster_than_its_commits_waits_and_loses_nothing(
+    stub, settings, monkeypatch
+) -> None:
+    """The engine may run ahead of the store by MAX_UNCOMMITTED events; past that it
+    waits. With a tiny limit, a 200-step loop of no-ops must wait many times (SQLite) and
+    still have every result committed, in order, and streamed in order."""
+    from flowsvc import executions
+
+    monkeypatch.setattr(executions, "MAX_UNCOMMITTED", 2)
+    waits = []
+    real_wait = executions.Run.commits_down_to
+
+    async def counting_wait(run, count: int) -> None:
+        waits.append(count)
+        await real_wait(run, count)
+
+    monkeypatch.setattr(executions.Run, "commits_down_to", counting_wait)
+    loop = flow_pb(["noop"], {"noop": ("noop", "end")}, max_steps=200)
+    streamed = [m async for m in stub.StreamFlow(pb.StreamFlowRequest(flow=loop))]
+    assert [m.sequence for m in streamed] == list(range(1, 203))
+    assert [m.task_result.step for m in streamed[1:-1]] == list(range(1, 201))
+    assert streamed[-1].finished.status == flow_pb2.FLOW_STATUS_FAILED  # max_steps reached
+    flow_id = streamed[0].started.flow_id
+    got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+    assert [r.step for r in got.execution_history] == list(range(1, 201))
+    assert got.last_sequence == 202
+    if settings.db != ":memory:":
+        # Commits in a thread lag the engine: it had to wait (down to half the limit).
+        assert 1 in waits
+    else:
+        # The in-memory store commits at once: the engine never waits.
+        assert 1 not in waits
