@@ -533,12 +533,11 @@ class ExecutionManager:
             if run.unpublished:
                 await run.commits_down_to(0)
             if run.error is not None:
-                if isinstance(run.error, StoreUnavailableError):
-                    self._set_store_health(False)
                 raise run.error
         except StoreUnavailableError as exc:
             # The event could not be committed, so it is not sent. Its end is recorded
             # once the store can write again (see _probe_store).
+            self._set_store_health(False)
             self._unrecorded[run.flow_id] = f"Flow interrupted: the execution store failed: {exc}"
             if run.error is None:
                 run.fail(exc)
