@@ -203,6 +203,29 @@ async def capture(address: str, workdir: Path) -> tuple[Path, Path, int, int]:
 # -- h2load ---------------------------------------------------------------------------------
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each thread of process `pid` has used so far."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_split(
+    pid: int, before: dict[int, float], after: dict[int, float], wall: float
+) -> dict[str, float]:
+    """How busy the event loop's thread (the main thread: tid == pid) and the process's
+    other threads (store thread, gRPC's pollers, task threads) were, as fractions of one core."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = used.pop(pid, 0.0)
+    return {"loop": round(loop / wall, 3), "other_threads": round(sum(used.values()) / wall, 3)}
+
+
 def h2load(
     address: str,
     method: str,
@@ -212,7 +235,10 @@ def h2load(
     quick: bool,
     duration: float,
     expect_bytes: int,
+    pid: int | None = None,
 ) -> dict[str, Any]:
+    """One h2load run. Unless `quick`, and given the server's `pid`, also how busy the
+    server's threads were between the end of the warm-up and the end of the run."""
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         argv = [
             "h2load",
@@ -234,7 +260,19 @@ def h2load(
         else:
             argv += ["-D", str(max(1, round(duration))), "--warm-up-time", "1"]
         argv.append(f"http://{address}/flowmanager.v1.FlowService/{method}")
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
+        cpu: dict[str, float] | None = None
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+            if pid is not None and not quick:
+                # A measuring window, not a wait for readiness: from the end of h2load's
+                # 1 s warm-up to shortly before the end of its run.
+                window = max(1, round(duration)) - 0.5
+                time.sleep(1.25)
+                before, t0 = thread_cpu(pid), time.perf_counter()
+                time.sleep(window)
+                cpu = cpu_split(pid, before, thread_cpu(pid), time.perf_counter() - t0)
+            out, _ = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, argv, out)
         times_us = sorted(
             int(line.split("\t")[2]) for line in Path(log.name).read_text().splitlines() if line
         )
@@ -243,13 +281,21 @@ def h2load(
     data = int(re.search(r"\((\d+)\) data", out).group(1))  # type: ignore[union-attr]
     # A gRPC error is an HTTP 200 too: check that real answers came back (5-byte frames).
     ok = done > 0 and data >= done * expect_bytes * 0.98
-    return {
+    result = {
         "rps": round(rps, 1),
         "p50_ms": round(_pct(times_us, 50) / 1000, 2),
         "p99_ms": round(_pct(times_us, 99) / 1000, 2),
         "requests": done,
         "answers_ok": ok,
     }
+    if cpu is not None and rps:
+        # CPU per call: how busy a thread was, divided by the calls per second.
+        result["cpu"] = {
+            **cpu,
+            "loop_us_per_call": round(cpu["loop"] / rps * 1e6, 1),
+            "other_us_per_call": round(cpu["other_threads"] / rps * 1e6, 1),
+        }
+    return result
 
 
 def _pct(values: list[int] | list[float], pct: float) -> float:
@@ -282,7 +328,15 @@ def throughput(
             for conns, streams in loads:
                 runs = {
                     who: h2load(
-                        proc.address, method, body, conns, streams, args.quick, args.duration, size
+                        proc.address,
+                        method,
+                        body,
+                        conns,
+                        streams,
+                        args.quick,
+                        args.duration,
+                        size,
+                        pid=proc.pid,
                     )
                     for who, proc in (("floor", floor), ("flowsvc", server), ("ceiling", ceiling))
                 }
@@ -306,6 +360,18 @@ def throughput(
                     + ("" if all(run["answers_ok"] for run in runs.values()) else "  ANSWERS?"),
                     flush=True,
                 )
+                if all("cpu" in run for run in runs.values()):
+                    print(
+                        "  "
+                        + " " * 21
+                        + "loop's thread, us of CPU per call (busy): "
+                        + ", ".join(
+                            f"{who} {run['cpu']['loop_us_per_call']:.0f} ({run['cpu']['loop']:.0%})"
+                            for who, run in runs.items()
+                        )
+                        + f"; flowsvc's other threads {real_run['cpu']['other_us_per_call']:.0f}",
+                        flush=True,
+                    )
     results[name] = {"method": method, "db": db, "rows": rows}
 
 
