@@ -8,6 +8,7 @@ the variable over the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -29,18 +30,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):  # float() takes "nan" and "inf" too
+        raise ValueError(f"must be a finite number, not {text.strip()!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if not value > 0:
         raise ValueError(f"must be positive, not {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if value < 0:
         raise ValueError(f"must not be negative, not {value}")
     return value
+
+
+def _listen(text: str) -> str:
+    """host:port with a port from 0 to 65535 (gRPC would silently wrap a larger one);
+    unix: and unix-abstract: addresses are passed through."""
+    if text.startswith(("unix:", "unix-abstract:")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be host:port, not {text!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"the port must be a number from 0 to 65535, not {port!r}")
+    return text
 
 
 def _non_negative_int(text: str) -> int:
@@ -136,7 +157,7 @@ class Settings:
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": str,
+    "listen": _listen,
     "task_modules": _modules,
     "log_level": _log_level,
     "default_max_steps": _positive_int,

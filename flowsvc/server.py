@@ -254,6 +254,28 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         on_store_health=store_health,
     )
     recovered = await manager.open()
+    try:
+        server, port = await _listen(settings, manager, health_servicer)
+    except BaseException:
+        await manager.close()  # and with it the store, and its lock on the database
+        raise
+    log_event(
+        logger,
+        logging.INFO,
+        "server started",
+        listen=settings.listen,
+        port=port,
+        db=settings.db,
+        interrupted_by_crash=len(recovered),
+        tasks=registry.names(),
+    )
+    return FlowServer(server, port, manager, health_servicer, executor, settings)
+
+
+async def _listen(
+    settings: Settings, manager: ExecutionManager, health_servicer: _HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service, listening and SERVING; and its port."""
     servicer = FlowServicer(manager)
 
     server = grpc.aio.server(
@@ -276,20 +298,13 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.listen)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log_event(
-        logger,
-        logging.INFO,
-        "server started",
-        listen=settings.listen,
-        port=port,
-        db=settings.db,
-        interrupted_by_crash=len(recovered),
-        tasks=registry.names(),
-    )
-    return FlowServer(server, port, manager, health_servicer, executor, settings)
+    return server, port

@@ -183,6 +183,10 @@ def test_missing_task_module_is_a_clear_error(tmp_path: Path) -> None:
         ([], {"FLOWSVC_GRACE_SECONDS": "-1"}, "FLOWSVC_GRACE_SECONDS"),
         ([], {"FLOWSVC_LOG_LEVEL": "loud"}, "FLOWSVC_LOG_LEVEL"),
         (["--default-max-steps", "50", "--max-steps-cap", "10"], {}, "max_steps_cap"),
+        (["--listen", "127.0.0.1:99999"], {}, "--listen"),  # gRPC would wrap it to 34463
+        (["--listen", "bogus"], {}, "--listen"),
+        ([], {"FLOWSVC_GRACE_SECONDS": "nan"}, "FLOWSVC_GRACE_SECONDS"),
+        (["--retention-seconds", "inf"], {}, "--retention-seconds"),
     ],
 )
 def test_bad_configuration_is_refused(args, env, needle) -> None:
@@ -191,6 +195,26 @@ def test_bad_configuration_is_refused(args, env, needle) -> None:
     result = flowsvc("serve", "--listen", "127.0.0.1:0", *args, env={**os.environ, **env})
     assert result.returncode == 2
     assert needle in result.stderr
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    def refused(*args: str) -> str:
+        result = flowsvc("serve", *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        # Ours is the last line (gRPC's C core may log its own before it).
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("flowsvc: "), result.stderr
+        return last
+
+    missing = tmp_path / "no" / "such" / "dir" / "x.db"
+    assert "cannot open database" in refused("--listen", "127.0.0.1:0", "--db", str(missing))
+    db = tmp_path / "one.db"
+    with server_process(tmp_path, "--db", str(db)) as srv:
+        assert "in use by another flowsvc server" in refused(
+            "--listen", "127.0.0.1:0", "--db", str(db)
+        )
+        assert "cannot listen on" in refused("--listen", srv.address, "--db", ":memory:")
 
 
 def test_console_script_serves(tmp_path: Path) -> None:

@@ -545,6 +545,42 @@ async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, reg
         await server.shutdown(grace=0)
 
 
+async def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, registry) -> None:
+    # Two servers on one file would each take the other's running executions for ones a
+    # crash left behind and mark them INTERRUPTED under it.
+    from flowmanager.v1 import flow_service_pb2_grpc
+
+    from flowsvc.errors import StoreUnavailableError
+
+    db = str(tmp_path / "shared.db")
+    settings = Settings(listen="127.0.0.1:0", db=db)
+    started, release, _ = gate(registry)
+    first = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated", "noop")))
+            flow_id = (await call.read()).started.flow_id
+            await started.wait()
+            with pytest.raises(StoreUnavailableError, match="in use by another flowsvc server"):
+                await build_server(settings, registry)
+            release.set()
+            rest = await read_all(call)
+            assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            assert [m.task_result.task for m in rest[:-1]] == ["gated", "noop"]
+    finally:
+        await first.shutdown(grace=0)
+    # Once the first has stopped, the lock is free again and nothing was interrupted.
+    second = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+            assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        await second.shutdown(grace=0)
+
+
 async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path, registry) -> None:
     db = tmp_path / "versioned.db"
     server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
@@ -557,6 +593,11 @@ async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path, re
 
     with pytest.raises(StoreUnavailableError, match="schema version 99"):
         await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    # The refused start let go of the database: it opens again once its schema is known.
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 1")
+    server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    await server.shutdown(grace=0)
 
 
 async def test_cancel_while_the_builtin_sleep_task_runs(stub) -> None:

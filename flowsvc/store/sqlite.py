@@ -7,6 +7,12 @@ once, and only then answers them all. Concurrent executions therefore share thei
 commits (group commit): the cost of a durable commit is paid once per batch, and
 `append` still returns only once its event is committed.
 
+One server per database: the store holds an exclusive lock on a file beside the database
+(PATH.lock, flock) while it is open, and a second server opening the same file is
+refused. Two servers would each take the other's running executions for crashed ones
+and mark them interrupted. The kernel releases the lock when the process dies, even by
+kill -9, so the lock never has to be cleaned up.
+
 Durability (journal_mode=WAL):
   synchronous=FULL    (default) the WAL is fsynced at every commit: a committed event
                       survives a kill -9 of the server and a power cut or OS crash.
@@ -18,6 +24,7 @@ Durability (journal_mode=WAL):
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -156,6 +163,7 @@ class SQLiteStore:
         self._broken: set[str] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd: int | None = None
         #: Commits made and jobs served, for the benchmarks' group-commit figures.
         self.commits = 0
         self.jobs = 0
@@ -309,12 +317,45 @@ class SQLiteStore:
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        conn = await asyncio.to_thread(self._connect)
+        self._lock()
+        try:
+            conn = await asyncio.to_thread(self._connect)
+        except sqlite3.Error as exc:
+            self._unlock()
+            raise StoreUnavailableError(f"cannot open database {self.path}: {exc}") from exc
         self._thread = threading.Thread(
             target=self._serve, args=(conn,), name="flowsvc-store", daemon=True
         )
         self._thread.start()
-        await self._call(self._migrate, write=True)
+        try:
+            await self._call(self._migrate, write=True)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Take the database's lock file, or refuse: another server has it open."""
+        if self.path == ":memory:":
+            return
+        lock_path = os.path.realpath(self.path) + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot open database {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailableError(
+                f"database {self.path} is in use by another flowsvc server (it holds "
+                f"{lock_path}); one server per database"
+            ) from exc
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the file releases its lock
+            self._lock_fd = None
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -332,11 +373,11 @@ class SQLiteStore:
             logger.info("store schema migrated", extra={"db": self.path, "version": version})
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._jobs.put(_STOP)
-        thread, self._thread = self._thread, None
-        await asyncio.to_thread(thread.join)
+        if self._thread is not None:
+            self._jobs.put(_STOP)
+            thread, self._thread = self._thread, None
+            await asyncio.to_thread(thread.join)
+        self._unlock()
 
     def create_nowait(self, new: NewExecution) -> asyncio.Future[ExecutionRecord | None]:
         def create(conn: sqlite3.Connection) -> ExecutionRecord | None:
