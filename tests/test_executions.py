@@ -268,6 +268,10 @@ async def test_watch_of_a_finished_execution_replays_the_same_messages(stub) -> 
         )
     ]
     assert [m.sequence for m in tail] == [3, 4]
+    # after_sequence is a uint64: past the end, even beyond SQLite's int64, is nothing.
+    for after in (4, 2**63 - 1, 2**63, 2**64 - 1):
+        request = pb.WatchExecutionRequest(flow_id=flow_id, after_sequence=after)
+        assert [m async for m in stub.WatchExecution(request)] == []
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=str(uuid.uuid4()))):
             pass

@@ -123,6 +123,8 @@ class _Job:
 
 
 _STOP = object()
+#: SQLite's largest INTEGER (a signed 64-bit one).
+_MAX_INTEGER = 2**63 - 1
 
 _INSERT_EVENT = "INSERT INTO events (flow_id, sequence, kind, body) VALUES (?, ?, ?, ?)"
 _FINISH = (
@@ -440,6 +442,8 @@ class SQLiteStore:
         return result
 
     async def events(self, flow_id: str, after: int = 0) -> list[StoredEvent]:
+        after = min(after, _MAX_INTEGER)  # a client's uint64; no sequence is larger
+
         def events(conn: sqlite3.Connection) -> list[StoredEvent]:
             rows = conn.execute(
                 "SELECT sequence, kind, body FROM events WHERE flow_id = ? AND sequence > ?"
