@@ -133,8 +133,7 @@ def _render(value: Any, lookup: Lookup) -> Any:
         out = []
         for part in value.parts:
             if isinstance(part, Ref):
-                found = lookup(part)
-                out.append(found if isinstance(found, str) else json.dumps(found))
+                out.append(_text(lookup(part)))
             else:
                 out.append(part)
         return "".join(out)
@@ -142,6 +141,24 @@ def _render(value: Any, lookup: Lookup) -> Any:
         return {k: _render(v, lookup) for k, v in value.items()}
     if isinstance(value, list):
         return [_render(v, lookup) for v in value]
+    return value
+
+
+def _text(value: Any) -> str:
+    """A referenced value inside a longer string: a string as it is, anything else as JSON
+    with whole numbers written whole. Numbers arrive as floats (protobuf Struct), so a
+    client's 42 would otherwise read "42.0" in "/customers/${input.id}"."""
+    return value if isinstance(value, str) else json.dumps(_whole_numbers(value))
+
+
+def _whole_numbers(value: Any) -> Any:
+    # Only where the float holds the integer exactly (|x| <= 2**53); beyond, JSON's form.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, Mapping):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_whole_numbers(v) for v in value]
     return value
 
 

@@ -427,3 +427,11 @@ async def test_url_from_a_reference_to_the_input(stub, remote: Remote) -> None:
     data = to_dict(resp.execution_history[1].data)
     assert data["json"] == {"hello": "world", "n": 3}
     assert len(remote.seen("/json")) == 1
+
+
+async def test_a_number_from_the_input_makes_a_whole_number_in_the_url(stub, remote) -> None:
+    # The client sends 404 as a JSON number: the URL must say /status/404, not /status/404.0.
+    flow = chain(("http", {"url": "${input.base}/status/${input.code}", "success_statuses": [404]}))
+    resp = await execute(stub, flow, {"base": remote.base, "code": 404})
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert len(remote.seen("/status/404")) == 1

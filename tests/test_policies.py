@@ -284,6 +284,28 @@ def test_references_keep_types_and_interpolate_text(registry: TaskRegistry) -> N
     assert [r.task for r in seen[0].results] == ["task1", "make"]
 
 
+def test_whole_numbers_are_written_whole_inside_text(registry: TaskRegistry) -> None:
+    # Through gRPC every JSON number is a float (protobuf Struct): a client's 42 must still
+    # make "/customers/42", not "/customers/42.0".
+    seen: list[TaskContext] = []
+    registry.register("look", lambda ctx: seen.append(ctx) or TaskResult.success())
+    params = {
+        "url": "/customers/${input.id}",
+        "line": "obj=${input.obj} big=${input.big} neg=${input.neg} half=${input.half}",
+        "whole": "${input.id}",  # a whole reference keeps the value as it is
+    }
+    flow = Flow("nums", "look", (Task("look", params=params),), ())
+    flow_input = {"id": 42.0, "obj": {"n": 3.0, "l": [1.0, 0.5]}, "big": 2.0**60,
+                  "neg": -7.0, "half": 0.5}  # fmt: skip
+    execution = run(registry, flow, flow_input)
+    assert execution.status is FlowStatus.SUCCEEDED, execution.message
+    assert seen[0].params == {
+        "url": "/customers/42",
+        "line": 'obj={"n": 3, "l": [1, 0.5]} big=1.152921504606847e+18 neg=-7 half=0.5',
+        "whole": 42.0,
+    }
+
+
 def test_missing_reference_at_run_time_fails_the_task_clearly(registry) -> None:
     ran = []
     registry.register("never", lambda: ran.append(1) or TaskResult.success())
