@@ -23,6 +23,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Coroutine, Mapping
@@ -58,7 +59,7 @@ from flowsvc.references import (
     follow_path,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
-from flowsvc.validation import Limits, validate_flow
+from flowsvc.validation import MAX_JSON_DEPTH, Limits, too_deep, validate_flow
 
 logger = logging.getLogger("flowsvc.engine")
 
@@ -536,25 +537,30 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode()
 
 
-def _json_problem(value: Any, path: str) -> str | None:
-    """Where `value` stops being JSON (str keys; str, number, bool, null, list, dict)."""
+def _json_problem(value: Any, path: str, levels: int = MAX_JSON_DEPTH) -> str | None:
+    """Where `value` stops being JSON (str keys; str, finite number, bool, null, list,
+    dict), or nests deeper than `levels` (the deepest every client can read back)."""
     if isinstance(value, str):
         return f"{path} is a string with a lone surrogate" if _not_unicode(value) else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value}, not a JSON number"
     if isinstance(value, _SCALARS):
         return None
+    if isinstance(value, Mapping | list | tuple) and levels <= 0:
+        return f"{path} {too_deep()}"
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path} has a non-string key {key!r}"
             if _not_unicode(key):
                 return f"{path} has a key with a lone surrogate: {clean_text(key)!r}"
-            problem = _json_problem(item, f"{path}.{key}")
+            problem = _json_problem(item, f"{path}.{key}", levels - 1)
             if problem:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            problem = _json_problem(item, f"{path}.{i}")
+            problem = _json_problem(item, f"{path}.{i}", levels - 1)
             if problem:
                 return problem
         return None

@@ -44,6 +44,7 @@ from flowsvc.logs import event as log_event
 from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
 from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
 from flowsvc.store.codec import dumps, flow_to_json, request_hash
+from flowsvc.validation import nested_too_deep, too_deep
 
 logger = logging.getLogger("flowsvc.executions")
 
@@ -347,6 +348,8 @@ class ExecutionManager:
         for `cache_key`)."""
         prepared = self.prepare(flow, cache_key)  # INVALID_ARGUMENT before anything else
         plan = prepared.plan
+        if flow_input and nested_too_deep(flow_input):
+            raise InvalidArgumentError.one("input", too_deep())
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgumentError.one(
                 "request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}"

@@ -7,7 +7,7 @@ the path of the field at fault as the client wrote it, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,32 @@ class Limits:
 
 #: Longest echo of a client's value in a violation (violations travel in trailers).
 MAX_ECHO = 64
+
+#: How deep a JSON value (a flow's input, a task's params or data) may nest objects and
+#: lists within each other: as deep as every answer that carries it back can be decoded.
+#: Protobuf decoders refuse messages nested 100 deep (upb, which Python uses; C++ and
+#: Java have the same default), each JSON level costs up to three (map entry, Value,
+#: Struct), and GetExecution carries a task's params and data deepest. Measured with
+#: Python's decoder: 32 levels are read back, 33 are refused (tests/test_bad_input.py).
+MAX_JSON_DEPTH = 32
+
+
+def nested_too_deep(value: Any, levels: int = MAX_JSON_DEPTH) -> bool:
+    """True if `value` nests objects and lists more than `levels` deep (an object of
+    scalars is one level). Looks no further than that, so any depth is safe to check."""
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return False
+    if levels <= 0:
+        return True
+    return any(nested_too_deep(item, levels - 1) for item in items)
+
+
+def too_deep(levels: int = MAX_JSON_DEPTH) -> str:
+    return f"nests objects and lists more than {levels} levels deep, the most clients can read"
 
 
 def _show(value: str) -> str:
@@ -247,6 +273,8 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
                 f"'${{{_clip(ref.text)}}}' refers to {_show(ref.root)}, which cannot have "
                 f"run before {_show(task.name)}",
             )
+    if nested_too_deep(task.params):
+        bad(f"{path}.params", too_deep())
     schema = spec.params_schema if spec is not None else None
     if schema:
         _check_against_schema(f"{path}.params", task.params, schema, bad)

@@ -603,3 +603,108 @@ async def test_unexpected_error_is_internal_with_an_error_id_and_no_internals(
     assert logged[0].levelno == logging.ERROR
     assert logged[0].exc_info is not None
     assert "secret internal detail" in str(logged[0].exc_info[1])
+
+
+# --- how deep JSON may nest --------------------------------------------------------------
+
+
+def nested(levels: int) -> dict:
+    """An object `levels` deep: {"a": {"a": ... 1}}."""
+    value: object = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value  # type: ignore[return-value]
+
+
+async def test_json_as_deep_as_clients_can_read_is_kept_and_read_back(stub, registry) -> None:
+    # Every answer below is decoded by this Python client (upb): one level more in any of
+    # them, and it refuses the message ("Exceeded upb_DecodeOptions_MaxDepth").
+    from flowsvc.validation import MAX_JSON_DEPTH
+
+    deepest = nested(MAX_JSON_DEPTH)
+    registry.register("deep_data", lambda: TaskResult.success(deepest))
+    flow = chain(("deep_data", {"a": nested(MAX_JSON_DEPTH - 1)}))  # params: as deep
+    request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
+    request.input.update(deepest)
+    done = await stub.ExecuteFlow(request, timeout=TIMEOUT)
+    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED, done.message
+    assert convert.struct_from_pb(done.execution_history[0].data) == deepest
+    got = (
+        await stub.GetExecution(
+            flow_service_pb2.GetExecutionRequest(flow_id=done.flow_id), timeout=TIMEOUT
+        )
+    ).execution
+    assert convert.struct_from_pb(got.input) == deepest
+    assert convert.struct_from_pb(got.flow.tasks[0].params) == deepest
+    assert got.execution_history[0].data == done.execution_history[0].data
+    listed = await stub.ListExecutions(flow_service_pb2.ListExecutionsRequest(), timeout=TIMEOUT)
+    assert [e.flow_id for e in listed.executions] == [done.flow_id]
+    watch = flow_service_pb2.WatchExecutionRequest(flow_id=done.flow_id)
+    watched = [m async for m in stub.WatchExecution(watch, timeout=TIMEOUT)]
+    assert watched[1].task_result.data == done.execution_history[0].data
+
+
+async def test_input_or_params_nested_too_deep_are_invalid_argument(stub, calls) -> None:
+    from flowsvc.validation import MAX_JSON_DEPTH
+
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain("count"))
+    request.input.update(nested(MAX_JSON_DEPTH + 1))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"more than {MAX_JSON_DEPTH} levels deep" in one(bad_request(info.value), "input")
+
+    # Params one level deeper do not even decode (a request carries them as deep as
+    # GetExecution does): INVALID_ARGUMENT before the server sees them ...
+    flow = chain(("count", {"x": nested(MAX_JSON_DEPTH)}))
+    err = await execute_error(stub, flow)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid flowmanager.v1.ExecuteFlowRequest" in (err.details() or "")
+    assert calls == []
+
+
+def test_validation_refuses_params_nested_too_deep(registry) -> None:
+    # ... and from any other way in (flowsvc run, the engine API) validation refuses them.
+    from flowsvc.engine import FlowEngine
+    from flowsvc.models import Flow, Task
+    from flowsvc.validation import MAX_JSON_DEPTH
+
+    engine = FlowEngine(registry)
+    too_deep = Flow("f", "noop", (Task("noop", params={"x": nested(MAX_JSON_DEPTH)}),), ())
+    assert [(v.field, v.description) for v in engine.validate(too_deep)] == [
+        (
+            "flow.tasks[0].params",
+            f"nests objects and lists more than {MAX_JSON_DEPTH} levels deep, the most "
+            "clients can read",
+        )
+    ]
+    deepest = Flow("f", "noop", (Task("noop", params={"x": nested(MAX_JSON_DEPTH - 1)}),), ())
+    assert engine.validate(deepest) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (nested(33), "more than 32 levels deep"),
+        (nested(2000), "more than 32 levels deep"),  # was a RecursionError: INTERNAL
+        ({"x": [nested(31)]}, "data.x.0.a"),  # lists count as levels too
+        ({"x": float("nan")}, "data.x is nan, not a JSON number"),
+        ({"x": [float("inf")]}, "data.x.0 is inf, not a JSON number"),
+    ],
+    ids=["33", "2000", "list", "nan", "inf"],
+)
+async def test_task_data_no_client_could_read_fails_that_task(
+    stub, registry, data: dict, problem: str
+) -> None:
+    registry.register("bad_data", lambda: TaskResult.success(data))
+    done = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("noop", "bad_data")), timeout=TIMEOUT
+    )
+    assert done.status == flow_pb2.FLOW_STATUS_FAILED, done.message
+    failed = done.execution_history[-1]
+    assert failed.status == flow_pb2.TASK_STATUS_FAILURE
+    assert "task returned data that is not JSON" in failed.error and problem in failed.error
+    got = await stub.GetExecution(
+        flow_service_pb2.GetExecutionRequest(flow_id=done.flow_id), timeout=TIMEOUT
+    )
+    assert got.execution.status == flow_pb2.FLOW_STATUS_FAILED
