@@ -379,22 +379,36 @@ class FlowEngine:
     async def _with_timeouts(
         self, node: _Node, call: Coroutine[Any, Any, TaskResult], deadline: float | None
     ) -> TaskResult:
-        """Await `call` within the task's timeout and the flow's deadline."""
+        """Await `call` within the task's timeout and the flow's deadline.
+
+        The call runs as a task of its own, so that the timer holds even for a task that
+        ignores its cancellation (catches CancelledError and goes on): it is left running,
+        abandoned like a sync task's thread, and the attempt fails on time.
+        """
         loop = asyncio.get_running_loop()
         task_deadline = loop.time() + node.timeout_s if node.timeout_s is not None else None
         when = min(d for d in (task_deadline, deadline) if d is not None)
+        attempt = asyncio.ensure_future(call)
         try:
-            async with asyncio.timeout_at(when):
-                return await call
-        except TimeoutError:
-            abandoned = (
-                "" if node.spec.is_async else " (a sync task's thread cannot be stopped: abandoned)"
-            )
-            if task_deadline is not None and task_deadline <= when:
-                return TaskResult.failure(f"timed out after {node.timeout_s:g}s{abandoned}")
-            return TaskResult.failure(
-                f"timed out: the flow's timeout passed while it ran{abandoned}", retryable=False
-            )
+            done, _ = await asyncio.wait({attempt}, timeout=max(0.0, when - loop.time()))
+        except asyncio.CancelledError:  # the execution is being stopped
+            attempt.cancel()
+            await _let_go(attempt)
+            raise
+        if done:
+            return attempt.result()
+        attempt.cancel()
+        if not node.spec.is_async:
+            abandoned = " (a sync task's thread cannot be stopped: abandoned)"
+        elif not await _let_go(attempt):
+            abandoned = " (it ignored its cancellation: abandoned)"
+        else:
+            abandoned = ""
+        if task_deadline is not None and task_deadline <= when:
+            return TaskResult.failure(f"timed out after {node.timeout_s:g}s{abandoned}")
+        return TaskResult.failure(
+            f"timed out: the flow's timeout passed while it ran{abandoned}", retryable=False
+        )
 
     async def _invoke(
         self,
@@ -465,6 +479,27 @@ class FlowEngine:
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+#: How long a cancelled attempt may take to end before it is abandoned.
+CANCEL_GRACE_SECONDS = 1.0
+
+
+async def _let_go(attempt: asyncio.Future[Any]) -> bool:
+    """Give a cancelled attempt CANCEL_GRACE_SECONDS to end; True if it did. One that did
+    not is abandoned: it may go on, but nothing waits for it or reads its result."""
+    if not attempt.done():
+        await asyncio.wait({attempt}, timeout=CANCEL_GRACE_SECONDS)
+    if not attempt.done():
+        attempt.add_done_callback(_forget)
+        return False
+    _forget(attempt)
+    return True
+
+
+def _forget(attempt: asyncio.Future[Any]) -> None:
+    if not attempt.cancelled():
+        attempt.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 def _log_ended(

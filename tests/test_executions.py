@@ -200,6 +200,31 @@ async def test_cancel_while_a_sleep_task_runs(stub, registry) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_cancel_cuts_off_a_task_with_a_timeout_that_ignores_it(stub, registry) -> None:
+    release = asyncio.Event()
+
+    @registry.task("stubborn")
+    async def stubborn() -> TaskResult:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # ignores the cancel
+        return TaskResult.success()
+
+    flow = chain("stubborn", "noop")
+    flow.tasks[0].timeout.FromSeconds(60)  # the attempt runs under a timer
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=flow))
+    flow_id = (await call.read()).started.flow_id
+    try:
+        got = await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+        assert got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED, got.execution
+        rest = await read_all(call)
+        assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+        assert [m.task_result.task for m in rest[:-1]] == []  # noop never started
+    finally:
+        release.set()
+
+
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
     started, _, _ = gate(registry)
     request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)

@@ -86,6 +86,31 @@ def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegist
     assert [r.task for r in execution.history] == ["slow", "noop"]  # the failure route
 
 
+def test_async_task_ignoring_its_cancellation_is_abandoned_at_its_timeout(registry) -> None:
+    ignored = []
+
+    async def stubborn() -> TaskResult:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            ignored.append(True)  # and goes on; a second cancel (asyncio.run's) ends it
+            await asyncio.sleep(30)
+        return TaskResult.success()
+
+    registry.register("stubborn", stubborn)
+    flow = Flow(
+        "t", "stubborn", (Task("stubborn", timeout_s=0.2), Task("noop")),
+        (Condition("stubborn", "end", "noop"),),
+    )  # fmt: skip
+    execution = run(registry, flow)
+    # Waiting for it would have made it a success, 30 s later.
+    assert execution.history[0].error == (
+        "timed out after 0.2s (it ignored its cancellation: abandoned)"
+    )
+    assert ignored == [True]
+    assert [r.task for r in execution.history] == ["stubborn", "noop"]
+
+
 def test_sync_task_past_its_timeout_is_abandoned_and_the_flow_moves_on(registry) -> None:
     release = threading.Event()
 
