@@ -132,6 +132,25 @@ async def _serve(settings: config.Settings) -> None:
     print(f"flowsvc: serving on {host}:{server.port}", flush=True)
     await stop.wait()
     await server.shutdown()
+    await _leave_tasks_that_ignore_cancellation()
+
+
+async def _leave_tasks_that_ignore_cancellation() -> None:
+    """asyncio.run() cancels every task still there and waits for each to end: forever,
+    for a task that ignores its cancellation. Their executions are recorded by now (the
+    server's shutdown cut them off): log them and leave without waiting."""
+    me = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not me]
+    for task in left:
+        task.cancel()
+    if not left:
+        return
+    _, stuck = await asyncio.wait(left, timeout=1.0)
+    if stuck:
+        logger.warning("exiting with tasks that ignore cancellation", extra={"tasks": len(stuck)})
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
 
 
 #: Allocations between two young-generation collections (CPython's default: 700). Each

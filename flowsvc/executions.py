@@ -65,6 +65,8 @@ class ManagerSettings:
 
 #: Events of one execution queued for commit at most, before its engine waits.
 MAX_UNCOMMITTED = 64
+#: How long close() waits for a cancelled execution before it cuts it off.
+CUT_OFF_SECONDS = 1.0
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
 PREPARED_CACHE_SIZE = 512
 
@@ -276,14 +278,20 @@ class ExecutionManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        runs = list(self._live.values())
-        for run in runs:
-            if run.task is not None:
-                run.task.cancel()
-        for run in runs:
-            if run.task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await run.task
+        drives = {run.task: run for run in self._live.values() if run.task is not None}
+        for drive in drives:
+            drive.cancel()
+        if drives:
+            done, stuck = await asyncio.wait(drives, timeout=CUT_OFF_SECONDS)
+            for drive in done:
+                if not drive.cancelled():
+                    drive.exception()  # retrieved (the drive logged it)
+            for drive in stuck:
+                # Its task ignores cancellation: it is left behind, and its end recorded.
+                self._unrecorded[drives[drive].flow_id] = (
+                    "Flow interrupted: the server stopped while its running task ignored "
+                    "cancellation; every result committed before is kept"
+                )
         with contextlib.suppress(StoreUnavailableError):
             await self._record_ends()
         await self.store.close()

@@ -329,6 +329,42 @@ async def test_shutdown_does_not_hang_on_a_stuck_sync_task(tmp_path: Path) -> No
         assert "exiting with sync tasks still running" in [m["msg"] for m in srv.log_lines()]
 
 
+async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path) -> None:
+    write_module(
+        tmp_path,
+        "stubborn_tasks",
+        """
+        import asyncio
+        from flowsvc import register_task, TaskResult
+
+        @register_task("stubborn")
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass  # ignores every cancel
+        """,
+    )
+    env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "stubborn_tasks"}
+    db = tmp_path / "cut.db"
+    with server_process(tmp_path, "--db", str(db), "--grace-seconds", "0.2", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain("stubborn")))
+            flow_id = (await call.read()).started.flow_id
+            srv.proc.send_signal(signal.SIGTERM)
+            # Waiting for the task would mean never exiting.
+            assert await asyncio.to_thread(srv.proc.wait, 60) == 0
+        assert "exiting with tasks that ignore cancellation" in [m["msg"] for m in srv.log_lines()]
+    with server_process(tmp_path, "--db", str(db), env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=flow_id))
+            assert got.execution.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+            assert "ignored cancellation" in got.execution.message
+
+
 async def test_policy_caps_are_configurable(tmp_path: Path) -> None:
     with server_process(
         tmp_path, "--max-attempts", "3", env={"FLOWSVC_MAX_TASK_TIMEOUT_SECONDS": "1"}
