@@ -90,7 +90,8 @@ def _engine(settings: config.Settings) -> FlowEngine:
 
 
 def _print(message: Any) -> None:
-    print(json_format.MessageToJson(message, indent=2))
+    # Field names as in the proto (flow_id, execution_history), as grpcurl prints them.
+    print(json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True))
 
 
 def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -256,7 +256,8 @@ def test_run_sample_flow_in_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     execution = json.loads(result.stdout)
     assert execution["status"] == "FLOW_STATUS_SUCCEEDED"
-    assert [r["data"] for r in execution["executionHistory"]] == [
+    assert "flow_id" in execution  # the proto's field names, as grpcurl shows them
+    assert [r["data"] for r in execution["execution_history"]] == [
         {"raw_data": "data"},
         {"processed_data": "data"},
         {"storage_id": "12345"},
@@ -269,7 +270,7 @@ def test_run_accepts_a_bare_flow_with_input(tmp_path: Path) -> None:
     path.write_text(json.dumps(flow))
     result = flowsvc("run", str(path), "--input", '{"customer_id": "c-1"}')
     assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)["executionHistory"][0]["data"]
+    data = json.loads(result.stdout)["execution_history"][0]["data"]
     assert data == {"params": {"p": 1}, "input": {"customer_id": "c-1"}}
 
 
