@@ -229,7 +229,7 @@ async def test_post_json_with_headers_and_query(stub, remote: Remote) -> None:
         method="post",
         json={"a": 1},
         headers={"X-Trace": "t1"},
-        query={"page": 2, "q": "x y"},
+        query={"page": 2, "q": "x y", "tag": ["a", 3]},
     )
     resp = await execute(stub, flow)
     assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
@@ -240,9 +240,10 @@ async def test_post_json_with_headers_and_query(stub, remote: Remote) -> None:
     assert echo["headers"]["x-trace"] == "t1"
     assert echo["headers"]["content-type"] == "application/json"
     # An integer arrives (through protobuf's Struct) as 2.0 and must be sent as "2".
-    assert echo["query"] == {"page": ["2"], "q": ["x y"]}
+    # A list is the parameter repeated.
+    assert echo["query"] == {"page": ["2"], "q": ["x y"], "tag": ["a", "3"]}
     (seen,) = remote.seen("/echo")
-    assert seen.method == "POST" and seen.query == {"page": ["2"], "q": ["x y"]}
+    assert seen.method == "POST" and seen.query == echo["query"]
 
 
 async def test_post_raw_text_body(stub, remote: Remote) -> None:
@@ -325,6 +326,15 @@ async def test_success_statuses_make_a_4xx_a_success(stub, remote: Remote) -> No
     assert result.status == SUCCESS
     data = to_dict(result.data)
     assert data["status"] == 404 and data["json"] == {"status": 404}
+
+
+@pytest.mark.parametrize("statuses", [[404.5], [99], [600], [True], ["404"]])
+async def test_success_statuses_must_be_http_statuses(stub, remote: Remote, statuses) -> None:
+    resp = await execute(stub, http_flow(url=remote.url("/status/404"), success_statuses=statuses))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    error = resp.execution_history[0].error
+    assert "success_statuses must be HTTP statuses" in error, error
+    assert remote.seen("/status/404") == []  # nothing was sent
 
 
 @pytest.mark.parametrize("code", [408, 429])

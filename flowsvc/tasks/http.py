@@ -1,6 +1,7 @@
 """The built-in `http` task: one HTTP request, asynchronously, through a shared pool.
 
-Params: `url` (http or https), `method` (default GET), `headers`, `query`, and a body:
+Params: `url` (http or https), `method` (default GET), `headers`, `query` (a list value
+repeats the parameter), and a body:
 `json` (any JSON value) or `body` (text). Success when the status is 2xx, or one of
 `success_statuses`. The result's data: `status`, `headers` (lower-case names), and the
 body as `json` when it parses as JSON, else as `text`; a body longer than
@@ -72,12 +73,23 @@ async def http(
         return TaskResult.failure(problem, retryable=False)
     if json is not None and body is not None:
         return TaskResult.failure("give `json` or `body`, not both", retryable=False)
+    bad_statuses = [s for s in success_statuses or () if not _is_status(s)]
+    if bad_statuses:
+        return TaskResult.failure(
+            f"success_statuses must be HTTP statuses, whole numbers from 100 to 599, not "
+            f"{', '.join(map(_text, bad_statuses))}",
+            retryable=False,
+        )
     try:
         request = client().build_request(
             method.upper(),
             url,
             headers={k: _text(v) for k, v in (headers or {}).items()},
-            params={k: _text(v) for k, v in (query or {}).items()},
+            # A list is the parameter repeated: {"tag": ["a", "b"]} -> ?tag=a&tag=b
+            params={
+                k: [_text(x) for x in v] if isinstance(v, list) else _text(v)
+                for k, v in (query or {}).items()
+            },
             json=_integral(json),
             content=body.encode() if body is not None else None,
         )
@@ -113,6 +125,15 @@ async def http(
     retryable = response.status_code >= 500 or response.status_code in RETRYABLE_4XX
     return TaskResult.failure(
         f"HTTP {response.status_code} from {method.upper()} {url}", data, retryable=retryable
+    )
+
+
+def _is_status(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and float(value).is_integer()
+        and 100 <= value <= 599
     )
 
 
