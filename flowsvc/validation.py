@@ -209,6 +209,12 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
             f"{path}.retry.backoff_multiplier",
             f"must be between 1 and {MAX_MULTIPLIER:g}, not {retry.backoff_multiplier:g}",
         )
+    for i, marker in enumerate(retry.non_retryable_errors):
+        if not marker:
+            bad(
+                f"{path}.retry.non_retryable_errors[{i}]",
+                "must not be empty: it would be found in every error, and stop every retry",
+            )
 
 
 class _Graph:

@@ -250,6 +250,7 @@ async def test_caps_on_policies_are_validation_errors(stub) -> None:
     noop.timeout.FromSeconds(-1)
     echo.timeout.FromSeconds(10**6)
     echo.retry.max_backoff.FromSeconds(10**6)
+    echo.retry.non_retryable_errors.extend(["denied", ""])
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -261,6 +262,7 @@ async def test_caps_on_policies_are_validation_errors(stub) -> None:
         "flow.tasks[0].retry.backoff_multiplier",
         "flow.tasks[1].timeout",
         "flow.tasks[1].retry.max_backoff",
+        "flow.tasks[1].retry.non_retryable_errors[1]",
         "flow.timeout",
     }
     assert "cap of 10" in found["flow.tasks[0].retry.max_attempts"]
