@@ -365,7 +365,7 @@ def test_a_task_in_a_loop_may_refer_to_its_own_earlier_run(registry: TaskRegistr
 async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None:
     flow = chain(
         ("echo", {"x": "${task2.data.processed_data}", "ok": "${input.anything}"}),
-        ("task2", {"y": "${ghost.data}"}),
+        ("task2", {"delay_seconds": "${ghost.data}"}),
         ("noop", {"z": "${oops"}),
     )
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -374,12 +374,29 @@ async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None
     found = violations(info.value)
     assert set(found) == {
         "flow.tasks[0].params.x",
-        "flow.tasks[1].params.y",
+        "flow.tasks[1].params.delay_seconds",
         "flow.tasks[2].params",
     }
     assert "'task2', which cannot have run before 'echo'" in found["flow.tasks[0].params.x"]
-    assert "neither 'input' nor a task" in found["flow.tasks[1].params.y"]
+    assert "neither 'input' nor a task" in found["flow.tasks[1].params.delay_seconds"]
     assert "closing" in found["flow.tasks[2].params"]
+
+
+async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
+    # A typo would otherwise be ignored: `secs` would sleep the default second.
+    flow = chain(("sleep", {"secs": 5}), ("fail", {"mesage": "x"}), ("task1", {"delay": 0}))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(info.value) == {
+        "flow.tasks[0].params.secs": "is not a param of this task (it takes: seconds)",
+        "flow.tasks[1].params.mesage": "is not a param of this task (it takes: message)",
+        "flow.tasks[2].params.delay": "is not a param of this task (it takes: delay_seconds)",
+    }
+    flow = chain(("sleep", {"seconds": "5"}))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert violations(info.value) == {"flow.tasks[0].params.seconds": "must be number, not string"}
 
 
 async def test_params_schema_is_listed_and_enforced(stub, registry) -> None:

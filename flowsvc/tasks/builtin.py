@@ -18,6 +18,16 @@ BUILTINS = TaskRegistry()
 SEED_DELAY_SECONDS = 0.5
 
 
+def _takes(**types: str) -> dict[str, Any]:
+    """A params schema: these params, of these JSON types, and no other (a typo such as
+    `secs` for `seconds` is refused when the flow is submitted, not silently ignored)."""
+    return {
+        "type": "object",
+        "properties": {name: {"type": json_type} for name, json_type in types.items()},
+        "additionalProperties": False,
+    }
+
+
 def _seconds(params: Any, key: str, default: float) -> float:
     value = params.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -25,21 +35,21 @@ def _seconds(params: Any, key: str, default: float) -> float:
     return float(value)
 
 
-@BUILTINS.task("task1")
+@BUILTINS.task("task1", params=_takes(delay_seconds="number"))
 async def fetch_data(ctx: TaskContext) -> TaskResult:
     """Fetch data (the prototype's task1). Param delay_seconds (default 0.5)."""
     await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
     return TaskResult(status="success", data={"raw_data": "data"})
 
 
-@BUILTINS.task("task2")
+@BUILTINS.task("task2", params=_takes(delay_seconds="number"))
 async def process_data(ctx: TaskContext) -> TaskResult:
     """Process data (the prototype's task2). Param delay_seconds (default 0.5)."""
     await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
     return TaskResult(status="success", data={"processed_data": "data"})
 
 
-@BUILTINS.task("task3")
+@BUILTINS.task("task3", params=_takes(delay_seconds="number"))
 async def store_data(ctx: TaskContext) -> TaskResult:
     """Store data (the prototype's task3). Param delay_seconds (default 0.5)."""
     await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
@@ -52,13 +62,13 @@ async def noop() -> TaskResult:
     return TaskResult.success()
 
 
-@BUILTINS.task("fail")
+@BUILTINS.task("fail", params=_takes(message="string"))
 async def fail(ctx: TaskContext) -> TaskResult:
     """Fail at once. Param message (default "task failed") is the error text."""
     return TaskResult.failure(str(ctx.params.get("message", "task failed")))
 
 
-@BUILTINS.task("sleep")
+@BUILTINS.task("sleep", params=_takes(seconds="number"))
 async def sleep(ctx: TaskContext) -> TaskResult:
     """Wait asynchronously for param seconds (default 1), then succeed."""
     seconds = _seconds(ctx.params, "seconds", 1.0)
