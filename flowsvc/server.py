@@ -78,12 +78,34 @@ def load_task_modules(
                     "it must name a module or a flowsvc.TaskRegistry"
                 )
     for name in modules:
+        before = len(default_registry)
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except Exception as exc:
             raise TaskModuleError(
                 f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        # A module that builds its own TaskRegistry (as a task package does for its entry
+        # point) brings that registry's tasks.
+        own = [
+            value
+            for value in vars(module).values()
+            if isinstance(value, TaskRegistry) and value is not default_registry
+        ]
+        for found in own:
+            registry.merge(found)
+        if (
+            not own
+            and len(default_registry) == before
+            and not any(spec.fn.__module__ == name for spec in default_registry)
+        ):
+            log_event(
+                logger,
+                logging.WARNING,
+                "task module registered no tasks",
+                task_module=name,
+                hint="register tasks with @register_task, or define a flowsvc.TaskRegistry",
+            )
     registry.merge(default_registry)
 
 

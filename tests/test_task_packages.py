@@ -158,3 +158,22 @@ def test_a_name_clash_between_packages_is_refused_at_start(tmp_path: Path) -> No
     assert "acme_welcome" in result.stderr
     assert "acme_flow_tasks.tasks:welcome" in result.stderr
     assert "other_tasks:impostor" in result.stderr
+
+
+async def test_a_package_module_named_in_task_modules_brings_its_registry(
+    tmp_path: Path,
+) -> None:
+    # Not installed (no entry point): named with --task-modules, its TaskRegistry is merged.
+    (tmp_path / "empty_tasks.py").write_text("X = 1\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(EXAMPLE), str(tmp_path)])}
+    args = ("--task-modules", "acme_flow_tasks.tasks,empty_tasks")
+    with server_process(tmp_path, *args, env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            names = {t.name for t in (await stub.ListTasks(pb.ListTasksRequest())).tasks}
+            assert {"acme_save_customer", "acme_welcome"} <= names
+        # A module that brings nothing is worth a warning, not silence.
+        warned = [
+            line for line in srv.log_lines() if line["msg"] == "task module registered no tasks"
+        ]
+        assert [line["task_module"] for line in warned] == ["empty_tasks"]
