@@ -264,6 +264,17 @@ class FlowEngine:
                     history.append(record)
                     latest[node.name] = record
                     yield TaskCompleted(flow_id, record)
+                    if (
+                        stop.reason is not None
+                        and me is not None
+                        and me.cancelling()
+                        and me.uncancel() == 0  # only the stop's own cancel was pending
+                    ):
+                        # The task caught the stop's cancellation and finished anyway: its
+                        # result stands, and nothing runs after it.
+                        status = FlowStatus.CANCELLED
+                        message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
+                        break
                     if deadline is not None and loop.time() >= deadline:
                         status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
                         break

@@ -225,6 +225,35 @@ async def test_cancel_cuts_off_a_task_with_a_timeout_that_ignores_it(stub, regis
         release.set()
 
 
+@pytest.mark.parametrize("after", [("noop",), ()], ids=["then-noop", "last"])
+async def test_a_task_that_ignores_a_cancel_keeps_its_result_and_nothing_runs_after(
+    stub, registry, after: tuple[str, ...]
+) -> None:
+    release, ignored = asyncio.Event(), []
+
+    @registry.task("stubborn")
+    async def stubborn() -> TaskResult:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            ignored.append(True)
+            await release.wait()  # goes on regardless
+        return TaskResult.success({"finished": True})
+
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("stubborn", *after)))
+    flow_id = (await call.read()).started.flow_id
+    cancel = asyncio.ensure_future(stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id)))
+    await eventually(lambda: ignored)
+    release.set()  # the task finishes: its result is kept, and nothing starts after it
+    got = (await cancel).execution
+    assert got.status == flow_pb2.FLOW_STATUS_CANCELLED, got
+    rest = await read_all(call)
+    assert [m.task_result.task for m in rest[:-1]] == ["stubborn"]
+    assert rest[0].task_result.status == flow_pb2.TASK_STATUS_SUCCESS
+    assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert "cancelled during step 1 ('stubborn')" in rest[-1].finished.message
+
+
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
     started, _, _ = gate(registry)
     request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
