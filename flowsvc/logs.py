@@ -61,6 +61,14 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx (the http task's client) logs every request at INFO with its full URL:
+    # passwords and API keys in URLs would land in the log, a line per request.
+    for chatty in QUIET_LIBRARIES:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+#: Libraries whose INFO and DEBUG lines never reach flowsvc's log.
+QUIET_LIBRARIES = ("httpx", "httpcore")
 
 
 def event(

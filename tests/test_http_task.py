@@ -445,3 +445,35 @@ async def test_a_number_from_the_input_makes_a_whole_number_in_the_url(stub, rem
     resp = await execute(stub, flow, {"base": remote.base, "code": 404})
     assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
     assert len(remote.seen("/status/404")) == 1
+
+
+async def test_errors_do_not_show_credentials_or_the_query(stub, remote: Remote) -> None:
+    # Errors are stored, returned and logged: user:password@ and query strings stay out.
+    url = remote.url("/status/404").replace("http://", "http://ada:s3cret@") + "?api_key=K3Y"
+    resp = await execute(stub, http_flow(url=url))
+    error = resp.execution_history[0].error
+    assert error == f"HTTP 404 from GET {remote.url('/status/404')}", error
+    assert len(remote.seen("/status/404")) == 1  # the request itself had them
+
+
+def test_httpx_request_lines_stay_out_of_the_log() -> None:
+    # httpx logs each request, full URL included, at INFO.
+    import logging
+
+    from flowsvc import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    flags = {f: getattr(logging, f) for f in ("_srcfile", "logThreads", "logProcesses")}
+    try:
+        logs.configure("DEBUG")
+        assert logging.getLogger("flowsvc.engine").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name, value in flags.items():
+            setattr(logging, name, value)
+        logging.getLogger("httpx").setLevel(logging.NOTSET)
+        logging.getLogger("httpcore").setLevel(logging.NOTSET)

@@ -98,7 +98,9 @@ async def http(
     try:
         response = await client().send(request, stream=True)
     except httpx.HTTPError as exc:
-        return TaskResult.failure(f"{method.upper()} {url}: {type(exc).__name__}: {exc}")
+        return TaskResult.failure(
+            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
+        )
     try:
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
@@ -107,7 +109,9 @@ async def http(
             if size > MAX_BODY_BYTES:
                 break
     except httpx.HTTPError as exc:
-        return TaskResult.failure(f"{method.upper()} {url}: {type(exc).__name__}: {exc}")
+        return TaskResult.failure(
+            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
+        )
     finally:
         await response.aclose()
     raw = b"".join(chunks)
@@ -124,8 +128,17 @@ async def http(
         return TaskResult.success(data)
     retryable = response.status_code >= 500 or response.status_code in RETRYABLE_4XX
     return TaskResult.failure(
-        f"HTTP {response.status_code} from {method.upper()} {url}", data, retryable=retryable
+        f"HTTP {response.status_code} from {method.upper()} {_shown(request.url)}",
+        data,
+        retryable=retryable,
     )
+
+
+def _shown(url: httpx.URL) -> str:
+    """The URL as an error shows it: without user:password@ and without the query, where
+    credentials and API keys travel (errors are stored, returned and logged)."""
+    port = f":{url.port}" if url.port is not None else ""
+    return f"{url.scheme}://{url.host}{port}{url.path}"
 
 
 def _is_status(value: Any) -> bool:
