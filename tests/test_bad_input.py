@@ -670,7 +670,7 @@ def test_validation_refuses_params_nested_too_deep(registry) -> None:
     from flowsvc.validation import MAX_JSON_DEPTH
 
     engine = FlowEngine(registry)
-    too_deep = Flow("f", "noop", (Task("noop", params={"x": nested(MAX_JSON_DEPTH)}),), ())
+    too_deep = Flow("f", "echo", (Task("echo", params={"x": nested(MAX_JSON_DEPTH)}),), ())
     assert [(v.field, v.description) for v in engine.validate(too_deep)] == [
         (
             "flow.tasks[0].params",
@@ -678,7 +678,7 @@ def test_validation_refuses_params_nested_too_deep(registry) -> None:
             "clients can read",
         )
     ]
-    deepest = Flow("f", "noop", (Task("noop", params={"x": nested(MAX_JSON_DEPTH - 1)}),), ())
+    deepest = Flow("f", "echo", (Task("echo", params={"x": nested(MAX_JSON_DEPTH - 1)}),), ())
     assert engine.validate(deepest) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -234,6 +235,42 @@ def test_console_script_serves(tmp_path: Path) -> None:
             "probe", "--address", f"127.0.0.1:{port}", "--service", "flowmanager.v1.FlowService"
         )
         assert probe.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_scripts_serve_finds_task_modules_where_it_is_started(tmp_path: Path) -> None:
+    # The README's "Adding a task": FLOWSVC_TASK_MODULES=acme_tasks scripts/serve, run from
+    # the folder that holds acme_tasks.py (the script itself runs from the repo's root).
+    from tests.support import ROOT
+
+    write_module(
+        tmp_path,
+        "acme_tasks",
+        """
+        from flowsvc import TaskResult, register_task
+
+        @register_task("my_new_task")
+        def my_new_task() -> TaskResult:
+            return TaskResult(status="success", data={"result": "value"})
+        """,
+    )
+    proc = subprocess.Popen(
+        [str(ROOT / "scripts" / "serve"), "--listen", "127.0.0.1:0", "--db", ":memory:"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "FLOWSVC_TASK_MODULES": "acme_tasks"},
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("flowsvc: serving on"), line
+        with grpc.insecure_channel(f"127.0.0.1:{line.rsplit(':', 1)[1].strip()}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            tasks = stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=30)
+            assert "my_new_task" in {t.name for t in tasks.tasks}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -366,7 +366,7 @@ async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None
     flow = chain(
         ("echo", {"x": "${task2.data.processed_data}", "ok": "${input.anything}"}),
         ("task2", {"delay_seconds": "${ghost.data}"}),
-        ("noop", {"z": "${oops"}),
+        ("sleep", {"seconds": "${oops"}),
     )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
@@ -384,7 +384,12 @@ async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None
 
 async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
     # A typo would otherwise be ignored: `secs` would sleep the default second.
-    flow = chain(("sleep", {"secs": 5}), ("fail", {"mesage": "x"}), ("task1", {"delay": 0}))
+    flow = chain(
+        ("sleep", {"secs": 5}),
+        ("fail", {"mesage": "x"}),
+        ("task1", {"delay": 0}),
+        ("noop", {"x": 1}),
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -392,6 +397,7 @@ async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
         "flow.tasks[0].params.secs": "is not a param of this task (it takes: seconds)",
         "flow.tasks[1].params.mesage": "is not a param of this task (it takes: message)",
         "flow.tasks[2].params.delay": "is not a param of this task (it takes: delay_seconds)",
+        "flow.tasks[3].params.x": "is not a param of this task (it takes: none)",
     }
     flow = chain(("sleep", {"seconds": "5"}))
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -56,7 +56,7 @@ async def store_data(ctx: TaskContext) -> TaskResult:
     return TaskResult(status="success", data={"storage_id": "12345"})
 
 
-@BUILTINS.task("noop")
+@BUILTINS.task("noop", params=_takes())
 async def noop() -> TaskResult:
     """Succeed at once with no data."""
     return TaskResult.success()
