@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(validate)
 
     probe = sub.add_parser("probe", help="exit 0 when the server's health is SERVING")
-    probe.add_argument("--address", default="127.0.0.1:50051")
+    probe.add_argument(
+        "--address",
+        default=None,
+        help="HOST:PORT (default: the port of FLOWSVC_LISTEN, or 50051, on 127.0.0.1)",
+    )
     probe.add_argument("--service", default="", help="service name to check ('' = server)")
     probe.add_argument("--timeout", type=float, default=3.0)
     return parser
@@ -199,10 +203,21 @@ def _exit_despite_stuck_task_threads() -> None:
         os._exit(EXIT_OK)
 
 
+def _local_address() -> str:
+    """Where this machine's own server listens: the port of FLOWSVC_LISTEN (the setting a
+    container's HEALTHCHECK shares with its server), on loopback when it listens on all
+    addresses."""
+    listen = os.environ.get(config.env_name("listen")) or config.Settings().listen
+    host, _, port = listen.rpartition(":")
+    if host in {"", "[::]", "0.0.0.0", "[::0]"}:  # noqa: S104  (all addresses: probe loopback)
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     from flowsvc.probe import check
 
-    ok, text = check(args.address, args.service, args.timeout)
+    ok, text = check(args.address or _local_address(), args.service, args.timeout)
     print(text)
     return EXIT_OK if ok else EXIT_FLOW_FAILED
 

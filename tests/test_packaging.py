@@ -46,7 +46,10 @@ def test_dockerfile_copies_what_dockerignore_allows() -> None:
         if line.startswith("!")
     }
     assert sources == allowed
-    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["flowsvc", "probe"', dockerfile, flags=re.M)
+    assert re.search(
+        r'^HEALTHCHECK .*\n\s+CMD \["flowsvc", "probe", "--timeout"', dockerfile, flags=re.M
+    )
+    assert re.search(r'^VOLUME \["/app/data"\]', dockerfile, flags=re.M)
     assert re.search(r"^USER \d+", dockerfile, flags=re.M)
 
 
@@ -108,17 +111,13 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
             f"assert m.__file__.startswith({str(site)!r}), m.__file__"
         )
         subprocess.run([sys.executable, "-c", check], cwd=run_dir, env=env, check=True, timeout=60)
+        # As the image's HEALTHCHECK does: no --address; the port comes from FLOWSVC_LISTEN,
+        # the setting the container's server was started with.
+        port = address.rsplit(":", 1)[1]
         probe = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowsvc",
-                "probe",
-                "--address",
-                address.replace("[::]", "127.0.0.1"),
-            ],
+            [sys.executable, "-m", "flowsvc", "probe"],
             cwd=run_dir,
-            env=env,
+            env={**env, "FLOWSVC_LISTEN": f"[::]:{port}"},
             capture_output=True,
             text=True,
             timeout=60,
