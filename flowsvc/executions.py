@@ -258,6 +258,10 @@ class ExecutionManager:
         """Open the store and close what a crash left RUNNING; returns those ids."""
         await self.store.open()
         self._secret = await self.store.secret()
+        if self.settings.retention_seconds > 0:
+            # Before recovery, which writes: a database that filled up must first get back
+            # the room that retention frees, or the server could never start again.
+            await self._sweep()
 
         recovered = await self.store.finish_running(
             _interrupted(
@@ -671,14 +675,16 @@ class ExecutionManager:
         keep = self.settings.retention_seconds
         interval = min(max(keep / 10, 1.0), 3600.0)
         while True:
-            try:
-                cutoff = datetime.now(UTC) - timedelta(seconds=keep)
-                deleted = await self._store(self.store.delete_finished_before(cutoff))
-                if deleted:
-                    log_event(logger, logging.INFO, "old executions deleted", count=deleted)
-            except StoreUnavailableError:
-                pass
             await asyncio.sleep(interval)
+            with contextlib.suppress(StoreUnavailableError):
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Delete the executions that ended more than retention_seconds ago."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.retention_seconds)
+        deleted = await self._store(self.store.delete_finished_before(cutoff))
+        if deleted:
+            log_event(logger, logging.INFO, "old executions deleted", count=deleted)
 
 
 __all__ = ["Attachment", "ExecutionManager", "ManagerSettings", "Run", "parse_flow_id"]

@@ -555,6 +555,75 @@ async def test_full_database_is_unavailable_not_unknown(tmp_path: Path, registry
         await server.shutdown(grace=0)
 
 
+async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_again(
+    tmp_path: Path, registry
+) -> None:
+    # A server that crashed while its database was full leaves an execution RUNNING. The
+    # next start must record its end, and for that it needs room: the room retention
+    # frees. Before, that start failed ("database or disk is full"), again and again.
+    from flowmanager.v1 import flow_service_pb2_grpc
+
+    db = str(tmp_path / "full.db")
+    cap = 128 * 1024
+    server = await build_server(Settings(listen="127.0.0.1:0", db=db), registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            old = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            cut = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "echo")))
+    finally:
+        await server.shutdown(grace=0)
+    # The state a kill -9 leaves mid-flow (`cut` RUNNING, its last event never written),
+    # in a database packed up to the server's cap right where `cut`'s end must go: filler
+    # events of an old finished execution whose id sorts just after `cut`'s.
+    filler_id = cut.flow_id + "~"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE executions SET status = 'running', message = '', finished_at = NULL"
+            " WHERE flow_id = ?",
+            (cut.flow_id,),
+        )
+        conn.execute("DELETE FROM events WHERE flow_id = ? AND kind = 'finished'", (cut.flow_id,))
+        conn.execute(
+            "INSERT INTO executions (flow_id, flow_name, flow_json, input_json, request_hash,"
+            " status, created_at, finished_at) SELECT ?, flow_name, flow_json, input_json,"
+            " request_hash, status, created_at, finished_at FROM executions WHERE flow_id = ?",
+            (filler_id, old.flow_id),
+        )
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {cap // page_size}")
+        sequence = 0
+        for size in (4000, 1000, 200, 40, 1):
+            while True:
+                sequence += 1
+                try:
+                    conn.execute(
+                        "INSERT INTO events (flow_id, sequence, kind, body) VALUES (?, ?, ?, ?)",
+                        (filler_id, sequence, "filler", "x" * size),
+                    )
+                except sqlite3.OperationalError as exc:
+                    assert "full" in str(exc)
+                    break
+    finally:
+        conn.close()
+    restarted = Settings(listen="127.0.0.1:0", db=db, db_max_bytes=cap, retention_seconds=0.001)
+    server = await build_server(restarted, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=cut.flow_id))).execution
+            assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # retention took the old one
+                await stub.GetExecution(pb.GetExecutionRequest(flow_id=old.flow_id))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        await server.shutdown(grace=0)
+
+
 async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
     settings = Settings(listen="127.0.0.1:0", db=":memory:", retention_seconds=0.5)
     server = await build_server(settings, registry)
