@@ -257,6 +257,9 @@ class ExecutionManager:
     async def open(self) -> list[str]:
         """Open the store and close what a crash left RUNNING; returns those ids."""
         await self.store.open()
+        # A store that opens but cannot write (a read-only file) refuses to start, rather
+        # than serving with every execution failing UNAVAILABLE.
+        await self.store.check_writable()
         self._secret = await self.store.secret()
         if self.settings.retention_seconds > 0:
             # Before recovery, which writes: a database that filled up must first get back

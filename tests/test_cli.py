@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,41 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
             "--listen", "127.0.0.1:0", "--db", str(db)
         )
         assert "cannot listen on" in refused("--listen", srv.address, "--db", ":memory:")
+
+
+async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
+    # It used to start, stay NOT_SERVING for good and fail every flow with UNAVAILABLE.
+    db = tmp_path / "ro.db"
+    with server_process(tmp_path, "--db", str(db)) as srv:
+        srv.proc.send_signal(signal.SIGKILL)  # leaves its -wal and -shm files: readable
+        await asyncio.to_thread(srv.proc.wait, 30)
+    db.chmod(0o444)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root writes anyway, unless it gives up that capability
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "flowsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            str(db),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "readonly database" in result.stderr.strip().splitlines()[-1]
+    assert "serving on" not in result.stdout
 
 
 def test_console_script_serves(tmp_path: Path) -> None:
