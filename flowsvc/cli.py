@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from google.protobuf import json_format
 from flowsvc import config, convert, logs
 from flowsvc.engine import FlowEngine
 from flowsvc.errors import FlowsvcError, FlowValidationError
-from flowsvc.models import Event, FlowFinished, FlowStatus
+from flowsvc.models import FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 
@@ -90,7 +91,12 @@ def _read_request(path: Path, input_json: str | None) -> pb.ExecuteFlowRequest:
 def _engine(settings: config.Settings) -> FlowEngine:
     registry = TaskRegistry.with_builtins()
     load_task_modules(settings.task_modules, registry)
-    return FlowEngine(registry, settings.limits)
+    # Sync tasks run in threads named like the server's, so that one left running (timed
+    # out, abandoned) is found and not waited for at exit.
+    executor = ThreadPoolExecutor(
+        max_workers=settings.sync_task_workers, thread_name_prefix=TASK_THREAD_PREFIX
+    )
+    return FlowEngine(registry, settings.limits, executor=executor)
 
 
 def _print(message: Any) -> None:
@@ -103,16 +109,19 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     request = _read_request(args.flow_file, args.input)
     plan = engine.prepare(convert.request_flow_from_pb(request))
 
-    async def collect() -> list[Event]:
-        return [ev async for ev in engine.events(plan, convert.struct_from_pb(request.input))]
+    async def run() -> int:
+        events = [ev async for ev in engine.events(plan, convert.struct_from_pb(request.input))]
+        # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
+        _print(convert.execute_response_from_events(events[0].flow_id, events))
+        final = events[-1]
+        succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
+        code = EXIT_OK if succeeded else EXIT_FLOW_FAILED
+        await _leave_tasks_that_ignore_cancellation(code)
+        return code
 
-    events = asyncio.run(collect())
-    # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
-    response = convert.execute_response_from_events(events[0].flow_id, events)
-    _print(response)
-    final = events[-1]
-    succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
-    return EXIT_OK if succeeded else EXIT_FLOW_FAILED
+    code = asyncio.run(run())
+    _exit_despite_stuck_task_threads(code)
+    return code
 
 
 def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -137,13 +146,14 @@ async def _serve(settings: config.Settings) -> None:
     print(f"flowsvc: serving on {host}:{server.port}", flush=True)
     await stop.wait()
     await server.shutdown()
-    await _leave_tasks_that_ignore_cancellation()
+    await _leave_tasks_that_ignore_cancellation(EXIT_OK)
 
 
-async def _leave_tasks_that_ignore_cancellation() -> None:
+async def _leave_tasks_that_ignore_cancellation(code: int) -> None:
     """asyncio.run() cancels every task still there and waits for each to end: forever,
     for a task that ignores its cancellation. Their executions are recorded by now (the
-    server's shutdown cut them off): log them and leave without waiting."""
+    server's shutdown cut them off; `run` has printed its result): log them and exit with
+    `code` without waiting."""
     me = asyncio.current_task()
     left = [task for task in asyncio.all_tasks() if task is not me]
     for task in left:
@@ -155,7 +165,7 @@ async def _leave_tasks_that_ignore_cancellation() -> None:
         logger.warning("exiting with tasks that ignore cancellation", extra={"tasks": len(stuck)})
         logging.shutdown()
         sys.stdout.flush()
-        os._exit(EXIT_OK)
+        os._exit(code)
 
 
 #: Allocations between two young-generation collections (CPython's default: 700). Each
@@ -186,7 +196,7 @@ def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
     asyncio.run(main)
 
 
-def _exit_despite_stuck_task_threads() -> None:
+def _exit_despite_stuck_task_threads(code: int = EXIT_OK) -> None:
     """A sync task still running after shutdown cannot be killed, and Python would wait for
     its thread at exit forever: log it and leave without waiting."""
     deadline = time.monotonic() + 1.0
@@ -200,7 +210,7 @@ def _exit_despite_stuck_task_threads() -> None:
         logger.warning("exiting with sync tasks still running", extra={"threads": stuck})
         logging.shutdown()
         sys.stdout.flush()
-        os._exit(EXIT_OK)
+        os._exit(code)
 
 
 def _local_address() -> str:

@@ -364,6 +364,52 @@ def test_run_reports_failure_and_invalid_flows(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bogus" in result.stderr
 
 
+@pytest.mark.parametrize("task", ["stuck_sync", "stubborn_async"])
+def test_run_prints_and_exits_despite_a_task_it_had_to_abandon(tmp_path: Path, task: str) -> None:
+    # Timed out, the task is abandoned (a thread cannot be killed; this coroutine ignores
+    # every cancel): `run` must not wait for it at exit, which would be forever.
+    write_module(
+        tmp_path,
+        "hanging_tasks",
+        """
+        import asyncio, threading
+        from flowsvc import register_task, TaskResult
+
+        @register_task("stuck_sync")
+        def stuck_sync():
+            threading.Event().wait()
+            return TaskResult(status="success")
+
+        @register_task("stubborn_async")
+        async def stubborn_async():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+        """,
+    )
+    flow = {
+        "name": "hang",
+        "start_task": task,
+        "tasks": [{"name": task, "timeout": "0.2s"}, {"name": "noop"}],
+        "conditions": [
+            {"source_task": task, "target_task_success": "end", "target_task_failure": "noop"}
+        ],
+    }
+    path = tmp_path / "hang.json"
+    path.write_text(json.dumps(flow))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "hanging_tasks"}
+    result = flowsvc("run", str(path), env=env)  # its timeout (60 s) fails a hang
+    assert result.returncode == 0, result.stderr
+    history = json.loads(result.stdout)["execution_history"]
+    assert [r["task"] for r in history] == [task, "noop"]
+    assert (
+        history[0]["error"].startswith("timed out after 0.2s")
+        and "abandoned" in history[0]["error"]
+    )
+
+
 def test_validate_command(tmp_path: Path) -> None:
     result = flowsvc("validate", str(SAMPLE_FLOW))
     assert result.returncode == 0
