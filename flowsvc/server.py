@@ -143,6 +143,16 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defi
         self._no_watchers = asyncio.Event()
         self._no_watchers.set()
 
+    async def List(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status ("" is the server), which grpc's servicer leaves
+        unimplemented (and logs the NotImplementedError it raises as an error)."""
+        response = health_pb2.HealthListResponse()
+        for service, status in self._server_status.items():
+            response.statuses[service].status = status
+        return response
+
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")

@@ -185,6 +185,12 @@ async def test_health_serves_both_names(health_stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await health_stub.Check(health_pb2.HealthCheckRequest(service="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # List (grpc's own servicer answers UNIMPLEMENTED and logs it as an error).
+    listed = await health_stub.List(health_pb2.HealthListRequest())
+    assert {name: s.status for name, s in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        "flowmanager.v1.FlowService": health_pb2.HealthCheckResponse.SERVING,
+    }
 
 
 async def test_shutdown_goes_not_serving_refuses_new_flows_and_drains(
