@@ -118,6 +118,9 @@ class Settings:
     grace_seconds: float = 10.0
     #: Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     max_message_bytes: int = 4 * 1024 * 1024
+    #: Largest answer carrying a whole execution (ExecuteFlow, GetExecution,
+    #: CancelExecution); 0: no limit. gRPC clients accept 4 MiB by default.
+    max_response_bytes: int = 4 * 1024 * 1024
     #: Threads that run sync (def) tasks.
     sync_task_workers: int = 32
     #: The event loop: "uvloop", "asyncio", or "auto" (uvloop when installed).
@@ -165,6 +168,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_tasks": _positive_int,
     "grace_seconds": _non_negative_float,
     "max_message_bytes": _positive_int,
+    "max_response_bytes": _non_negative_int,
     "sync_task_workers": _positive_int,
     "event_loop": _event_loop,
     "max_task_timeout_seconds": _positive_float,
@@ -240,6 +244,10 @@ _FIELD_DOCS = {
     "max_tasks": "most tasks one flow may declare",
     "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
     "max_message_bytes": "largest request accepted, in bytes",
+    "max_response_bytes": (
+        "largest answer carrying a whole execution, in bytes; a larger one is "
+        "RESOURCE_EXHAUSTED, naming the execution (0: no limit)"
+    ),
     "sync_task_workers": "threads running sync (def) tasks",
     "event_loop": "auto (uvloop when installed), uvloop or asyncio",
     "max_task_timeout_seconds": "longest timeout a task may ask for",

@@ -84,6 +84,10 @@ class ShuttingDownError(FlowsvcError):
     """The server is shutting down and takes no new executions."""
 
 
+class ResponseTooLargeError(FlowsvcError):
+    """An execution's answer is larger than the server may send in one message."""
+
+
 class StoreUnavailableError(FlowsvcError):
     """The execution store cannot be read or written (disk full, database locked ...)."""
 

@@ -308,7 +308,7 @@ async def _listen(
     settings: Settings, manager: ExecutionManager, health_servicer: _HealthServicer
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service, listening and SERVING; and its port."""
-    servicer = FlowServicer(manager)
+    servicer = FlowServicer(manager, settings.max_response_bytes)
 
     server = grpc.aio.server(
         options=[

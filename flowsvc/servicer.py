@@ -38,6 +38,7 @@ from flowsvc.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResponseTooLargeError,
     ShuttingDownError,
     StoreUnavailableError,
     TooManyExecutionsError,
@@ -103,6 +104,7 @@ _CODES: tuple[tuple[type[Exception], int], ...] = (
     (AlreadyExistsError, code_pb2.ALREADY_EXISTS),
     (ShuttingDownError, code_pb2.UNAVAILABLE),
     (StoreUnavailableError, code_pb2.UNAVAILABLE),
+    (ResponseTooLargeError, code_pb2.RESOURCE_EXHAUSTED),
 )
 
 
@@ -200,12 +202,30 @@ def streaming(
     return wrapper
 
 
+_M = TypeVar("_M", bound=pb_message.Message)
+
+
 class FlowServicer(pb_grpc.FlowServiceServicer):
     """flowmanager.v1.FlowService: convert, call the manager or engine, convert back."""
 
-    def __init__(self, manager: ExecutionManager) -> None:
+    def __init__(self, manager: ExecutionManager, max_response_bytes: int = 0) -> None:
         self.manager = manager
         self.engine = manager.engine
+        #: The largest answer carrying a whole execution (0: no limit).
+        self.max_response_bytes = max_response_bytes
+
+    def _fits(self, response: _M, flow_id: str) -> _M:
+        """`response`, unless it is larger than a client takes by default: then a clear
+        error naming the execution (the client would otherwise fail to decode it, and
+        not even learn the flow_id)."""
+        if self.max_response_bytes and (size := response.ByteSize()) > self.max_response_bytes:
+            raise ResponseTooLargeError(
+                f"the answer for execution {flow_id} is {size:,} bytes, over this server's "
+                f"limit of {self.max_response_bytes:,} (--max-response-bytes; gRPC clients "
+                "accept 4 MiB by default): read its results one message each with "
+                "WatchExecution"
+            )
+        return response
 
     async def _start(self, request: pb.ExecuteFlowRequest | pb.StreamFlowRequest) -> Attachment:
         # The flow's bytes key the manager's cache of validated flows: a flow sent before
@@ -232,7 +252,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             completed = True
         finally:
             self.manager.release(attachment, completed=completed)
-        return convert.execute_response_from_events(attachment.flow_id, events)
+        response = convert.execute_response_from_events(attachment.flow_id, events)
+        return self._fits(response, attachment.flow_id)
 
     @streaming
     async def StreamFlow(
@@ -262,7 +283,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         record, events = await self.manager.get(parse_flow_id(request.flow_id))
         response = pb.GetExecutionResponse()
         convert.stored_execution_to_pb(record, events, response.execution)
-        return response
+        return self._fits(response, record.flow_id)
 
     @unary
     async def CancelExecution(
@@ -271,7 +292,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         record, events = await self.manager.cancel(parse_flow_id(request.flow_id))
         response = pb.CancelExecutionResponse()
         convert.stored_execution_to_pb(record, events, response.execution)
-        return response
+        return self._fits(response, record.flow_id)
 
     @unary
     async def ListExecutions(

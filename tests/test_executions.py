@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -474,6 +475,40 @@ async def test_in_flight_cap_gives_resource_exhausted_with_retry_info(stub, regi
         return True
 
     await eventually(accepts)
+
+
+async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execution(
+    tmp_path: Path, registry
+) -> None:
+    # A client refuses a message over its limit (4 MiB by default), and would not even
+    # learn the flow_id. The server says so itself, and WatchExecution still reads it.
+    from flowmanager.v1 import flow_service_pb2_grpc
+
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", max_response_bytes=4000)
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            small = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            assert small.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            flow = chain(("echo", {"blob": "x" * 3000}), ("echo_2", {"blob": "y" * 3000}))
+            registry.register("echo_2", registry.get("echo").fn)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = info.value.details() or ""
+            assert "WatchExecution" in details and "limit of 4,000" in details
+            flow_id = re.search(r"execution ([0-9a-f-]{36})", details).group(1)  # type: ignore[union-attr]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watched = [
+                m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+            ]
+            assert [m.task_result.task for m in watched[1:-1]] == ["echo", "echo_2"]
+            assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        await server.shutdown(grace=0)
 
 
 # -- the store: errors, health, retention, shutdown ----------------------------------------
