@@ -289,7 +289,8 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
 def _check_against_schema(
     path: str, params: Mapping[str, Any], schema: Mapping[str, Any], bad: Bad
 ) -> None:
-    """The checks of a JSON Schema that matter before running: names, required, types."""
+    """The checks of a JSON Schema that matter before running: names, required, types,
+    and the minimum of a number."""
     properties: Mapping[str, Any] = schema.get("properties", {})
     for name in schema.get("required", ()):
         if name not in params:
@@ -306,6 +307,10 @@ def _check_against_schema(
         allowed = [expected] if isinstance(expected, str) else list(expected)
         if not any(_is_json_type(value, t) for t in allowed):
             bad(f"{path}.{name}", f"must be {' or '.join(allowed)}, not {_json_name(value)}")
+            continue
+        minimum = properties[name].get("minimum")
+        if minimum is not None and _is_json_type(value, "number") and value < minimum:
+            bad(f"{path}.{name}", f"must be at least {minimum:g}, not {value:g}")
 
 
 def _is_json_type(value: Any, json_type: str) -> bool:

@@ -399,10 +399,21 @@ async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
         "flow.tasks[2].params.delay": "is not a param of this task (it takes: delay_seconds)",
         "flow.tasks[3].params.x": "is not a param of this task (it takes: none)",
     }
-    flow = chain(("sleep", {"seconds": "5"}))
+    flow = chain(("sleep", {"seconds": "5"}), ("task2", {"delay_seconds": -1}))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
-    assert violations(info.value) == {"flow.tasks[0].params.seconds": "must be number, not string"}
+    assert violations(info.value) == {
+        "flow.tasks[0].params.seconds": "must be number, not string",
+        "flow.tasks[1].params.delay_seconds": "must be at least 0, not -1",
+    }
+    # Known only at run time (a reference): the task fails, and no retry repeats it.
+    flow = chain(("sleep", {"seconds": "${input.wait}"}))
+    flow.tasks[0].retry.max_attempts = 3
+    request = pb.ExecuteFlowRequest(flow=flow)
+    request.input.update({"wait": -1})
+    done = await stub.ExecuteFlow(request)
+    (attempt,) = done.execution_history
+    assert attempt.error == "param 'seconds' must be a non-negative number, not -1.0"
 
 
 async def test_params_schema_is_listed_and_enforced(stub, registry) -> None:

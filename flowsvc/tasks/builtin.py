@@ -20,40 +20,50 @@ SEED_DELAY_SECONDS = 0.5
 
 def _takes(**types: str) -> dict[str, Any]:
     """A params schema: these params, of these JSON types, and no other (a typo such as
-    `secs` for `seconds` is refused when the flow is submitted, not silently ignored)."""
-    return {
-        "type": "object",
-        "properties": {name: {"type": json_type} for name, json_type in types.items()},
-        "additionalProperties": False,
-    }
+    `secs` for `seconds` is refused when the flow is submitted, not silently ignored).
+    Numbers may not be negative."""
+    properties: dict[str, Any] = {}
+    for name, json_type in types.items():
+        properties[name] = {"type": json_type}
+        if json_type == "number":
+            properties[name]["minimum"] = 0
+    return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
-def _seconds(params: Any, key: str, default: float) -> float:
+async def _wait(params: Any, key: str, default: float) -> TaskResult | None:
+    """Wait params[key] seconds; or, when that is not a non-negative number (a reference
+    can only be checked now), the failure to return: not retried, no retry can fix it."""
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"param {key!r} must be a non-negative number, not {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return TaskResult.failure(
+            f"param {key!r} must be a non-negative number, not {value!r}", retryable=False
+        )
+    await asyncio.sleep(float(value))
+    return None
 
 
 @BUILTINS.task("task1", params=_takes(delay_seconds="number"))
 async def fetch_data(ctx: TaskContext) -> TaskResult:
     """Fetch data (the prototype's task1). Param delay_seconds (default 0.5)."""
-    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
-    return TaskResult(status="success", data={"raw_data": "data"})
+    return await _wait(ctx.params, "delay_seconds", SEED_DELAY_SECONDS) or TaskResult(
+        status="success", data={"raw_data": "data"}
+    )
 
 
 @BUILTINS.task("task2", params=_takes(delay_seconds="number"))
 async def process_data(ctx: TaskContext) -> TaskResult:
     """Process data (the prototype's task2). Param delay_seconds (default 0.5)."""
-    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
-    return TaskResult(status="success", data={"processed_data": "data"})
+    return await _wait(ctx.params, "delay_seconds", SEED_DELAY_SECONDS) or TaskResult(
+        status="success", data={"processed_data": "data"}
+    )
 
 
 @BUILTINS.task("task3", params=_takes(delay_seconds="number"))
 async def store_data(ctx: TaskContext) -> TaskResult:
     """Store data (the prototype's task3). Param delay_seconds (default 0.5)."""
-    await asyncio.sleep(_seconds(ctx.params, "delay_seconds", SEED_DELAY_SECONDS))
-    return TaskResult(status="success", data={"storage_id": "12345"})
+    return await _wait(ctx.params, "delay_seconds", SEED_DELAY_SECONDS) or TaskResult(
+        status="success", data={"storage_id": "12345"}
+    )
 
 
 @BUILTINS.task("noop", params=_takes())
@@ -71,9 +81,9 @@ async def fail(ctx: TaskContext) -> TaskResult:
 @BUILTINS.task("sleep", params=_takes(seconds="number"))
 async def sleep(ctx: TaskContext) -> TaskResult:
     """Wait asynchronously for param seconds (default 1), then succeed."""
-    seconds = _seconds(ctx.params, "seconds", 1.0)
-    await asyncio.sleep(seconds)
-    return TaskResult.success({"slept_seconds": seconds})
+    return await _wait(ctx.params, "seconds", 1.0) or TaskResult.success(
+        {"slept_seconds": float(ctx.params.get("seconds", 1.0))}
+    )
 
 
 @BUILTINS.task("echo")
