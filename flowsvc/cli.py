@@ -39,6 +39,7 @@ from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 logger = logging.getLogger("flowsvc.cli")
 
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlowsvcError, OSError, ValueError, json_format.ParseError) as exc:
         print(f"flowsvc: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C in `run` (serve handles SIGINT as a stop)
+        print("flowsvc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -410,6 +410,43 @@ def test_run_prints_and_exits_despite_a_task_it_had_to_abandon(tmp_path: Path, t
     )
 
 
+def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    write_module(
+        tmp_path,
+        "marking_tasks",
+        f"""
+        import asyncio, pathlib
+        from flowsvc import register_task, TaskResult
+
+        @register_task("mark_then_wait")
+        async def mark_then_wait():
+            pathlib.Path({str(tmp_path / "started")!r}).touch()
+            await asyncio.sleep(60)
+            return TaskResult(status="success")
+        """,
+    )
+    path = tmp_path / "wait.json"
+    path.write_text(json.dumps({"name": "w", "start_task": "mark_then_wait",
+                                "tasks": [{"name": "mark_then_wait"}]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "marking_tasks"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowsvc", "run", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until((tmp_path / "started").exists, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == "flowsvc: interrupted"
+
+
 def test_validate_command(tmp_path: Path) -> None:
     result = flowsvc("validate", str(SAMPLE_FLOW))
     assert result.returncode == 0
