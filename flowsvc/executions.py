@@ -65,6 +65,11 @@ class ManagerSettings:
 
 #: Events of one execution queued for commit at most, before its engine waits.
 MAX_UNCOMMITTED = 64
+#: An execution that a store failure stopped, before its end could be written.
+_END_NOT_RECORDED = (
+    "execution {flow_id} was stopped by a failure of the execution store; its end is "
+    "recorded as soon as the store can write again"
+)
 #: How long close() waits for a cancelled execution before it cuts it off.
 CUT_OFF_SECONDS = 1.0
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
@@ -508,6 +513,10 @@ class ExecutionManager:
         # it will ever have is in the store.
         for stored in await self._store(self.store.events(flow_id, after)):
             yield stored.sequence, stored.event
+        if record.status is FlowStatus.RUNNING:
+            # Stopped by a store failure, its end not written yet: a stream ends with
+            # `finished`, or with an error that says to come back.
+            raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
 
     async def drain(self, attachment: Attachment) -> list[Event]:
         """Every event of the execution, once it has ended (what ExecuteFlow returns)."""
@@ -590,6 +599,8 @@ class ExecutionManager:
             record = await self._store(self.store.get(flow_id))
             if record is None:
                 raise NotFoundError(f"no execution {flow_id}")
+            if record.status is FlowStatus.RUNNING:
+                raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
             raise FailedPreconditionError(
                 f"execution {flow_id} has already ended ({record.status.value})"
             )

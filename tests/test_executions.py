@@ -805,6 +805,15 @@ async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await read_all(call)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                # Until its end is recorded: no stream that ends without `finished`, no
+                # "has already ended (running)".
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await read_all(stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id)))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "recorded as soon as the store can write" in (info.value.details() or "")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             finally:
                 locker.execute("ROLLBACK")
                 locker.close()
