@@ -22,8 +22,9 @@ from typing import Any
 
 import grpc
 from flowmanager.v1 import flow_service_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
@@ -107,6 +108,56 @@ def load_task_modules(
                 hint="register tasks with @register_task, or define a flowsvc.TaskRegistry",
             )
     registry.merge(default_registry)
+
+
+#: Server reflection's current name. grpcio-reflection serves only v1alpha, which older
+#: tools (grpcurl 1.8) use; newer ones ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Reflection as both grpc.reflection.v1alpha and grpc.reflection.v1. v1 is v1alpha
+    promoted: the same messages, with the same field numbers, in a new package. So one
+    servicer answers both, and v1's descriptor (for clients that describe it) is made
+    from v1alpha's."""
+    _add_reflection_v1_descriptor()
+    # reflection.aio is the library's public asyncio servicer; its type stubs omit it.
+    servicer = reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
+
+
+def _add_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return  # there already (another server in this process, or a newer library)
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name, proto.package = name, "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # messages and enums only
+                field.type_name = field.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.AddSerializedFile(proto.SerializeToString())
 
 
 def _method_handlers(servicer: FlowServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
@@ -327,9 +378,7 @@ async def _listen(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    _enable_reflection(server)
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as exc:  # grpc: "Failed to bind to address ..."

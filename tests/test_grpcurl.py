@@ -123,6 +123,7 @@ def test_list_shows_services_through_reflection(grpcurl_server: ServerProcess) -
     assert services == [
         "flowmanager.v1.FlowService",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     ]
 

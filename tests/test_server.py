@@ -260,3 +260,41 @@ async def test_list_tasks_describes_the_registry(stub, registry) -> None:
     )
     assert not by_name["custom"].is_async and by_name["sleep"].is_async
     assert by_name["task1"].source == "flowsvc.tasks.builtin:fetch_data"
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_answers_as_v1_and_v1alpha(server, version: str) -> None:
+    # grpcurl 1.8 asks v1alpha; newer tools ask v1 first. Same messages on the wire.
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="flowmanager.v1.FlowService"
+            ),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="grpc.reflection.v1.ServerReflection"
+            ),
+        ]
+        listed, flow_file, v1_file = [r async for r in info(iter(requests))]
+    assert {s.name for s in listed.list_services_response.service} == {
+        "flowmanager.v1.FlowService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    names = set()
+    for raw in flow_file.file_descriptor_response.file_descriptor_proto:
+        names.add(descriptor_pb2.FileDescriptorProto.FromString(raw).name)
+    assert "flowmanager/v1/flow_service.proto" in names
+    (raw,) = v1_file.file_descriptor_response.file_descriptor_proto
+    v1 = descriptor_pb2.FileDescriptorProto.FromString(raw)
+    assert v1.package == "grpc.reflection.v1"
+    assert v1.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
