@@ -229,7 +229,7 @@ async def test_post_json_with_headers_and_query(stub, remote: Remote) -> None:
         method="post",
         json={"a": 1},
         headers={"X-Trace": "t1"},
-        query={"page": 2, "q": "x y", "tag": ["a", 3]},
+        query={"page": 2, "q": "x y", "tag": ["a", 3], "gone": None},
     )
     resp = await execute(stub, flow)
     assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
@@ -477,3 +477,19 @@ def test_httpx_request_lines_stay_out_of_the_log() -> None:
             setattr(logging, name, value)
         logging.getLogger("httpx").setLevel(logging.NOTSET)
         logging.getLogger("httpcore").setLevel(logging.NOTSET)
+
+
+async def test_header_lists_join_and_null_headers_are_left_out(stub, remote: Remote) -> None:
+    flow = http_flow(url=remote.url("/echo"), headers={"X-A": ["1", 2], "X-Gone": None})
+    resp = await execute(stub, flow)
+    echo = to_dict(resp.execution_history[0].data)["json"]
+    assert echo["headers"]["x-a"] == "1, 2"
+    assert "x-gone" not in echo["headers"]
+
+
+@pytest.mark.parametrize("method", ["", "GE T", "PÖST"])
+async def test_a_method_that_is_not_one_fails_without_retry(stub, remote, method: str) -> None:
+    resp = await execute(stub, retry(http_flow(url=remote.url("/echo"), method=method), 3))
+    (attempt,) = resp.execution_history  # not retried: no retry can fix it
+    assert attempt.error.startswith("method must be an HTTP method"), attempt.error
+    assert remote.seen("/echo") == []

@@ -73,6 +73,10 @@ async def http(
         return TaskResult.failure(problem, retryable=False)
     if json is not None and body is not None:
         return TaskResult.failure("give `json` or `body`, not both", retryable=False)
+    if not method or not method.isascii() or not method.isalpha():
+        return TaskResult.failure(
+            f"method must be an HTTP method such as GET or POST, not {method!r}", retryable=False
+        )
     bad_statuses = [s for s in success_statuses or () if not _is_status(s)]
     if bad_statuses:
         return TaskResult.failure(
@@ -84,11 +88,19 @@ async def http(
         request = client().build_request(
             method.upper(),
             url,
-            headers={k: _text(v) for k, v in (headers or {}).items()},
-            # A list is the parameter repeated: {"tag": ["a", "b"]} -> ?tag=a&tag=b
+            # A list is the header's values, comma-separated (RFC 9110, 5.3); null leaves
+            # the header out.
+            headers={
+                k: ", ".join(map(_text, v)) if isinstance(v, list) else _text(v)
+                for k, v in (headers or {}).items()
+                if v is not None
+            },
+            # A list is the parameter repeated: {"tag": ["a", "b"]} -> ?tag=a&tag=b; null
+            # leaves the parameter out.
             params={
                 k: [_text(x) for x in v] if isinstance(v, list) else _text(v)
                 for k, v in (query or {}).items()
+                if v is not None
             },
             json=_integral(json),
             content=body.encode() if body is not None else None,
