@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import logging
+import socket
 import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -108,6 +109,26 @@ def load_task_modules(
                 hint="register tasks with @register_task, or define a flowsvc.TaskRegistry",
             )
     registry.merge(default_registry)
+
+
+def _bind_problem(listen: str) -> str | None:
+    """Why `listen` (host:port) cannot be bound, as the system says it (gRPC's error does
+    not): the same bind, tried with a plain socket. None if it can be bound after all."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "::"
+    try:
+        addresses = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, ValueError) as exc:
+        return f"cannot resolve {host!r}: {exc}"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
 
 
 #: Server reflection's current name. grpcio-reflection serves only v1alpha, which older
@@ -381,8 +402,9 @@ async def _listen(
     _enable_reflection(server)
     try:
         port = server.add_insecure_port(settings.listen)
-    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-        raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ...", and no reason
+        reason = _bind_problem(settings.listen) or str(exc)
+        raise OSError(f"cannot listen on {settings.listen}: {reason}") from exc
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()

@@ -216,7 +216,8 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
         assert "in use by another flowsvc server" in refused(
             "--listen", "127.0.0.1:0", "--db", str(db)
         )
-        assert "cannot listen on" in refused("--listen", srv.address, "--db", ":memory:")
+        in_use = refused("--listen", srv.address, "--db", ":memory:")
+        assert "cannot listen on" in in_use and "Address already in use" in in_use
 
 
 async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
