@@ -480,14 +480,48 @@ def test_httpx_request_lines_stay_out_of_the_log() -> None:
 
 
 async def test_header_lists_join_and_null_headers_are_left_out(stub, remote: Remote) -> None:
-    flow = http_flow(url=remote.url("/echo"), headers={"X-A": ["1", 2], "X-Gone": None})
+    headers = {"X-A": ["1", 2, None], "X-Gone": None, "X-Empty": []}
+    flow = http_flow(url=remote.url("/echo"), headers=headers, query={"t": ["a", None]})
     resp = await execute(stub, flow)
     echo = to_dict(resp.execution_history[0].data)["json"]
     assert echo["headers"]["x-a"] == "1, 2"
-    assert "x-gone" not in echo["headers"]
+    assert "x-gone" not in echo["headers"] and "x-empty" not in echo["headers"]
+    assert echo["query"] == {"t": ["a"]}
 
 
-@pytest.mark.parametrize("method", ["", "GE T", "PÖST"])
+async def test_the_query_in_the_url_is_kept_and_query_adds_to_it(stub, remote: Remote) -> None:
+    # An API key in the url was silently dropped (httpx replaced the url's query).
+    url = remote.url("/echo") + "?key=K&b=2"
+    for query, expected in (
+        (None, {"key": ["K"], "b": ["2"]}),
+        ({"c": 3}, {"key": ["K"], "b": ["2"], "c": ["3"]}),
+    ):
+        resp = await execute(stub, http_flow(url=url, **({"query": query} if query else {})))
+        assert to_dict(resp.execution_history[0].data)["json"]["query"] == expected
+
+
+async def test_an_illegal_header_fails_without_retry(stub, remote: Remote) -> None:
+    resp = await execute(stub, retry(http_flow(url=remote.url("/echo"), headers={"X Bad": "a"}), 3))
+    (attempt,) = resp.execution_history
+    assert "the request is not valid HTTP" in attempt.error, attempt.error
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://ada:s3cret@127.0.0.1/p?key=K3Y", "http://ada:s3cret@127.0.0.1:99999/p?key=K3Y"]
+)
+async def test_url_errors_do_not_show_credentials_or_the_query(stub, url: str) -> None:
+    resp = await execute(stub, http_flow(url=url))
+    error = resp.execution_history[0].error
+    assert "s3cret" not in error and "K3Y" not in error and "127.0.0.1" in error, error
+
+
+async def test_any_token_is_a_method(stub, remote: Remote) -> None:
+    resp = await execute(stub, http_flow(url=remote.url("/echo"), method="M-SEARCH"))
+    # Sent: the test server answers 501 (it implements no M-SEARCH), not refused here.
+    assert to_dict(resp.execution_history[0].data)["status"] == 501
+
+
+@pytest.mark.parametrize("method", ["", "GE T", "PÖST", "GET\n"])
 async def test_a_method_that_is_not_one_fails_without_retry(stub, remote, method: str) -> None:
     resp = await execute(stub, retry(http_flow(url=remote.url("/echo"), method=method), 3))
     (attempt,) = resp.execution_history  # not retried: no retry can fix it

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+import re
 import weakref
 from typing import Any
 
@@ -73,7 +74,7 @@ async def http(
         return TaskResult.failure(problem, retryable=False)
     if json is not None and body is not None:
         return TaskResult.failure("give `json` or `body`, not both", retryable=False)
-    if not method or not method.isascii() or not method.isalpha():
+    if not _TOKEN.fullmatch(method):
         return TaskResult.failure(
             f"method must be an HTTP method such as GET or POST, not {method!r}", retryable=False
         )
@@ -81,27 +82,19 @@ async def http(
     if bad_statuses:
         return TaskResult.failure(
             f"success_statuses must be HTTP statuses, whole numbers from 100 to 599, not "
-            f"{', '.join(map(_text, bad_statuses))}",
+            f"{', '.join(map(jsonlib.dumps, bad_statuses))}",
             retryable=False,
         )
     try:
         request = client().build_request(
             method.upper(),
             url,
-            # A list is the header's values, comma-separated (RFC 9110, 5.3); null leaves
-            # the header out.
-            headers={
-                k: ", ".join(map(_text, v)) if isinstance(v, list) else _text(v)
-                for k, v in (headers or {}).items()
-                if v is not None
-            },
+            # A list is the header's values, comma-separated (RFC 9110, 5.3); null (or an
+            # empty list) leaves the header out.
+            headers={k: ", ".join(v) for k, v in _values(headers).items()},
             # A list is the parameter repeated: {"tag": ["a", "b"]} -> ?tag=a&tag=b; null
-            # leaves the parameter out.
-            params={
-                k: [_text(x) for x in v] if isinstance(v, list) else _text(v)
-                for k, v in (query or {}).items()
-                if v is not None
-            },
+            # leaves it out. Added to the url's own query, never in place of it.
+            params=httpx.URL(url).params.merge(_values(query)) if query else None,
             json=_integral(json),
             content=body.encode() if body is not None else None,
         )
@@ -109,6 +102,11 @@ async def http(
         return TaskResult.failure(f"cannot build the request: {exc}", retryable=False)
     try:
         response = await client().send(request, stream=True)
+    except httpx.LocalProtocolError as exc:  # our request is malformed (a header name ...)
+        return TaskResult.failure(
+            f"{method.upper()} {_shown(request.url)}: the request is not valid HTTP: {exc}",
+            retryable=False,
+        )
     except httpx.HTTPError as exc:
         return TaskResult.failure(
             f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
@@ -149,8 +147,19 @@ async def http(
 def _shown(url: httpx.URL) -> str:
     """The URL as an error shows it: without user:password@ and without the query, where
     credentials and API keys travel (errors are stored, returned and logged)."""
+    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 address
     port = f":{url.port}" if url.port is not None else ""
-    return f"{url.scheme}://{url.host}{port}{url.path}"
+    return f"{url.scheme}://{host}{port}{url.path}"
+
+
+def _values(params: dict[str, Any] | None) -> dict[str, list[str]]:
+    """Header or query params as lists of texts, leaving nulls out."""
+    out: dict[str, list[str]] = {}
+    for key, value in (params or {}).items():
+        texts = [_text(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        if texts:
+            out[key] = texts
+    return out
 
 
 def _is_status(value: Any) -> bool:
@@ -164,18 +173,31 @@ def _is_status(value: Any) -> bool:
 
 def _bad_url(url: str) -> str | None:
     """Why `url` cannot be requested (a failure no retry can fix), or None."""
+    shown = _shown_text(url)
     try:
         parsed = httpx.URL(url)
         port = parsed.port
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        return f"not a valid URL: {url!r}: {exc}"
+        return f"not a valid URL: {shown!r}: {_shown_text(str(exc))}"
     if parsed.scheme not in ("http", "https"):
-        return f"url must start with http:// or https://, not {url!r}"
+        return f"url must start with http:// or https://, not {shown!r}"
     if not parsed.host:
-        return f"url has no host: {url!r}"
+        return f"url has no host: {shown!r}"
     if port is not None and not 0 < port < 65536:
-        return f"url has a port out of range: {url!r}"
+        return f"url has a port out of range: {shown!r}"
     return None
+
+
+def _shown_text(text: str) -> str:
+    """A URL that may not even parse, as an error shows it: without user:password@ and
+    without the query (see _shown)."""
+    return _QUERY.sub("", _USERINFO.sub("//", text))
+
+
+#: An HTTP method is a token (RFC 9110, 5.6.2): GET, POST, M-SEARCH ...
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_USERINFO = re.compile(r"//[^/?#@\s]*@")
+_QUERY = re.compile(r"\?[^\s'\"#]*")
 
 
 def _integral(value: Any) -> Any:
