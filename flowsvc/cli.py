@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C in `run` (serve handles SIGINT as a stop)
         print("flowsvc: interrupted", file=sys.stderr)
+        _exit_despite_stuck_task_threads(EXIT_INTERRUPTED)  # a sync task may never return
         return EXIT_INTERRUPTED
 
 
