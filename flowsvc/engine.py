@@ -59,7 +59,14 @@ from flowsvc.references import (
     follow_path,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
-from flowsvc.validation import MAX_JSON_DEPTH, Limits, too_deep, validate_flow
+from flowsvc.validation import (
+    MAX_JSON_DEPTH,
+    MAX_RESULT_BYTES,
+    Limits,
+    too_deep,
+    too_large,
+    validate_flow,
+)
 
 logger = logging.getLogger("flowsvc.engine")
 
@@ -583,11 +590,20 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode()
 
 
-def _json_problem(value: Any, path: str, levels: int = MAX_JSON_DEPTH) -> str | None:
+def _json_problem(
+    value: Any, path: str, levels: int = MAX_JSON_DEPTH, room: list[int] | None = None
+) -> str | None:
     """Where `value` stops being JSON (str keys; str, finite number, bool, null, list,
-    dict), or nests deeper than `levels` (the deepest every client can read back)."""
+    dict), nests deeper than `levels` (the deepest every client can read back), or holds
+    more than MAX_RESULT_BYTES (`room`: what is left of them, counted as it goes)."""
+    if room is None:
+        room = [MAX_RESULT_BYTES]
     if isinstance(value, str):
+        room[0] -= len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        if room[0] < 0:
+            return f"data {too_large()}"
         return f"{path} is a string with a lone surrogate" if _not_unicode(value) else None
+    room[0] -= 8
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value}, not a JSON number"
     if isinstance(value, _SCALARS):
@@ -600,13 +616,14 @@ def _json_problem(value: Any, path: str, levels: int = MAX_JSON_DEPTH) -> str | 
                 return f"{path} has a non-string key {key!r}"
             if _not_unicode(key):
                 return f"{path} has a key with a lone surrogate: {clean_text(key)!r}"
-            problem = _json_problem(item, f"{path}.{key}", levels - 1)
+            room[0] -= len(key)
+            problem = _json_problem(item, f"{path}.{key}", levels - 1, room)
             if problem:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            problem = _json_problem(item, f"{path}.{i}", levels - 1)
+            problem = _json_problem(item, f"{path}.{i}", levels - 1, room)
             if problem:
                 return problem
         return None

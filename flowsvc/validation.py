@@ -52,6 +52,16 @@ MAX_ECHO = 64
 MAX_JSON_DEPTH = 32
 
 
+#: The most a task's result may hold (its data's strings in UTF-8, 8 bytes per other value): one
+#: result is one StreamFlow/WatchExecution message, and gRPC clients refuse messages over
+#: 4 MiB by default; at 1 MiB a few results still fit in one ExecuteFlow answer.
+MAX_RESULT_BYTES = 1024 * 1024
+
+
+def too_large() -> str:
+    return f"holds more than {MAX_RESULT_BYTES:,} bytes, the most one task result may hold"
+
+
 def nested_too_deep(value: Any, levels: int = MAX_JSON_DEPTH) -> bool:
     """True if `value` nests objects and lists more than `levels` deep (an object of
     scalars is one level). Looks no further than that, so any depth is safe to check."""

@@ -688,10 +688,12 @@ def test_validation_refuses_params_nested_too_deep(registry) -> None:
         (nested(33), "more than 32 levels deep"),
         (nested(2000), "more than 32 levels deep"),  # was a RecursionError: INTERNAL
         ({"x": [nested(31)]}, "data.x.0.a"),  # lists count as levels too
+        ({"blob": "x" * (1024 * 1024)}, "data holds more than 1,048,576 bytes"),
+        ({"a": "é" * 300_000, "b": "é" * 300_000}, "data holds more than 1,048,576 bytes"),
         ({"x": float("nan")}, "data.x is nan, not a JSON number"),
         ({"x": [float("inf")]}, "data.x.0 is inf, not a JSON number"),
     ],
-    ids=["33", "2000", "list", "nan", "inf"],
+    ids=["33", "2000", "list", "1MiB", "1MiB-utf8", "nan", "inf"],
 )
 async def test_task_data_no_client_could_read_fails_that_task(
     stub, registry, data: dict, problem: str
