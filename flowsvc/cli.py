@@ -218,7 +218,7 @@ def _local_address() -> str:
     """Where this machine's own server listens: the port of FLOWSVC_LISTEN (the setting a
     container's HEALTHCHECK shares with its server), on loopback when it listens on all
     addresses."""
-    listen = os.environ.get(config.env_name("listen")) or config.Settings().listen
+    listen = config.from_sources({}).listen  # FLOWSVC_LISTEN, checked, or the default
     host, _, port = listen.rpartition(":")
     if host in {"", "[::]", "0.0.0.0", "[::0]"}:  # noqa: S104  (all addresses: probe loopback)
         host = "127.0.0.1"
@@ -228,7 +228,12 @@ def _local_address() -> str:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from flowsvc.probe import check
 
-    ok, text = check(args.address or _local_address(), args.service, args.timeout)
+    try:
+        address = args.address or _local_address()
+    except ValueError as exc:
+        print(f"flowsvc: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ok, text = check(address, args.service, args.timeout)
     print(text)
     return EXIT_OK if ok else EXIT_FLOW_FAILED
 

@@ -210,7 +210,8 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
         return last
 
     missing = tmp_path / "no" / "such" / "dir" / "x.db"
-    assert "cannot open database" in refused("--listen", "127.0.0.1:0", "--db", str(missing))
+    line = refused("--listen", "127.0.0.1:0", "--db", str(missing))
+    assert "cannot open database" in line and "does not exist" in line
     db = tmp_path / "one.db"
     with server_process(tmp_path, "--db", str(db)) as srv:
         assert "in use by another flowsvc server" in refused(
@@ -311,6 +312,13 @@ def test_scripts_serve_finds_task_modules_where_it_is_started(tmp_path: Path) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_probe_refuses_a_bad_flowsvc_listen(tmp_path: Path) -> None:
+    for bad in ("[::]:", "[::]:-1", "[::]:70000"):
+        result = flowsvc("probe", env={**os.environ, "FLOWSVC_LISTEN": bad})
+        assert result.returncode == 2, result
+        assert "FLOWSVC_LISTEN" in result.stderr
 
 
 def test_probe_fails_when_nothing_listens(tmp_path: Path) -> None:

@@ -340,6 +340,11 @@ class SQLiteStore:
         if self.path == ":memory:":
             return
         lock_path = os.path.realpath(self.path) + ".lock"
+        folder = os.path.dirname(lock_path)
+        if not os.path.isdir(folder):
+            raise StoreUnavailableError(
+                f"cannot open database {self.path}: its directory {folder} does not exist"
+            )
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
