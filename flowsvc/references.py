@@ -133,7 +133,7 @@ def _render(value: Any, lookup: Lookup) -> Any:
         out = []
         for part in value.parts:
             if isinstance(part, Ref):
-                out.append(_text(lookup(part)))
+                out.append(as_text(lookup(part)))
             else:
                 out.append(part)
         return "".join(out)
@@ -144,21 +144,21 @@ def _render(value: Any, lookup: Lookup) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
-    """A referenced value inside a longer string: a string as it is, anything else as JSON
+def as_text(value: Any) -> str:
+    """A JSON value as text, as it was written: a string as it is, anything else as JSON
     with whole numbers written whole. Numbers arrive as floats (protobuf Struct), so a
     client's 42 would otherwise read "42.0" in "/customers/${input.id}"."""
-    return value if isinstance(value, str) else json.dumps(_whole_numbers(value))
+    return value if isinstance(value, str) else json.dumps(whole_numbers(value))
 
 
-def _whole_numbers(value: Any) -> Any:
-    # Only where the float holds the integer exactly (|x| <= 2**53); beyond, JSON's form.
+def whole_numbers(value: Any) -> Any:
+    """`value` with each float that holds an integer exactly (|x| <= 2**53) as an int."""
     if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         return int(value)
     if isinstance(value, Mapping):
-        return {k: _whole_numbers(v) for k, v in value.items()}
+        return {k: whole_numbers(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_whole_numbers(v) for v in value]
+        return [whole_numbers(v) for v in value]
     return value
 
 

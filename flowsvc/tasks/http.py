@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from flowsvc.models import TaskResult
+from flowsvc.references import as_text, whole_numbers
 from flowsvc.tasks.builtin import BUILTINS
 
 #: The most body bytes kept in a result; the rest is dropped (`truncated: true`).
@@ -95,7 +96,7 @@ async def http(
             # A list is the parameter repeated: {"tag": ["a", "b"]} -> ?tag=a&tag=b; null
             # leaves it out. Added to the url's own query, never in place of it.
             params=httpx.URL(url).params.merge(_values(query)) if query else None,
-            json=_integral(json),
+            json=whole_numbers(json),  # 1.0 sent as 1, as it was written
             content=body.encode() if body is not None else None,
         )
     except (httpx.HTTPError, ValueError, TypeError) as exc:
@@ -144,19 +145,13 @@ async def http(
     )
 
 
-def _shown(url: httpx.URL) -> str:
-    """The URL as an error shows it: without user:password@ and without the query, where
-    credentials and API keys travel (errors are stored, returned and logged)."""
-    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 address
-    port = f":{url.port}" if url.port is not None else ""
-    return f"{url.scheme}://{host}{port}{url.path}"
-
-
 def _values(params: dict[str, Any] | None) -> dict[str, list[str]]:
     """Header or query params as lists of texts, leaving nulls out."""
     out: dict[str, list[str]] = {}
     for key, value in (params or {}).items():
-        texts = [_text(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        texts = [
+            as_text(v) for v in (value if isinstance(value, list) else [value]) if v is not None
+        ]
         if texts:
             out[key] = texts
     return out
@@ -173,12 +168,12 @@ def _is_status(value: Any) -> bool:
 
 def _bad_url(url: str) -> str | None:
     """Why `url` cannot be requested (a failure no retry can fix), or None."""
-    shown = _shown_text(url)
+    shown = _shown(url)
     try:
         parsed = httpx.URL(url)
         port = parsed.port
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        return f"not a valid URL: {shown!r}: {_shown_text(str(exc))}"
+        return f"not a valid URL: {shown!r}: {_shown(str(exc))}"
     if parsed.scheme not in ("http", "https"):
         return f"url must start with http:// or https://, not {shown!r}"
     if not parsed.host:
@@ -188,33 +183,17 @@ def _bad_url(url: str) -> str | None:
     return None
 
 
-def _shown_text(text: str) -> str:
-    """A URL that may not even parse, as an error shows it: without user:password@ and
-    without the query (see _shown)."""
-    return _QUERY.sub("", _USERINFO.sub("//", text))
+def _shown(url: str | httpx.URL) -> str:
+    """A URL (or a text holding one, parsed or not) as an error shows it: without
+    user:password@ and without the query, where credentials and API keys travel (errors
+    are stored, returned and logged)."""
+    return _QUERY.sub("", _USERINFO.sub("//", str(url)))
 
 
 #: An HTTP method is a token (RFC 9110, 5.6.2): GET, POST, M-SEARCH ...
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _USERINFO = re.compile(r"//[^/?#@\s]*@")
 _QUERY = re.compile(r"\?[^\s'\"#]*")
-
-
-def _integral(value: Any) -> Any:
-    """JSON numbers arrive as floats (protobuf Struct): send 1.0 as 1, as it was written."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
-def _text(value: Any) -> str:
-    """A header or query value as text: 3.0 -> "3", true -> "true", objects as JSON."""
-    value = _integral(value)
-    return value if isinstance(value, str) else jsonlib.dumps(value)
 
 
 def _body(raw: bytes, content_type: str, encoding: str | None) -> dict[str, Any]:
