@@ -125,6 +125,18 @@ class StopHandle:
         task = self._running
         return self.reason is not None and task is not None and task.uncancel() == 0
 
+    def ignored_cancellation(self) -> bool:
+        """True when request() cancelled the running task and it went on and finished
+        (it caught the CancelledError). That cancel is absorbed, as owns_cancellation()
+        absorbs one that ended the task; the execution stops after this step."""
+        task = self._running
+        return (
+            self.reason is not None
+            and task is not None
+            and task.cancelling() > 0
+            and task.uncancel() == 0  # only the stop's own cancel was pending
+        )
+
 
 class _FlowTimedOut(Exception):
     """The flow's own deadline passed (raised out of an attempt or a backoff wait)."""
@@ -260,6 +272,7 @@ class FlowEngine:
                             node, flow_id, flow.name, step, attempt, flow_input, history,
                             latest, deadline,
                         )  # fmt: skip
+                        ignored = stop.reason is not None and stop.ignored_cancellation()
                     except asyncio.CancelledError:
                         if not stop.owns_cancellation():
                             raise
@@ -271,14 +284,7 @@ class FlowEngine:
                     history.append(record)
                     latest[node.name] = record
                     yield TaskCompleted(flow_id, record)
-                    if (
-                        stop.reason is not None
-                        and me is not None
-                        and me.cancelling()
-                        and me.uncancel() == 0  # only the stop's own cancel was pending
-                    ):
-                        # The task caught the stop's cancellation and finished anyway: its
-                        # result stands, and nothing runs after it.
+                    if ignored:  # its result stands, and nothing runs after it
                         status = FlowStatus.CANCELLED
                         message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
                         break
