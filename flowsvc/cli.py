@@ -24,7 +24,7 @@ import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flowmanager.v1 import flow_service_pb2 as pb
 from google.protobuf import json_format
@@ -163,10 +163,7 @@ async def _leave_tasks_that_ignore_cancellation(code: int) -> None:
         return
     _, stuck = await asyncio.wait(left, timeout=1.0)
     if stuck:
-        logger.warning("exiting with tasks that ignore cancellation", extra={"tasks": len(stuck)})
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
+        _leave(code, "exiting with tasks that ignore cancellation", tasks=len(stuck))
 
 
 #: Allocations between two young-generation collections (CPython's default: 700). Each
@@ -208,10 +205,16 @@ def _exit_despite_stuck_task_threads(code: int = EXIT_OK) -> None:
             if thread.is_alive():
                 stuck.append(thread.name)
     if stuck:
-        logger.warning("exiting with sync tasks still running", extra={"threads": stuck})
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
+        _leave(code, "exiting with sync tasks still running", threads=stuck)
+
+
+def _leave(code: int, why: str, **fields: Any) -> NoReturn:
+    """Exit now, without the waits at interpreter exit (for threads, for tasks) that
+    would never end: log why, flush what was printed."""
+    logger.warning(why, extra=fields)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _local_address() -> str:
