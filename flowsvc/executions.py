@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle
 from flowsvc.errors import (
@@ -199,8 +199,7 @@ class Run:
             await waiter
 
 
-@dataclass(frozen=True, slots=True)
-class Attachment:
+class Attachment(NamedTuple):
     """A caller's hold on an execution (new, or found again by request_id)."""
 
     flow_id: str

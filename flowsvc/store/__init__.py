@@ -11,14 +11,13 @@ import asyncio
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
 
 
-@dataclass(frozen=True, slots=True)
-class NewExecution:
-    """What create() records."""
+class NewExecution(NamedTuple):
+    """What create() records (a named tuple: one is built per execution started)."""
 
     flow_id: str
     flow: Flow
