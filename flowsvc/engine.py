@@ -26,11 +26,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from flowsvc.errors import FlowValidationError, Violation
 from flowsvc.logs import event as log_event
@@ -370,19 +370,17 @@ class FlowEngine:
         duration = time.perf_counter() - t0
         status = result.status
         assert isinstance(status, TaskStatus)  # TaskResult normalises it
-        record = StepRecord(
-            step=step,
-            task=node.name,
-            status=status,
-            data=result.data,
-            error=(
-                clean_text(result.error)
-                if status is TaskStatus.FAILURE and result.error is not None
-                else None
-            ),
-            started_at=started_at,
-            duration_s=duration,
-            attempt=attempt,
+        record = StepRecord(  # positional: a named tuple builds twice as fast without keywords
+            step,
+            node.name,
+            status,
+            result.data,
+            clean_text(result.error)
+            if status is TaskStatus.FAILURE and result.error is not None
+            else None,
+            started_at,
+            duration,
+            attempt,
         )
         level = logging.DEBUG if status is TaskStatus.SUCCESS else logging.INFO
         if logger.isEnabledFor(level):  # no keyword dict to build when it is off
@@ -468,7 +466,8 @@ class FlowEngine:
             )
         try:
             if spec.is_async:
-                out = await cast("Awaitable[TaskResult]", spec.fn(*args, **kwargs))
+                # No empty *args/**kwargs to unpack for a task that takes nothing.
+                out = await (spec.fn(*args, **kwargs) if args or kwargs else spec.fn())
             else:
                 loop = asyncio.get_running_loop()
                 call = functools.partial(spec.fn, *args, **kwargs) if kwargs else spec.fn
