@@ -331,12 +331,14 @@ class FlowEngine:
                     break
                 current = nxt
         except asyncio.CancelledError:
-            _log_ended(flow_id, flow.name, FlowStatus.CANCELLED, step, started_at)
+            _log_ended(flow_id, flow.name, FlowStatus.CANCELLED, len(history), started_at)
             raise
         finished_at = datetime.now(UTC)
+        # The runs recorded: a run a stop cut short is not (its step number is in `message`).
+        steps = len(history)
         if logging_info:
-            _log_ended(flow_id, flow.name, status, step, started_at, finished_at)
-        yield FlowFinished(flow_id, status, message, finished_at, step)
+            _log_ended(flow_id, flow.name, status, steps, started_at, finished_at)
+        yield FlowFinished(flow_id, status, message, finished_at, steps)
 
     async def _attempt(
         self,

@@ -376,6 +376,37 @@ def test_stop_cancels_the_running_task_and_ends_cancelled(registry: TaskRegistry
     assert state["after"] == []
 
 
+def test_finished_steps_counts_the_recorded_runs_when_a_run_is_cut_short(
+    registry: TaskRegistry,
+) -> None:
+    """`steps` is how many task runs the history holds: the run a stop cut short is not
+    one of them (it is not recorded), so the count matches the task_result events."""
+    from flowsvc import StopHandle
+
+    state = _stoppable(registry)
+    engine = FlowEngine(registry)
+    stop = StopHandle()
+
+    async def main():
+        events = []
+
+        async def consume() -> None:
+            plan = engine.prepare(linear("noop", "long", "after"))
+            async for event in engine.events(plan, {}, stop=stop):
+                events.append(event)
+
+        consumer = asyncio.create_task(consume())
+        await state["started"].wait()
+        stop.request("enough")
+        await consumer
+        return events
+
+    events = asyncio.run(main())
+    results = [e for e in events if isinstance(e, TaskCompleted)]
+    assert events[-1].status is FlowStatus.CANCELLED
+    assert events[-1].steps == len(results) == 1
+
+
 def test_stop_between_tasks_starts_no_further_task(registry: TaskRegistry) -> None:
     from flowsvc import StopHandle
 
