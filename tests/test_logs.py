@@ -1,0 +1,83 @@
+"""The log handler: JSON lines, written in batches, never lost or reordered."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import pytest
+
+from flowsvc.logs import BatchedStreamHandler, JsonFormatter
+
+
+@pytest.fixture
+def logged():
+    """A logger whose lines go to a BatchedStreamHandler over a StringIO."""
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"flowsvc.test_logs.{id(stream)}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield logger, stream, handler
+    logger.removeHandler(handler)
+    handler.close()
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_line_below_warning_waits_for_its_batch(logged) -> None:
+    logger, stream, handler = logged
+    handler.FLUSH_SECONDS = 60  # this instance's flusher will not come during the test
+    logger.info("flow ended", extra={"flow_id": "f1"})
+    assert stream.getvalue() == ""
+    handler.flush()
+    assert [(x["msg"], x["flow_id"]) for x in lines(stream)] == [("flow ended", "f1")]
+
+
+def test_the_flusher_writes_a_waiting_line_without_a_flush_call(logged) -> None:
+    logger, stream, _ = logged
+    logger.info("flow ended", extra={"flow_id": "f1"})
+    deadline = time.monotonic() + 10
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(x["msg"], x["flow_id"]) for x in lines(stream)] == [("flow ended", "f1")]
+
+
+def test_a_warning_writes_it_and_every_line_before_it_at_once(logged) -> None:
+    logger, stream, _ = logged
+    logger.info("one")
+    logger.debug("two")
+    logger.warning("three")
+    assert [x["msg"] for x in lines(stream)] == ["one", "two", "three"]
+
+
+def test_a_full_batch_is_written_at_once_in_order(logged) -> None:
+    logger, stream, handler = logged
+    for i in range(handler.BATCH_LINES):
+        logger.info("line", extra={"i": i})
+    assert [x["i"] for x in lines(stream)] == list(range(handler.BATCH_LINES))
+
+
+def test_flush_writes_what_waits_and_the_line_shows_the_values_when_logged(logged) -> None:
+    logger, stream, handler = logged
+    fields = {"n": 1}
+    logger.info("count %s", fields)
+    fields["n"] = 2  # changed after the call: the line keeps what was logged
+    handler.flush()
+    assert lines(stream)[0]["msg"] == "count {'n': 1}"
+
+
+def test_after_a_flush_later_lines_are_flushed_again(logged) -> None:
+    logger, stream, _ = logged
+    for name in ("first", "second"):
+        logger.info(name)
+        deadline = time.monotonic() + 10
+        while name not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [x["msg"] for x in lines(stream)] == ["first", "second"]
