@@ -244,6 +244,10 @@ class ExecutionManager:
         self._on_store_health = on_store_health
         self._live: dict[str, Run] = {}
         self._starting = 0
+        # Executions whose record is being written: id -> their Run once launched (None:
+        # not launched). The store may answer a retry's, a watcher's or a cancel's read
+        # of the record before the creator has resumed and launched it: they wait here.
+        self._launching: dict[str, asyncio.Future[Run | None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -402,6 +406,7 @@ class ExecutionManager:
             if creating.done():  # the in-memory store: no wait, nothing to shield
                 existing = creating.result()
             else:
+                self._launching[new.flow_id] = asyncio.get_running_loop().create_future()
                 try:
                     # Shielded: the record is written whatever happens to this caller,
                     # so it must be driven to an end even if the caller leaves meanwhile.
@@ -413,13 +418,17 @@ class ExecutionManager:
                         )
                     )
                     raise
+                except BaseException:
+                    self._launched(new.flow_id, None)
+                    raise
         except StoreUnavailableError:
             self._set_store_health(False)
             raise
         finally:
             self._starting -= 1
         if existing is not None:  # a concurrent retry created it first
-            return self._attach_existing(existing, digest)
+            self._launched(new.flow_id, None)
+            return await self._attach_existing(existing, digest)
         run = self._launch(new.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
         return Attachment(new.flow_id, run, created=True)
 
@@ -437,6 +446,22 @@ class ExecutionManager:
         self._idle.clear()
         # Not named: naming a task costs more than the rest of its creation.
         run.task = asyncio.create_task(self._drive(run, plan, flow_input))
+        if self._launching:
+            self._launched(flow_id, run)
+        return run
+
+    def _launched(self, flow_id: str, run: Run | None) -> None:
+        """Tell whoever waits for `flow_id` to be launched (see _launching) that it is."""
+        waiting = self._launching.pop(flow_id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(run)
+
+    async def _live_run(self, flow_id: str) -> Run | None:
+        """The running execution `flow_id`, waiting for it if its record is being
+        written; None if it is not running."""
+        run = self._live.get(flow_id)
+        if run is None and (launching := self._launching.get(flow_id)) is not None:
+            run = await asyncio.shield(launching)
         return run
 
     def _launch_orphan(
@@ -450,8 +475,10 @@ class ExecutionManager:
         """Its caller left while the record was written: run it anyway, so that it ends
         (at once, CANCELLED, unless the caller asked to continue on disconnect)."""
         if creating.cancelled() or creating.exception() is not None:
+            self._launched(flow_id, None)
             return
         if creating.result() is not None:  # a retry's: not created
+            self._launched(flow_id, None)
             return
         run = self._launch(flow_id, plan, flow_input, continue_on_disconnect, callers=0)
         if not continue_on_disconnect:
@@ -461,15 +488,15 @@ class ExecutionManager:
         # Looked up before the in-flight cap: a retry of a running execution attaches to
         # it even when the server is full. create() settles races between two retries.
         record = await self._store(self.store.get_by_request_id(request_id))
-        return None if record is None else self._attach_existing(record, digest)
+        return None if record is None else await self._attach_existing(record, digest)
 
-    def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment:
+    async def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment:
         if record.request_hash != digest:
             raise AlreadyExistsError(
                 f"request_id {record.request_id!r} was already used for execution "
                 f"{record.flow_id} with a different flow or input"
             )
-        run = self._live.get(record.flow_id)
+        run = await self._live_run(record.flow_id)
         if run is not None:
             run.callers += 1
         log_event(
@@ -505,6 +532,11 @@ class ExecutionManager:
         return self._follow_stored(flow_id, after)
 
     async def _follow_stored(self, flow_id: str, after: int) -> AsyncIterator[tuple[int, Event]]:
+        run = await self._live_run(flow_id)  # its record was being written a moment ago
+        if run is not None:
+            async for item in run.follow(after):
+                yield item
+            return
         record = await self._store(self.store.get(flow_id))
         if record is None:
             raise NotFoundError(f"no execution {flow_id}")
@@ -593,7 +625,7 @@ class ExecutionManager:
         return record, events
 
     async def cancel(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
-        run = self._live.get(flow_id)
+        run = await self._live_run(flow_id)
         if run is None:
             record = await self._store(self.store.get(flow_id))
             if record is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import sqlite3
@@ -434,6 +435,32 @@ async def test_retry_while_the_first_still_runs_attaches_to_it(
     assert [r.task for r in response.execution_history] == ["side_effect", "gated"]
     await read_all(stream)
     assert marker.read_text() == "ran\n"
+
+
+async def test_simultaneous_retries_all_get_the_one_execution(settings, registry) -> None:
+    """Retries that arrive together, while the first call's record is being written, all
+    attach to the one execution: none is told the store failed (the store answers a
+    retry's read of the record before the first call has resumed and launched it)."""
+    from flowmanager.v1 import flow_service_pb2_grpc
+
+    server = await build_server(dataclasses.replace(settings, max_in_flight=100), registry)
+    flow = chain("noop", ("sleep", {"seconds": 0.05}))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            for round_ in range(10):
+                request = pb.ExecuteFlowRequest(flow=flow, request_id=f"together-{round_}")
+                calls = []
+                for _ in range(4):
+                    calls.append(asyncio.ensure_future(stub.ExecuteFlow(request, timeout=10)))
+                    await asyncio.sleep(0)  # a loop turn apart, as retries arrive
+                responses = await asyncio.gather(*calls, return_exceptions=True)
+                errors = [r for r in responses if isinstance(r, Exception)]
+                assert not errors, [(e.code(), e.details()) for e in errors]
+                assert len({r.flow_id for r in responses}) == 1
+                assert all(r.status == flow_pb2.FLOW_STATUS_SUCCEEDED for r in responses)
+    finally:
+        await server.shutdown(grace=0)
 
 
 # -- limits -----------------------------------------------------------------------------
