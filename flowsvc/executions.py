@@ -638,7 +638,14 @@ class ExecutionManager:
         run.stop.request("cancelled by CancelExecution")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.wait_done(), self.settings.cancel_wait_seconds)
-        return await self.get(flow_id)
+        record, events = await self.get(flow_id)
+        if record.status.is_final and record.status is not FlowStatus.CANCELLED:
+            # It ended on its own before the cancel took effect (its last task had
+            # finished): OK would say it was cancelled.
+            raise FailedPreconditionError(
+                f"execution {flow_id} ended ({record.status.value}) before the cancel took effect"
+            )
+        return record, events
 
     async def page(
         self, page_size: int, page_token: str, status: FlowStatus | None, flow_name: str

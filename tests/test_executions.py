@@ -256,6 +256,49 @@ async def test_a_task_that_ignores_a_cancel_keeps_its_result_and_nothing_runs_af
     assert "cancelled during step 1 ('stubborn')" in rest[-1].finished.message
 
 
+async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
+    tmp_path: Path, registry
+) -> None:
+    """OK from CancelExecution means the execution ended CANCELLED. One whose last task
+    had already finished when the cancel came ends as it would have (SUCCEEDED): that
+    cancel is FAILED_PRECONDITION, as for an execution that had ended. White-box: the
+    store's thread is held, so that the execution's end waits for its commit while the
+    cancel comes in."""
+    import threading
+
+    from flowmanager.v1 import flow_service_pb2_grpc
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "late.db"))
+    server = await build_server(settings, registry)
+    started, release, _ = gate(registry)
+    hold = threading.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            stream = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
+            flow_id = (await stream.read()).started.flow_id
+            await started.wait()
+            run = server.manager._live[flow_id]
+            held = server.manager.store._submit(lambda conn: hold.wait(10), write=False)
+            release.set()  # the task succeeds; its result and the end queue behind `held`
+            await eventually(lambda: run.unpublished == 2)
+            cancel = asyncio.ensure_future(
+                stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id), timeout=10)
+            )
+            await eventually(lambda: run.stop.reason is not None)
+            hold.set()
+            await held
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cancel
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "succeeded" in (info.value.details() or "")
+            messages = await read_all(stream)
+            assert messages[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        hold.set()
+        await server.shutdown(grace=0)
+
+
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
     started, _, _ = gate(registry)
     request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
