@@ -24,9 +24,10 @@ import functools
 import inspect
 import logging
 import math
+import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -356,6 +357,7 @@ class FlowEngine:
         Every outcome is a record (never an exception, but for cancellation)."""
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
+        sync = None if node.spec.is_async else _SyncRun()
         try:
             template = node.template
             params = (
@@ -364,11 +366,15 @@ class FlowEngine:
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
-            call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history)
+            call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history, sync)
             if node.timeout_s is None and deadline is None:
                 result = await call  # the common case: no timer at all
             else:
-                result = await self._with_timeouts(node, call, deadline)
+                result = await self._with_timeouts(node, call, deadline, sync)
+        if sync is not None and sync.started_at is not None:
+            # A sync task's run starts when a worker thread takes it up: it may have
+            # waited for one (a cancelled flow's sync task keeps its thread till it returns).
+            started_at, t0 = sync.started_at, sync.t0
         duration = time.perf_counter() - t0
         status = result.status
         assert isinstance(status, TaskStatus)  # TaskResult normalises it
@@ -401,7 +407,11 @@ class FlowEngine:
         return record, result.retryable
 
     async def _with_timeouts(
-        self, node: _Node, call: Coroutine[Any, Any, TaskResult], deadline: float | None
+        self,
+        node: _Node,
+        call: Coroutine[Any, Any, TaskResult],
+        deadline: float | None,
+        sync: _SyncRun | None,
     ) -> TaskResult:
         """Await `call` within the task's timeout and the flow's deadline.
 
@@ -422,8 +432,12 @@ class FlowEngine:
         if done:
             return attempt.result()
         attempt.cancel()
-        if not node.spec.is_async:
-            abandoned = " (a sync task's thread cannot be stopped: abandoned)"
+        if sync is not None:
+            abandoned = (
+                " (a sync task's thread cannot be stopped: abandoned)"
+                if sync.give_up()
+                else " (it never started: every worker thread for sync tasks was busy)"
+            )
         elif not await _let_go(attempt):
             abandoned = " (it ignored its cancellation: abandoned)"
         else:
@@ -443,6 +457,7 @@ class FlowEngine:
         params: Mapping[str, Any],
         flow_input: Mapping[str, Any],
         history: list[StepRecord],
+        sync: _SyncRun | None,
     ) -> TaskResult:
         """Call the task; anything but a TaskResult becomes a failure result."""
         spec = node.spec
@@ -471,12 +486,15 @@ class FlowEngine:
                 # No empty *args/**kwargs to unpack for a task that takes nothing.
                 out = await (spec.fn(*args, **kwargs) if args or kwargs else spec.fn())
             else:
+                assert sync is not None
                 loop = asyncio.get_running_loop()
-                call = functools.partial(spec.fn, *args, **kwargs) if kwargs else spec.fn
-                out = await loop.run_in_executor(self._executor, call, *(() if kwargs else args))
+                call = functools.partial(spec.fn, *args, **kwargs) if args or kwargs else spec.fn
+                out = await loop.run_in_executor(self._executor, sync.wrap(call))
                 if inspect.isawaitable(out):  # a plain function that returned a coroutine
                     out = await out
         except asyncio.CancelledError:
+            if sync is not None:
+                sync.give_up()  # not started yet: it never will be
             raise
         except Exception as exc:
             log_event(
@@ -504,6 +522,36 @@ class FlowEngine:
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+class _SyncRun:
+    """A sync task's attempt as seen from its worker thread: when the thread started it
+    (None while it waits for a free thread), and whether the engine gave up on it before
+    (then no thread ever runs it)."""
+
+    __slots__ = ("_gave_up", "_lock", "started_at", "t0")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gave_up = False
+        self.started_at: datetime | None = None
+        self.t0 = 0.0
+
+    def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with self._lock:
+                if self._gave_up:
+                    return None  # its attempt is over: nothing reads this
+                self.started_at, self.t0 = datetime.now(UTC), time.perf_counter()
+            return fn()
+
+        return run
+
+    def give_up(self) -> bool:
+        """Keep it from starting; True if a thread had started it (and runs on)."""
+        with self._lock:
+            self._gave_up = True
+            return self.started_at is not None
 
 
 #: How long a cancelled attempt may take to end before it is abandoned.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -131,6 +133,79 @@ def test_sync_task_past_its_timeout_is_abandoned_and_the_flow_moves_on(registry)
     assert error.startswith("timed out after 0.2s") and "abandoned" in error
     assert execution.history[-1].task == "noop"
     assert execution.status is FlowStatus.SUCCEEDED
+
+
+def _busy_pool() -> tuple[ThreadPoolExecutor, threading.Event]:
+    """A one-thread pool whose thread is taken (as by a cancelled flow's sync task, which
+    keeps its thread until it returns), and the event that frees it."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    free = threading.Event()
+    pool.submit(free.wait, 30)
+    return pool, free
+
+
+def test_sync_task_timing_out_while_it_waits_for_a_thread_never_runs(registry) -> None:
+    ran = []
+    registry.register("quick", lambda: ran.append(1) or TaskResult.success())
+    flow = Flow(
+        "t", "quick", (Task("quick", timeout_s=0.2), Task("noop")),
+        (Condition("quick", "end", "noop"),),
+    )  # fmt: skip
+    pool, free = _busy_pool()
+    try:
+        engine = FlowEngine(registry, executor=pool)
+        execution = asyncio.run(engine.run(engine.prepare(flow), {}))
+    finally:
+        free.set()
+    error = execution.history[0].error
+    assert error == (
+        "timed out after 0.2s (it never started: every worker thread for sync tasks was busy)"
+    )
+    assert execution.history[0].status is TaskStatus.FAILURE
+    pool.submit(lambda: None).result(timeout=10)  # the thread is free, and went past it
+    pool.shutdown()
+    assert ran == []
+
+
+def test_sync_task_run_is_timed_from_when_a_thread_takes_it_up(registry) -> None:
+    """Its started_at and duration are its run's, not its wait for a free thread."""
+    submitted = threading.Event()
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+            future = super().submit(fn, *args, **kwargs)
+            submitted.set()
+            return future
+
+    def quick() -> TaskResult:
+        return TaskResult.success()
+
+    registry.register("quick", quick)
+    pool = Pool(max_workers=1)
+    free = threading.Event()
+    pool.submit(free.wait, 30)
+    submitted.clear()
+    engine = FlowEngine(registry, executor=pool)
+
+    async def main():
+        plan = engine.prepare(Flow("t", "quick", (Task("quick"),)))
+        flow = asyncio.create_task(engine.run(plan, {}))
+        deadline = time.monotonic() + 10
+        while not submitted.is_set():  # until it is queued behind the busy thread
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        freed_at = datetime.now(UTC)
+        free.set()
+        return freed_at, await flow, datetime.now(UTC)
+
+    try:
+        freed_at, execution, ended_at = asyncio.run(main())
+    finally:
+        free.set()
+        pool.shutdown()
+    record = execution.history[0]
+    assert record.started_at >= freed_at
+    assert record.duration_s <= (ended_at - freed_at).total_seconds()
 
 
 def test_flow_timeout_ends_the_flow_timed_out(registry: TaskRegistry) -> None:
