@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,6 +34,7 @@ from flowsvc.errors import FlowsvcError, FlowValidationError
 from flowsvc.models import FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
+from flowsvc.threads import TaskThreads
 
 logger = logging.getLogger("flowsvc.cli")
 
@@ -94,9 +94,7 @@ def _engine(settings: config.Settings) -> FlowEngine:
     load_task_modules(settings.task_modules, registry)
     # Sync tasks run in threads named like the server's, so that one left running (timed
     # out, abandoned) is found and not waited for at exit.
-    executor = ThreadPoolExecutor(
-        max_workers=settings.sync_task_workers, thread_name_prefix=TASK_THREAD_PREFIX
-    )
+    executor = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
     return FlowEngine(registry, settings.limits, executor=executor)
 
 

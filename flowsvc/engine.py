@@ -24,11 +24,10 @@ import functools
 import inspect
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +59,7 @@ from flowsvc.references import (
     follow_path,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
+from flowsvc.threads import TaskThreads
 from flowsvc.validation import (
     MAX_JSON_DEPTH,
     MAX_RESULT_BYTES,
@@ -155,7 +155,12 @@ class FlowEngine:
         self.registry = registry
         self.limits = limits or Limits()
         # None: asyncio's default thread pool. A server passes its own, sized by config.
-        self._executor = executor
+        # Sync tasks' threads: the server's, else a pool of this engine's own.
+        self._executor = executor or TaskThreads(DEFAULT_SYNC_WORKERS, name="flowsvc-task")
+        #: Told of a sync task given up on while it runs (TaskThreads replaces its thread).
+        self._abandon: Callable[[Future[Any]], None] | None = getattr(
+            self._executor, "abandon", None
+        )
 
     def validate(self, flow: Flow | None) -> list[Violation]:
         """Every violation in `flow` (empty when it would run)."""
@@ -357,7 +362,7 @@ class FlowEngine:
         Every outcome is a record (never an exception, but for cancellation)."""
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
-        sync = None if node.spec.is_async else _SyncRun()
+        sync = None if node.spec.is_async else _SyncRun(self._abandon)
         try:
             template = node.template
             params = (
@@ -487,9 +492,9 @@ class FlowEngine:
                 out = await (spec.fn(*args, **kwargs) if args or kwargs else spec.fn())
             else:
                 assert sync is not None
-                loop = asyncio.get_running_loop()
                 call = functools.partial(spec.fn, *args, **kwargs) if args or kwargs else spec.fn
-                out = await loop.run_in_executor(self._executor, sync.wrap(call))
+                sync.future = self._executor.submit(sync.wrap(call))
+                out = await asyncio.wrap_future(sync.future)
                 if inspect.isawaitable(out):  # a plain function that returned a coroutine
                     out = await out
         except asyncio.CancelledError:
@@ -525,35 +530,38 @@ class FlowEngine:
 
 
 class _SyncRun:
-    """A sync task's attempt as seen from its worker thread: when the thread started it
-    (None while it waits for a free thread), and whether the engine gave up on it before
-    (then no thread ever runs it)."""
+    """A sync task's attempt: its future in the thread pool, and when a thread started
+    it (None while it waits for a free thread)."""
 
-    __slots__ = ("_gave_up", "_lock", "started_at", "t0")
+    __slots__ = ("_abandon", "_ran", "future", "started_at", "t0")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._gave_up = False
+    def __init__(self, abandon: Callable[[Future[Any]], None] | None) -> None:
+        self._abandon = abandon
+        self._ran: bool | None = None  # give_up()'s answer, once given
+        self.future: Future[Any] | None = None
         self.started_at: datetime | None = None
         self.t0 = 0.0
 
     def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
-            with self._lock:
-                if self._gave_up:
-                    return None  # its attempt is over: nothing reads this
-                self.started_at, self.t0 = datetime.now(UTC), time.perf_counter()
+            self.started_at, self.t0 = datetime.now(UTC), time.perf_counter()
             return fn()
 
         return run
 
     def give_up(self) -> bool:
-        """Keep it from starting; True if a thread had started it (and runs on)."""
-        with self._lock:
-            self._gave_up = True
-            return self.started_at is not None
+        """Nothing waits for it any more: keep it from starting, or, if a thread runs it
+        already (it cannot be stopped), tell the pool. True in that case."""
+        if self._ran is None:
+            future = self.future
+            self._ran = future is not None and not future.cancel()  # cancel: only if queued
+            if self._ran and self._abandon is not None:
+                self._abandon(future)  # type: ignore[arg-type]
+        return self._ran
 
 
+#: Threads for sync tasks of an engine built without a pool (the server passes its own).
+DEFAULT_SYNC_WORKERS = 32
 #: How long a cancelled attempt may take to end before it is abandoned.
 CANCEL_GRACE_SECONDS = 1.0
 

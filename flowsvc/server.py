@@ -18,7 +18,6 @@ import importlib.metadata
 import logging
 import socket
 import types
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -38,6 +37,7 @@ from flowsvc.store import ExecutionStore
 from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
 from flowsvc.tasks import http as http_task
+from flowsvc.threads import TaskThreads
 
 logger = logging.getLogger("flowsvc.server")
 
@@ -259,7 +259,7 @@ class FlowServer:
         port: int,
         manager: ExecutionManager,
         health_servicer: _HealthServicer,
-        executor: ThreadPoolExecutor,
+        executor: TaskThreads,
         settings: Settings,
     ) -> None:
         self.server = server
@@ -320,9 +320,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     if registry is None:
         registry = TaskRegistry.with_builtins()
         load_task_modules(settings.task_modules, registry)
-    executor = ThreadPoolExecutor(
-        max_workers=settings.sync_task_workers, thread_name_prefix=TASK_THREAD_PREFIX
-    )
+    executor = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
     engine = FlowEngine(registry, settings.limits, executor)
     health_servicer = _HealthServicer()
     health_updates: set[asyncio.Future[None]] = set()

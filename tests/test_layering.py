@@ -18,6 +18,7 @@ ENGINE_SIDE = [
     "flowsvc/validation.py",
     "flowsvc/engine.py",
     "flowsvc/logs.py",
+    "flowsvc/threads.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "flowsvc" / "tasks").glob("*.py")),
 ]
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google", "flowmanager")

@@ -1,0 +1,115 @@
+"""The threads that run sync (`def`) tasks.
+
+A thread cannot be stopped. A sync task the engine gives up on (it timed out, or its flow
+was cancelled) runs on in its thread until it returns, and a plain thread pool would count
+that thread as taken: a few stuck tasks of cancelled flows would hold up every other
+flow's sync tasks. TaskThreads keeps `workers` threads for the tasks that are still
+waited for: for each task given up while it runs (`abandon`), it starts one more thread,
+up to `workers + spare` threads in all; past that, tasks wait for a thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+_Item = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class TaskThreads(Executor):
+    """An Executor of at most `workers` threads for the tasks waited for, started as needed;
+    threads whose task was abandoned do not count, up to `spare` of them."""
+
+    def __init__(self, workers: int, *, spare: int | None = None, name: str = "task") -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.workers = workers
+        self.limit = workers + (workers if spare is None else spare)
+        self._name = name
+        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Semaphore(0)  # released by a thread each time it goes idle
+        self._threads: list[threading.Thread] = []
+        self._abandoned = 0  # tasks given up on that still run in their thread
+        self._closed = False
+
+    @property
+    def abandoned(self) -> int:
+        """Tasks given up on that still run."""
+        return self._abandoned
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._items.put((future, fn, args, kwargs))
+            self._add_thread_if_needed()
+        return future
+
+    def abandon(self, future: Future[Any]) -> None:
+        """Nothing waits for `future`'s task any more. If it still runs, its thread stops
+        counting until it returns, and a thread may be started in its place."""
+        with self._lock:
+            if not future.running():
+                return  # done, or never started (cancelled): it holds no thread
+            self._abandoned += 1
+            if not self._items.empty():  # tasks wait for the thread it held
+                self._add_thread_if_needed()
+        future.add_done_callback(self._returned)  # at once if it has just returned
+
+    def _returned(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._abandoned -= 1
+
+    def _add_thread_if_needed(self) -> None:  # with self._lock held
+        if self._idle.acquire(blocking=False):
+            return  # an idle thread takes the next item
+        counted = len(self._threads) - self._abandoned
+        if counted < self.workers and len(self._threads) < self.limit:
+            thread = threading.Thread(
+                target=self._work,
+                name=f"{self._name}_{len(self._threads)}",
+                daemon=True,  # a task that never returns must not keep the process alive
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._items.get()
+            if item is None:  # shutdown
+                self._items.put(None)  # for the next thread
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # what ThreadPoolExecutor does too
+                    future.set_exception(exc)
+            del item, future, fn, args, kwargs  # nothing of the task kept while idle
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._items.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._items.put(None)
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
