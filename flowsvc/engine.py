@@ -497,21 +497,18 @@ class FlowEngine:
                 out = await asyncio.wrap_future(sync.future)
                 if inspect.isawaitable(out):  # a plain function that returned a coroutine
                     out = await out
-        except asyncio.CancelledError:
-            if sync is not None:
-                sync.give_up()  # not started yet: it never will be
-            raise
-        except Exception as exc:
-            log_event(
-                logger,
-                logging.WARNING,
-                "task raised",
-                flow_id=flow_id,
-                task=node.name,
-                step=step,
-                exc_info=True,
-            )
-            return TaskResult.failure(f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError as exc:
+            me = asyncio.current_task()
+            if me is None or me.cancelling():
+                if sync is not None:
+                    sync.give_up()  # not started yet: it never will be
+                raise
+            # Nothing cancels this execution: the task's own code raised it.
+            return _raised(exc, flow_id, node.name, step)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A task's exit() or KeyboardInterrupt is its failure, not the server's end:
+            # signals never raise them here (the server stops on SIGINT and SIGTERM).
+            return _raised(exc, flow_id, node.name, step)
         if not isinstance(out, TaskResult):
             return TaskResult.failure(
                 f"task returned {type(out).__name__}, not a TaskResult: {out!r:.200}"
@@ -527,6 +524,20 @@ class FlowEngine:
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
+
+
+def _raised(exc: BaseException, flow_id: str, task: str, step: int) -> TaskResult:
+    """The failure of a task that raised `exc` (logged with its traceback)."""
+    log_event(
+        logger,
+        logging.WARNING,
+        "task raised",
+        flow_id=flow_id,
+        task=task,
+        step=step,
+        exc_info=exc,
+    )
+    return TaskResult.failure(f"{type(exc).__name__}: {exc}")
 
 
 class _SyncRun:

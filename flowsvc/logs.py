@@ -137,7 +137,12 @@ QUIET_LIBRARIES = ("httpx", "httpcore")
 
 
 def event(
-    logger: logging.Logger, level: int, msg: str, *, exc_info: bool = False, **fields: Any
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    *,
+    exc_info: bool | BaseException = False,
+    **fields: Any,
 ) -> None:
     """Log `msg` with structured `fields`, skipping all work when the level is off."""
     if logger.isEnabledFor(level):

@@ -153,6 +153,34 @@ def test_raising_task_is_a_failure_result_not_an_error(registry: TaskRegistry) -
     assert [r.task for r in execution.history] == ["boom"]
 
 
+@pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (SystemExit(3), "SystemExit: 3"),
+        (KeyboardInterrupt(), "KeyboardInterrupt: "),
+        (asyncio.CancelledError("my own"), "CancelledError: my own"),
+    ],
+)
+def test_a_task_raising_what_ends_programs_fails_alone(
+    registry: TaskRegistry, is_async: bool, raised: BaseException, expected: str
+) -> None:
+    """exit(), KeyboardInterrupt and a CancelledError of the task's own are its failure:
+    they must not end the server, nor leave the execution cut off as if it were stopped."""
+
+    def boom() -> TaskResult:
+        raise raised
+
+    async def boom_async() -> TaskResult:
+        raise raised
+
+    registry.register("boom", boom_async if is_async else boom)
+    execution = run(FlowEngine(registry), linear("boom", "noop", fail_route="noop"))
+    assert execution.history[0].error == expected
+    assert [r.task for r in execution.history] == ["boom", "noop"]
+    assert execution.status is FlowStatus.SUCCEEDED
+
+
 @pytest.mark.parametrize(
     ("returned", "expected"),
     [

@@ -27,6 +27,30 @@ async def test_failed_task_is_not_an_rpc_error(stub) -> None:
     assert "card declined" in response.message
 
 
+async def test_a_task_calling_exit_or_cancelling_itself_fails_and_the_server_serves_on(
+    stub, registry
+) -> None:
+    async def quits() -> TaskResult:
+        raise SystemExit(3)
+
+    def interrupts() -> TaskResult:
+        raise KeyboardInterrupt
+
+    async def cancels_itself() -> TaskResult:
+        raise asyncio.CancelledError("my own")
+
+    for name, fn in (("quits", quits), ("interrupts", interrupts), ("cancels", cancels_itself)):
+        registry.register(name, fn)
+        flow = chain(name)
+        response = await stub.ExecuteFlow(
+            flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=10
+        )
+        assert response.status == flow_pb2.FLOW_STATUS_FAILED, response.message
+        assert response.execution_history[0].status == flow_pb2.TASK_STATUS_FAILURE
+    fine = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")))
+    assert fine.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 async def test_history_is_a_list_with_repeats_in_order(stub, registry) -> None:
     attempts = {"n": 0}
 
