@@ -301,7 +301,8 @@ class FlowEngine:
                         break
                     # Back off before the next attempt: bounded by the flow's deadline,
                     # cut short by a stop.
-                    delay = node.retry.backoff(attempt)
+                    # The server's cap bounds every backoff, the defaults included.
+                    delay = min(node.retry.backoff(attempt), self.limits.max_backoff_s)
                     if deadline is not None and loop.time() + delay >= deadline:
                         delay = max(0.0, deadline - loop.time())
                         status, message = FlowStatus.TIMED_OUT, _timed_out(flow)

@@ -60,7 +60,10 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        delay: float = self.initial_backoff_s * self.backoff_multiplier ** (attempt - 1)
+        try:
+            delay: float = self.initial_backoff_s * self.backoff_multiplier ** (attempt - 1)
+        except OverflowError:  # a long run of attempts: far past any max_backoff
+            return self.max_backoff_s
         return min(delay, self.max_backoff_s)
 
 

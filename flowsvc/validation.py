@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsvc.errors import Violation
-from flowsvc.models import END, OUTCOMES, Flow, Task
+from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task
 from flowsvc.references import INPUT, ReferenceSyntaxError, compile_params
 from flowsvc.registry import TaskRegistry, TaskSpec
 
@@ -203,13 +203,15 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
             f"{path}.retry.max_attempts",
             f"{retry.max_attempts} is over this server's cap of {limits.max_attempts}",
         )
-    for name, seconds in (
-        ("initial_backoff", retry.initial_backoff_s),
-        ("max_backoff", retry.max_backoff_s),
+    for name, seconds, default in (
+        ("initial_backoff", retry.initial_backoff_s, NO_RETRY.initial_backoff_s),
+        ("max_backoff", retry.max_backoff_s, NO_RETRY.max_backoff_s),
     ):
+        # The defaults (1 s, 60 s) are not the flow's asking: over a lower cap they are
+        # lowered to it (the engine bounds every backoff by the cap), not refused.
         if seconds < 0:
             bad(f"{path}.retry.{name}", "must not be negative")
-        elif seconds > limits.max_backoff_s:
+        elif seconds > limits.max_backoff_s and seconds != default:
             bad(
                 f"{path}.retry.{name}",
                 f"{seconds:g}s is over this server's cap of {limits.max_backoff_s:g}s",

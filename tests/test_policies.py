@@ -518,3 +518,37 @@ async def test_params_schema_is_listed_and_enforced(stub, registry) -> None:
     }
     assert "required" in found["flow.tasks[0].params.count"]
     assert "must be string" in found["flow.tasks[0].params.label"]
+
+
+def test_a_backoff_cap_below_the_defaults_refuses_no_flow_and_bounds_every_wait(
+    registry: TaskRegistry,
+) -> None:
+    """Defaults (1 s, then up to 60 s) are lowered to a lower cap, not refused; a value
+    the flow asks for over the cap is refused."""
+    from flowsvc import FlowValidationError
+    from flowsvc.validation import Limits
+
+    attempts = []
+
+    def flaky() -> TaskResult:
+        attempts.append(time.monotonic())
+        return TaskResult.failure("try again")
+
+    registry.register("flaky", flaky)
+    engine = FlowEngine(registry, Limits(max_backoff_s=0.01))
+    engine.prepare(Flow("plain", "noop", (Task("noop"),)))  # no retry policy at all
+    retried = Flow("r", "flaky", (Task("flaky", retry=RetryPolicy(max_attempts=3)),))
+    execution = asyncio.run(engine.run(engine.prepare(retried), {}))
+    assert [r.attempt for r in execution.history] == [1, 2, 3]
+    # The default 1 s, then 2 s, would show; the cap makes both waits 0.01 s.
+    assert attempts[-1] - attempts[0] < 1.0
+    asking = RetryPolicy(max_attempts=2, max_backoff_s=90)
+    with pytest.raises(FlowValidationError) as info:
+        engine.prepare(Flow("x", "flaky", (Task("flaky", retry=asking),)))
+    assert [v.field for v in info.value.violations] == ["flow.tasks[0].retry.max_backoff"]
+
+
+@pytest.mark.parametrize(("multiplier", "attempt"), [(2.0, 1100), (100.0, 200)])
+def test_backoff_of_a_late_attempt_is_the_max_not_an_overflow(multiplier, attempt) -> None:
+    policy = RetryPolicy(max_attempts=5000, backoff_multiplier=multiplier, max_backoff_s=7)
+    assert policy.backoff(attempt) == 7
