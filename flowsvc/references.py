@@ -168,17 +168,30 @@ class Template:
     __slots__ = ("_compiled", "_refs", "params", "refers")
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        # Read-only: prepared flows are cached and shared by every execution of the flow,
-        # so a task must not be able to change the params the next execution gets.
-        self.params: Mapping[str, Any] = MappingProxyType(dict(params))
         self._compiled = _compile(params)
         self._refs = list(_walk_refs(self._compiled, ""))
         #: False: render() would return `params` as they are.
         self.refers = bool(self._refs)
+        # What a task gets when there is no reference: the params with each "$${" read
+        # as "${". Read-only: prepared flows are cached and shared by every execution of
+        # the flow, so a task must not be able to change the params the next one gets.
+        self.params: Mapping[str, Any] = MappingProxyType(
+            dict(params) if self._refs else self._compiled
+        )
 
     def refs(self) -> list[tuple[str, Ref]]:
         """(path below params, e.g. ".headers.Authorization", Ref) for every reference."""
         return self._refs
+
+    def known(self) -> dict[str, Any]:
+        """Each param as the task will get it, where that is known before it runs: one
+        that is a whole reference is left out (its value, and type, come at run time),
+        one with references inside text is text (its value given as "")."""
+        return {
+            name: "" if isinstance(value, _Text) else value
+            for name, value in self._compiled.items()
+            if not isinstance(value, _Whole)
+        }
 
     def render(self, lookup: Lookup) -> Mapping[str, Any]:
         if not self._refs:

@@ -295,14 +295,18 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
         bad(f"{path}.params", too_deep())
     schema = spec.params_schema if spec is not None else None
     if schema:
-        _check_against_schema(f"{path}.params", task.params, schema, bad)
+        _check_against_schema(f"{path}.params", task.params, template.known(), schema, bad)
 
 
 def _check_against_schema(
-    path: str, params: Mapping[str, Any], schema: Mapping[str, Any], bad: Bad
+    path: str,
+    params: Mapping[str, Any],
+    values: Mapping[str, Any],
+    schema: Mapping[str, Any],
+    bad: Bad,
 ) -> None:
-    """The checks of a JSON Schema that matter before running: names, required, types,
-    and the minimum of a number."""
+    """The checks of a JSON Schema that matter before running: names, required, and the
+    type and minimum of each of the `values` known before running (Template.known)."""
     properties: Mapping[str, Any] = schema.get("properties", {})
     for name in schema.get("required", ()):
         if name not in params:
@@ -312,10 +316,10 @@ def _check_against_schema(
             if name not in properties:
                 known = ", ".join(sorted(properties)) or "none"
                 bad(f"{path}.{name}", f"is not a param of this task (it takes: {known})")
-    for name, value in params.items():
+    for name, value in values.items():
         expected = properties.get(name, {}).get("type")
-        if expected is None or (isinstance(value, str) and "${" in value):
-            continue  # no type declared, or only known once the reference is resolved
+        if expected is None:
+            continue
         allowed = [expected] if isinstance(expected, str) else list(expected)
         if not any(_is_json_type(value, t) for t in allowed):
             bad(f"{path}.{name}", f"must be {' or '.join(allowed)}, not {_json_name(value)}")

@@ -386,6 +386,34 @@ def test_references_keep_types_and_interpolate_text(registry: TaskRegistry) -> N
     assert [r.task for r in seen[0].results] == ["task1", "make"]
 
 
+def test_an_escaped_reference_is_literal_text_in_params_without_references(
+    registry: TaskRegistry,
+) -> None:
+    seen: list[TaskContext] = []
+    registry.register("look", lambda ctx: seen.append(ctx) or TaskResult.success())
+    params = {"x": "$${input.n}", "nested": {"l": ["cost: $${price}", 3]}}
+    execution = run(registry, Flow("esc", "look", (Task("look", params=params),)), {"n": 1})
+    assert execution.status is FlowStatus.SUCCEEDED, execution.message
+    assert seen[0].params == {"x": "${input.n}", "nested": {"l": ["cost: ${price}", 3]}}
+
+
+async def test_a_number_param_given_text_is_refused_unless_a_whole_reference(stub) -> None:
+    """Text around a reference, or an escaped one, is always text: sleep's `seconds` is
+    refused before running. One whole reference brings its own value: it is checked when
+    the task runs."""
+    flow = chain(("sleep", {"seconds": "1${input.s}"}), ("task2", {"delay_seconds": "$${a}"}))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert violations(info.value) == {
+        "flow.tasks[0].params.seconds": "must be number, not string",
+        "flow.tasks[1].params.delay_seconds": "must be number, not string",
+    }
+    request = pb.ExecuteFlowRequest(flow=chain(("sleep", {"seconds": "${input.s}"})))
+    request.input.update({"s": 0})
+    response = await stub.ExecuteFlow(request, timeout=10)
+    assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED, response.message
+
+
 def test_whole_numbers_are_written_whole_inside_text(registry: TaskRegistry) -> None:
     # Through gRPC every JSON number is a float (protobuf Struct): a client's 42 must still
     # make "/customers/42", not "/customers/42.0".
