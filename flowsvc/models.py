@@ -133,6 +133,8 @@ class TaskResult:
             object.__setattr__(self, "status", status)
         if self.data is None:
             object.__setattr__(self, "data", {})
+        if self.error is not None and not isinstance(self.error, str):
+            object.__setattr__(self, "error", str(self.error))  # error=exc: its text
 
     @property
     def succeeded(self) -> bool:
@@ -146,7 +148,8 @@ class TaskResult:
     def failure(
         cls, error: str, data: Mapping[str, Any] | None = None, *, retryable: bool = True
     ) -> TaskResult:
-        return _built(cls, TaskStatus.FAILURE, dict(data) if data else {}, error, retryable)
+        text = error if isinstance(error, str) else str(error)  # error=exc: its text
+        return _built(cls, TaskStatus.FAILURE, dict(data) if data else {}, text, retryable)
 
 
 # What success() and failure() build with: their fields need no normalising, so they

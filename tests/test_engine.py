@@ -197,6 +197,15 @@ def test_bad_return_value_is_a_failure(registry: TaskRegistry, returned, expecte
     assert expected in execution.history[0].error
 
 
+def test_an_error_that_is_not_text_is_kept_as_its_text(registry: TaskRegistry) -> None:
+    registry.register("number", lambda: TaskResult(status="failure", error=123))  # type: ignore[arg-type]
+    registry.register("exc", lambda: TaskResult.failure(TimeoutError("upstream slow")))  # type: ignore[arg-type]
+    for name, expected in (("number", "123"), ("exc", "upstream slow")):
+        execution = run(FlowEngine(registry), linear(name))
+        assert execution.status is FlowStatus.FAILED
+        assert execution.history[0].error == expected
+
+
 def test_bad_status_string_is_a_failure(registry: TaskRegistry) -> None:
     registry.register("typo", lambda: TaskResult(status="succes"))
     execution = run(FlowEngine(registry), linear("typo"))
