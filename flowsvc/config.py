@@ -51,6 +51,26 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+#: Bounds beyond which a value breaks what it is handed to (a C int in gRPC's channel
+#: options or SQLite's pragmas, a date before year 1, an event loop's timer).
+C_INT_MAX = 2**31 - 1
+MAX_SECONDS = 1e9  # about 31 years
+MAX_RETENTION_SECONDS = 100 * 365.25 * 86400.0  # 100 years
+MAX_IN_FLIGHT = 1_000_000
+
+
+def _at_most(parse: Callable[[str], Any], most: float) -> Callable[[str], Any]:
+    """`parse`, refusing values over `most`."""
+
+    def parse_bounded(text: str) -> Any:
+        value = parse(text)
+        if value > most:
+            raise ValueError(f"must be at most {most:,.0f}, not {value:,}")
+        return value
+
+    return parse_bounded
+
+
 def _listen(text: str) -> str:
     """host:port with a port from 0 to 65535 (gRPC would silently wrap a larger one);
     unix: and unix-abstract: addresses are passed through."""
@@ -166,21 +186,21 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "default_max_steps": _positive_int,
     "max_steps_cap": _positive_int,
     "max_tasks": _positive_int,
-    "grace_seconds": _non_negative_float,
-    "max_message_bytes": _positive_int,
+    "grace_seconds": _at_most(_non_negative_float, MAX_SECONDS),
+    "max_message_bytes": _at_most(_positive_int, C_INT_MAX),
     "max_response_bytes": _non_negative_int,
     "sync_task_workers": _positive_int,
     "event_loop": _event_loop,
-    "max_task_timeout_seconds": _positive_float,
-    "max_flow_timeout_seconds": _positive_float,
+    "max_task_timeout_seconds": _at_most(_positive_float, MAX_SECONDS),
+    "max_flow_timeout_seconds": _at_most(_positive_float, MAX_SECONDS),
     "max_attempts": _positive_int,
-    "max_backoff_seconds": _non_negative_float,
+    "max_backoff_seconds": _at_most(_non_negative_float, MAX_SECONDS),
     "db": _non_empty,
     "db_synchronous": _synchronous,
-    "db_busy_timeout_ms": _non_negative_int,
+    "db_busy_timeout_ms": _at_most(_non_negative_int, C_INT_MAX),
     "db_max_bytes": _non_negative_int,
-    "max_in_flight": _positive_int,
-    "retention_seconds": _non_negative_float,
+    "max_in_flight": _at_most(_positive_int, MAX_IN_FLIGHT),
+    "retention_seconds": _at_most(_non_negative_float, MAX_RETENTION_SECONDS),
 }
 
 
@@ -229,8 +249,9 @@ def from_sources(
     settings = Settings(**values)
     if settings.default_max_steps > settings.max_steps_cap:
         raise ValueError(
-            f"default_max_steps ({settings.default_max_steps}) is over "
-            f"max_steps_cap ({settings.max_steps_cap})"
+            f"{flag_name('default_max_steps')} / {env_name('default_max_steps')} "
+            f"({settings.default_max_steps}) must not be over {flag_name('max_steps_cap')} / "
+            f"{env_name('max_steps_cap')} ({settings.max_steps_cap})"
         )
     return settings
 

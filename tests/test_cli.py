@@ -184,11 +184,13 @@ def test_missing_task_module_is_a_clear_error(tmp_path: Path) -> None:
         ([], {"FLOWSVC_EVENT_LOOP": "trio"}, "FLOWSVC_EVENT_LOOP"),
         ([], {"FLOWSVC_GRACE_SECONDS": "-1"}, "FLOWSVC_GRACE_SECONDS"),
         ([], {"FLOWSVC_LOG_LEVEL": "loud"}, "FLOWSVC_LOG_LEVEL"),
-        (["--default-max-steps", "50", "--max-steps-cap", "10"], {}, "max_steps_cap"),
+        (["--default-max-steps", "50", "--max-steps-cap", "10"], {}, "--max-steps-cap"),
         (["--listen", "127.0.0.1:99999"], {}, "--listen"),  # gRPC would wrap it to 34463
         (["--listen", "bogus"], {}, "--listen"),
         ([], {"FLOWSVC_GRACE_SECONDS": "nan"}, "FLOWSVC_GRACE_SECONDS"),
         (["--retention-seconds", "inf"], {}, "--retention-seconds"),
+        (["--retention-seconds", "1e11"], {}, "--retention-seconds"),
+        (["--max-message-bytes", "99999999999"], {}, "--max-message-bytes"),
     ],
 )
 def test_bad_configuration_is_refused(args, env, needle) -> None:

@@ -30,6 +30,14 @@ def test_flag_wins_over_environment_which_wins_over_default() -> None:
         ({"FLOWSVC_MAX_IN_FLIGHT": "0"}, "FLOWSVC_MAX_IN_FLIGHT"),
         ({"FLOWSVC_DB_SYNCHRONOUS": "OFF"}, "FLOWSVC_DB_SYNCHRONOUS"),
         ({"FLOWSVC_DB": " "}, "FLOWSVC_DB"),
+        # Past what they are handed to: gRPC's C int, a date before year 1, a timer.
+        ({"FLOWSVC_MAX_MESSAGE_BYTES": "3000000000"}, "FLOWSVC_MAX_MESSAGE_BYTES.*at most"),
+        ({"FLOWSVC_RETENTION_SECONDS": "1e11"}, "FLOWSVC_RETENTION_SECONDS.*at most"),
+        ({"FLOWSVC_RETENTION_SECONDS": "1e300"}, "FLOWSVC_RETENTION_SECONDS.*at most"),
+        ({"FLOWSVC_GRACE_SECONDS": "1e300"}, "FLOWSVC_GRACE_SECONDS.*at most"),
+        ({"FLOWSVC_DB_BUSY_TIMEOUT_MS": "99999999999"}, "FLOWSVC_DB_BUSY_TIMEOUT_MS"),
+        ({"FLOWSVC_MAX_IN_FLIGHT": "3000000000"}, "FLOWSVC_MAX_IN_FLIGHT.*at most"),
+        ({"FLOWSVC_MAX_STEPS_CAP": "500"}, "--max-steps-cap / FLOWSVC_MAX_STEPS_CAP"),
     ],
 )
 def test_bad_values_name_their_variable(environ: dict[str, str], needle: str) -> None:
