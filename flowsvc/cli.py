@@ -89,13 +89,13 @@ def _read_request(path: Path, input_json: str | None) -> pb.ExecuteFlowRequest:
     return request
 
 
-def _engine(settings: config.Settings) -> FlowEngine:
+def _engine(settings: config.Settings) -> tuple[FlowEngine, TaskThreads]:
     registry = TaskRegistry.with_builtins()
     load_task_modules(settings.task_modules, registry)
     # Sync tasks run in threads named like the server's, so that one left running (timed
     # out, abandoned) is found and not waited for at exit.
-    executor = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
-    return FlowEngine(registry, settings.limits, executor=executor)
+    threads = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
+    return FlowEngine(registry, settings.limits, executor=threads), threads
 
 
 def _print(message: Any) -> None:
@@ -104,7 +104,7 @@ def _print(message: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
-    engine = _engine(settings)
+    engine, threads = _engine(settings)
     request = _read_request(args.flow_file, args.input)
     plan = engine.prepare(convert.request_flow_from_pb(request))
 
@@ -119,12 +119,13 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
         return code
 
     code = asyncio.run(run())
+    threads.shutdown(wait=False)  # idle threads end now: only a stuck one is left to see
     _exit_despite_stuck_task_threads(code)
     return code
 
 
 def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
-    engine = _engine(settings)
+    engine, _ = _engine(settings)
     request = _read_request(args.flow_file, None)
     response = convert.violations_to_pb(engine.validate(convert.request_flow_from_pb(request)))
     _print(response)

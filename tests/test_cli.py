@@ -421,6 +421,28 @@ def test_run_prints_and_exits_despite_a_task_it_had_to_abandon(tmp_path: Path, t
     )
 
 
+def test_run_of_a_sync_task_that_returned_exits_at_once_and_quietly(tmp_path: Path) -> None:
+    # Its thread is idle, not stuck: `run` neither waits for it nor warns about it.
+    write_module(
+        tmp_path,
+        "plain_tasks",
+        """
+        from flowsvc import register_task, TaskResult
+
+        @register_task("plain_sync")
+        def plain_sync():
+            return TaskResult(status="success")
+        """,
+    )
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({"name": "p", "start_task": "plain_sync",
+                                "tasks": [{"name": "plain_sync"}]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "plain_tasks"}
+    result = flowsvc("run", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "still running" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("task", ["mark_then_wait", "mark_then_block"])
 def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path: Path, task: str) -> None:
     write_module(
