@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flowsvc.errors import TaskRegistrationError
+from flowsvc.models import END
+from flowsvc.references import INPUT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,6 +95,20 @@ def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature)
     return schema
 
 
+def _name_problem(name: str) -> str | None:
+    """Why no flow could run or refer to a task of this name (None: it can)."""
+    if name == END:
+        return "is reserved: a route to it ends the flow"
+    if name == INPUT:
+        return "is reserved: ${input...} reads the flow's input"
+    if name != name.strip():
+        return "starts or ends with a space"
+    for bad in (".", "}"):
+        if bad in name:
+            return f"holds {bad!r}, which would cut ${{{name}.data...}} short"
+    return None
+
+
 def _inspect(
     name: str,
     fn: Callable[..., Any],
@@ -103,6 +119,9 @@ def _inspect(
         raise TaskRegistrationError(f"task {name!r}: {fn!r} is not callable")
     if not name or not isinstance(name, str):
         raise TaskRegistrationError(f"task name must be a non-empty string, not {name!r}")
+    problem = _name_problem(name)
+    if problem:
+        raise TaskRegistrationError(f"task name {name!r} {problem}: no flow could use it")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:

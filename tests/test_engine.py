@@ -340,6 +340,14 @@ def test_registry_refuses_clashes_naming_both_sources() -> None:
         registry.register("same", two)
 
 
+@pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", " padded"])
+def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
+    # "end" routes to the end, "input" is the input's reference root, and "." or "}" cut
+    # a reference to the task short: registered, they would only fail later.
+    with pytest.raises(TaskRegistrationError, match="no flow could use it"):
+        TaskRegistry().register(name, TaskResult.success)
+
+
 def test_registry_refuses_tasks_with_two_required_arguments() -> None:
     with pytest.raises(TaskRegistrationError, match="no argument or one"):
         TaskRegistry().register("bad", lambda a, b: None)
