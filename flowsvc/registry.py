@@ -142,6 +142,10 @@ def _inspect(
     takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     if params_schema is None and (keyword or takes_all):
         params_schema = _schema_from_signature(fn, signature)
+    elif params_schema is None and not required:
+        # Neither a context nor keyword params: no param could reach it, so a flow that
+        # gives it some is told so rather than have them dropped.
+        params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
     return TaskSpec(
         name=name,
         fn=fn,

@@ -622,7 +622,7 @@ async def test_json_as_deep_as_clients_can_read_is_kept_and_read_back(stub, regi
     from flowsvc.validation import MAX_JSON_DEPTH
 
     deepest = nested(MAX_JSON_DEPTH)
-    registry.register("deep_data", lambda: TaskResult.success(deepest))
+    registry.register("deep_data", lambda ctx: TaskResult.success(deepest))  # reads params
     flow = chain(("deep_data", {"a": nested(MAX_JSON_DEPTH - 1)}))  # params: as deep
     request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
     request.input.update(deepest)

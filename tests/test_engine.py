@@ -340,6 +340,21 @@ def test_registry_refuses_clashes_naming_both_sources() -> None:
         registry.register("same", two)
 
 
+def test_a_task_taking_no_params_refuses_those_a_flow_gives_it(registry) -> None:
+    # Neither a context nor keyword-only params: a flow's params could never reach it.
+    def plain(x: int = 1) -> TaskResult:
+        return TaskResult.success({"x": x})
+
+    registry.register("plain", plain)
+    engine = FlowEngine(registry)
+    with pytest.raises(FlowValidationError) as info:
+        engine.prepare(Flow("p", "plain", (Task("plain", params={"x": 5}),)))
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        ("flow.tasks[0].params.x", "is not a param of this task (it takes: none)")
+    ]
+    engine.prepare(Flow("p", "plain", (Task("plain"),)))
+
+
 @pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", " padded"])
 def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
     # "end" routes to the end, "input" is the input's reference root, and "." or "}" cut

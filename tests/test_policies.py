@@ -438,7 +438,7 @@ def test_whole_numbers_are_written_whole_inside_text(registry: TaskRegistry) -> 
 
 def test_missing_reference_at_run_time_fails_the_task_clearly(registry) -> None:
     ran = []
-    registry.register("never", lambda: ran.append(1) or TaskResult.success())
+    registry.register("never", lambda ctx: ran.append(1) or TaskResult.success())
     flow = Flow(
         "t", "echo",
         (Task("echo"), Task("never", params={"x": "${echo.data.input.absent}"},
