@@ -142,8 +142,11 @@ async def _serve(settings: config.Settings) -> None:
     server = await build_server(settings)
     _tune_gc()
     # Always printed, whatever the log level: port 0 users learn the real port here.
-    host = settings.listen.rsplit(":", 1)[0]
-    print(f"flowsvc: serving on {host}:{server.port}", flush=True)
+    if settings.listen.startswith(("unix:", "unix-abstract:")):
+        address = settings.listen  # no port: gRPC's answer for one is a count
+    else:
+        address = f"{settings.listen.rsplit(':', 1)[0]}:{server.port}"
+    print(f"flowsvc: serving on {address}", flush=True)
     await stop.wait()
     await server.shutdown()
     await _leave_tasks_that_ignore_cancellation(EXIT_OK)

@@ -316,6 +316,25 @@ def test_scripts_serve_finds_task_modules_where_it_is_started(tmp_path: Path) ->
         assert proc.wait(timeout=30) == 0
 
 
+def test_serve_on_a_unix_socket_says_its_path(tmp_path: Path) -> None:
+    address = f"unix:{tmp_path / 's.sock'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowsvc", "serve", "--listen", address, "--db", ":memory:"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip() == f"flowsvc: serving on {address}"
+        with grpc.insecure_channel(address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            assert stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=30).tasks
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 def test_probe_refuses_a_bad_flowsvc_listen(tmp_path: Path) -> None:
     for bad in ("[::]:", "[::]:-1", "[::]:70000"):
         result = flowsvc("probe", env={**os.environ, "FLOWSVC_LISTEN": bad})

@@ -69,7 +69,8 @@ async def http(
     body: str | None = None,
     success_statuses: list[Any] | None = None,
 ) -> TaskResult:
-    """Send one HTTP request; succeed on 2xx or success_statuses; data: status, headers, body."""
+    """Send one HTTP request; succeed on 2xx or success_statuses.
+    data: status, headers, and json (a JSON body) or text."""
     problem = _bad_url(url)
     if problem:
         return TaskResult.failure(problem, retryable=False)
