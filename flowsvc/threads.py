@@ -4,13 +4,13 @@ A thread cannot be stopped. A sync task the engine gives up on (it timed out, or
 was cancelled) runs on in its thread until it returns, and a plain thread pool would count
 that thread as taken: a few stuck tasks of cancelled flows would hold up every other
 flow's sync tasks. TaskThreads keeps `workers` threads for the tasks that are still
-waited for: for each task given up while it runs (`abandon`), it starts one more thread,
-up to `workers + spare` threads in all; past that, tasks wait for a thread.
+waited for: for each task given up while it runs (`abandon`), it may start one more
+thread, up to `workers + spare` threads in all; past that, tasks wait for a thread.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -29,10 +29,15 @@ class TaskThreads(Executor):
         self.workers = workers
         self.limit = workers + (workers if spare is None else spare)
         self._name = name
-        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # One lock for the queue and the counts, so that a thread taking an item and
+        # ceasing to be idle is one step (a count that lags would start no thread when
+        # one is needed, and a task would wait behind stuck ones).
         self._lock = threading.Lock()
-        self._idle = threading.Semaphore(0)  # released by a thread each time it goes idle
+        self._wake = threading.Condition(self._lock)
+        self._items: collections.deque[_Item] = collections.deque()
         self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for an item
+        self._starting = 0  # threads started that have not yet looked for one
         self._abandoned = 0  # tasks given up on that still run in their thread
         self._closed = False
 
@@ -50,8 +55,8 @@ class TaskThreads(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._items.put((future, fn, args, kwargs))
-            self._add_thread_if_needed()
+            self._items.append((future, fn, args, kwargs))
+            self._serve_items()
         return future
 
     def abandon(self, future: Future[Any]) -> None:
@@ -61,33 +66,52 @@ class TaskThreads(Executor):
             if not future.running():
                 return  # done, or never started (cancelled): it holds no thread
             self._abandoned += 1
-            if not self._items.empty():  # tasks wait for the thread it held
-                self._add_thread_if_needed()
+            self._serve_items()
         future.add_done_callback(self._returned)  # at once if it has just returned
 
     def _returned(self, future: Future[Any]) -> None:
         with self._lock:
             self._abandoned -= 1
 
-    def _add_thread_if_needed(self) -> None:  # with self._lock held
-        if self._idle.acquire(blocking=False):
-            return  # an idle thread takes the next item
-        counted = len(self._threads) - self._abandoned
-        if counted < self.workers and len(self._threads) < self.limit:
+    def _serve_items(self) -> None:  # with self._lock held
+        """Wake an idle thread for each waiting item; start threads for the rest, while
+        fewer than `workers` count (and fewer than `limit` exist)."""
+        self._wake.notify(len(self._items))
+        missing = len(self._items) - self._idle - self._starting
+        while (
+            missing > 0
+            and len(self._threads) - self._abandoned < self.workers
+            and len(self._threads) < self.limit
+        ):
             thread = threading.Thread(
                 target=self._work,
                 name=f"{self._name}_{len(self._threads)}",
                 daemon=True,  # a task that never returns must not keep the process alive
             )
             self._threads.append(thread)
+            self._starting += 1
             thread.start()
+            missing -= 1
+
+    def _next(self, first: bool = False) -> _Item | None:
+        """The next item, waiting idle for one; None once shut down and drained."""
+        with self._lock:
+            if first:
+                self._starting -= 1
+            while not self._items:
+                if self._closed:
+                    return None
+                self._idle += 1
+                try:
+                    self._wake.wait()
+                finally:
+                    self._idle -= 1
+            return self._items.popleft()
 
     def _work(self) -> None:
-        while True:
-            item = self._items.get()
-            if item is None:  # shutdown
-                self._items.put(None)  # for the next thread
-                return
+        first = True
+        while (item := self._next(first)) is not None:
+            first = False
             future, fn, args, kwargs = item
             if future.set_running_or_notify_cancel():
                 try:
@@ -95,20 +119,14 @@ class TaskThreads(Executor):
                 except BaseException as exc:  # what ThreadPoolExecutor does too
                     future.set_exception(exc)
             del item, future, fn, args, kwargs  # nothing of the task kept while idle
-            self._idle.release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._items.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
-            self._items.put(None)
+                while self._items:
+                    self._items.popleft()[0].cancel()
+            self._wake.notify_all()
             threads = list(self._threads)
         if wait:
             for thread in threads:

@@ -64,6 +64,24 @@ def test_an_abandoned_task_is_replaced_by_a_thread_up_to_the_spare_ones(pool) ->
     wait_until(lambda: pool.abandoned == 0)  # each returned, and stopped counting
 
 
+def test_after_a_queue_formed_a_replacement_is_still_started(pool: TaskThreads) -> None:
+    """A thread that went from one task straight to a waiting one was never idle in
+    between: counting it idle would later start no thread in place of abandoned ones."""
+    gate = threading.Event()
+    first = [pool.submit(gate.wait, 10) for _ in range(3)]  # two threads: one task waits
+    gate.set()
+    assert all(f.result(timeout=10) for f in first)
+    stuck = threading.Event()
+    held = [pool.submit(stuck.wait, 30) for _ in range(2)]
+    wait_until(lambda: all(f.running() for f in held))
+    for future in held:
+        pool.abandon(future)
+    try:
+        assert pool.submit(lambda: "ran").result(timeout=10) == "ran"
+    finally:
+        stuck.set()
+
+
 def test_abandoning_a_task_that_is_done_or_never_ran_changes_nothing(pool) -> None:
     done = pool.submit(lambda: 1)
     done.result(timeout=10)
