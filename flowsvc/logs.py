@@ -73,15 +73,17 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._flusher: threading.Thread | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        # Whatever goes wrong here (a closed or broken stderr) is logging's to report, as
+        # StreamHandler does: never the error of the code that logged.
         try:
             self._lines.append(self.format(record) + self.terminator)
+            if len(self._lines) >= self.BATCH_LINES or record.levelno >= logging.WARNING:
+                self._write()
+            elif not self._armed.is_set():
+                self._arm()
         except Exception:
+            self._lines.clear()  # not written, and never will be: not kept either
             self.handleError(record)
-            return
-        if len(self._lines) >= self.BATCH_LINES or record.levelno >= logging.WARNING:
-            self._write()
-        elif not self._armed.is_set():
-            self._arm()
 
     def _arm(self) -> None:
         self._armed.set()
@@ -101,7 +103,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._armed.clear()
         if self._lines:
             text = "".join(self._lines)
-            self._lines.clear()
+            self._lines.clear()  # first: a failed write does not keep them
             self.stream.write(text)
             super().flush()
 

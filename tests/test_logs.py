@@ -81,3 +81,29 @@ def test_after_a_flush_later_lines_are_flushed_again(logged) -> None:
         while name not in stream.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
     assert [x["msg"] for x in lines(stream)] == ["first", "second"]
+
+
+class Broken(io.StringIO):
+    """stderr whose reader went away."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_broken_stream_is_logging_s_problem_not_the_caller_s(monkeypatch) -> None:
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # as handleError would print
+    handler = BatchedStreamHandler(Broken())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("flowsvc.test_logs.broken")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        logger.warning("task raised")  # written at once: the write fails, quietly
+        logger.info("flow ended")
+        handler.flush()  # the flusher's path
+        for i in range(handler.BATCH_LINES):  # a full batch: written from emit too
+            logger.info("line", extra={"i": i})
+        assert len(handler._lines) < handler.BATCH_LINES  # what failed is not kept
+    finally:
+        logger.removeHandler(handler)
