@@ -507,12 +507,23 @@ async def test_an_illegal_header_fails_without_retry(stub, remote: Remote) -> No
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://ada:s3cret@127.0.0.1/p?key=K3Y", "http://ada:s3cret@127.0.0.1:99999/p?key=K3Y"]
+    "url",
+    [
+        "ftp://ada:s3cret@127.0.0.1/p?key=K3Y",
+        "http://ada:s3cret@127.0.0.1:99999/p?key=K3Y",
+        # A password holding / # ? or a tab: the URL does not parse, and where its user
+        # info ends cannot be told (the parser's message quoted part of it too).
+        "http://ada:s3/cret@127.0.0.1:1/p?key=K3Y",
+        "http://ada:s3#cret@127.0.0.1:1/p?key=K3Y",
+        "http://ada:s3?cret@127.0.0.1:1/p?key=K3Y",
+        "http://ada:s3cret\t@127.0.0.1:1/p?key=K3Y",
+    ],
 )
 async def test_url_errors_do_not_show_credentials_or_the_query(stub, url: str) -> None:
     resp = await execute(stub, http_flow(url=url))
     error = resp.execution_history[0].error
-    assert "s3cret" not in error and "K3Y" not in error and "127.0.0.1" in error, error
+    assert "s3" not in error and "cret" not in error, error
+    assert "K3Y" not in error and "127.0.0.1" in error, error
 
 
 async def test_any_token_is_a_method(stub, remote: Remote) -> None:

@@ -170,17 +170,25 @@ def _is_status(value: Any) -> bool:
 def _bad_url(url: str) -> str | None:
     """Why `url` cannot be requested (a failure no retry can fix), or None."""
     shown = _shown(url)
+    hidden = ""
+    if "@" in _USERINFO.sub("//", url):
+        # User info that _shown could not cut out: in a URL that does not parse, where it
+        # ends cannot be told (a password may hold / ? # or spaces). Show only what follows
+        # the last "@", and not the parser's message, which may quote part of it.
+        scheme = url.partition("//")[0] + "//" if "//" in url else ""
+        shown = scheme + "...@" + _QUERY.sub("", url.rpartition("@")[2])
+        hidden = " (what comes before its last '@' is not shown: it may hold a password)"
     try:
         parsed = httpx.URL(url)
         port = parsed.port
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        return f"not a valid URL: {shown!r}: {_shown(str(exc))}"
+        return f"not a valid URL: {shown!r}" + (hidden or f": {_shown(str(exc))}")
     if parsed.scheme not in ("http", "https"):
-        return f"url must start with http:// or https://, not {shown!r}"
+        return f"url must start with http:// or https://, not {shown!r}{hidden}"
     if not parsed.host:
-        return f"url has no host: {shown!r}"
+        return f"url has no host: {shown!r}{hidden}"
     if port is not None and not 0 < port < 65536:
-        return f"url has a port out of range: {shown!r}"
+        return f"url has a port out of range: {shown!r}{hidden}"
     return None
 
 
