@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -149,21 +149,24 @@ async def _serve(settings: config.Settings) -> None:
     print(f"flowsvc: serving on {address}", flush=True)
     await stop.wait()
     await server.shutdown()
-    await _leave_tasks_that_ignore_cancellation(EXIT_OK)
+    await _leave_tasks_that_ignore_cancellation(EXIT_OK, server.manager.left_behind)
 
 
-async def _leave_tasks_that_ignore_cancellation(code: int) -> None:
+async def _leave_tasks_that_ignore_cancellation(
+    code: int, known: Collection[asyncio.Task[Any]] = ()
+) -> None:
     """asyncio.run() cancels every task still there and waits for each to end: forever,
     for a task that ignores its cancellation. Their executions are recorded by now (the
     server's shutdown cut them off; `run` has printed its result): log them and exit with
-    `code` without waiting."""
+    `code` without waiting. The `known` ones were given their second already."""
     me = asyncio.current_task()
-    left = [task for task in asyncio.all_tasks() if task is not me]
+    left = [task for task in asyncio.all_tasks() if task is not me and task not in known]
     for task in left:
         task.cancel()
-    if not left:
-        return
-    _, stuck = await asyncio.wait(left, timeout=1.0)
+    stuck: set[asyncio.Task[Any]] = set()
+    if left:
+        _, stuck = await asyncio.wait(left, timeout=1.0)
+    stuck |= {task for task in known if not task.done()}
     if stuck:
         _leave(code, "exiting with tasks that ignore cancellation", tasks=len(stuck))
 

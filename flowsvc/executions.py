@@ -248,6 +248,8 @@ class ExecutionManager:
         # not launched). The store may answer a retry's, a watcher's or a cancel's read
         # of the record before the creator has resumed and launched it: they wait here.
         self._launching: dict[str, asyncio.Future[Run | None]] = {}
+        #: Drives cut off at shutdown whose task ignored its cancellation: still there.
+        self.left_behind: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -286,6 +288,40 @@ class ExecutionManager:
             self._retention = asyncio.create_task(self._retention_loop())
         return recovered
 
+    async def cut_off(self) -> None:
+        """Cancel every execution still running; one whose task ignores its cancellation
+        for CUT_OFF_SECONDS is left behind: its end is recorded (INTERRUPTED, at close)
+        and its followers are told at once, so that their calls end before the server's."""
+        drives = {
+            run.task: run
+            for run in self._live.values()
+            if run.task is not None and run.task not in self.left_behind
+        }
+        for drive in drives:
+            drive.cancel()
+        if not drives:
+            return
+        done, stuck = await asyncio.wait(drives, timeout=CUT_OFF_SECONDS)
+        for drive in done:
+            if not drive.cancelled():
+                drive.exception()  # retrieved (the drive logged it)
+        for drive in stuck:
+            run = drives[drive]
+            self.left_behind.add(drive)
+            self._unrecorded[run.flow_id] = (
+                "Flow interrupted: the server stopped while its running task ignored "
+                "cancellation; every result committed before is kept"
+            )
+            log_event(
+                logger,
+                logging.INFO,
+                "flow ended",
+                flow_id=run.flow_id,
+                status=FlowStatus.INTERRUPTED.value,
+                reason="its running task ignored cancellation at shutdown",
+            )
+            run.fail(ShuttingDownError("the server stopped while the flow's task ran"))
+
     async def close(self) -> None:
         """Cut off whatever still runs (recorded INTERRUPTED) and close the store."""
         for task in (self._retention, self._probe):
@@ -293,20 +329,7 @@ class ExecutionManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        drives = {run.task: run for run in self._live.values() if run.task is not None}
-        for drive in drives:
-            drive.cancel()
-        if drives:
-            done, stuck = await asyncio.wait(drives, timeout=CUT_OFF_SECONDS)
-            for drive in done:
-                if not drive.cancelled():
-                    drive.exception()  # retrieved (the drive logged it)
-            for drive in stuck:
-                # Its task ignores cancellation: it is left behind, and its end recorded.
-                self._unrecorded[drives[drive].flow_id] = (
-                    "Flow interrupted: the server stopped while its running task ignored "
-                    "cancellation; every result committed before is kept"
-                )
+        await self.cut_off()
         with contextlib.suppress(StoreUnavailableError):
             await self._record_ends()
         await self.store.close()

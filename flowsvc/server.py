@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
 from flowsvc.errors import TaskModuleError
-from flowsvc.executions import ExecutionManager, ManagerSettings
+from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import FlowServicer, safe_deserializer
@@ -298,7 +298,10 @@ class FlowServer:
             # They end CANCELLED (recorded), and their callers get that as data with OK.
             self.manager.stop_all("the server is shutting down")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.manager.wait_idle(), timeout=2.0)
+                await asyncio.wait_for(self.manager.wait_idle(), timeout=CUT_OFF_SECONDS)
+            # One whose task ignores its cancellation is cut off now (recorded INTERRUPTED,
+            # its callers told), so that no call waits for it below.
+            await self.manager.cut_off()
         await self.health.close(wait_seconds=1.0)
         # The flows have ended; their RPCs may still be sending the last messages: let
         # them (stop returns as soon as every RPC is done).
