@@ -256,6 +256,38 @@ async def test_a_task_that_ignores_a_cancel_keeps_its_result_and_nothing_runs_af
     assert "cancelled during step 1 ('stubborn')" in rest[-1].finished.message
 
 
+async def test_a_database_file_removed_under_the_server_stops_the_store(
+    tmp_path: Path, registry
+) -> None:
+    """Commits to a removed file would be lost without a word: the store says so, every
+    call that needs it is UNAVAILABLE, and health is NOT_SERVING."""
+    from flowmanager.v1 import flow_service_pb2_grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    db = tmp_path / "gone.db"
+    server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240 (a test's rm)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "gone.db is gone" in (info.value.details() or "")
+
+            async def not_serving() -> bool:
+                check = await health.Check(health_pb2.HealthCheckRequest())
+                return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            await eventually(not_serving)
+    finally:
+        await server.shutdown(grace=0)
+
+
 async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     tmp_path: Path, registry
 ) -> None:

@@ -165,6 +165,9 @@ class SQLiteStore:
         self._broken: set[str] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: (device, inode) of the database file as opened: a file removed or replaced
+        #: under a running server would take every later commit with it, unseen.
+        self._identity: tuple[int, int] | None = None
         self._lock_fd: int | None = None
         #: Commits made and jobs served, for the benchmarks' group-commit figures.
         self.commits = 0
@@ -205,10 +208,35 @@ class SQLiteStore:
                 break
         conn.close()
 
+    def _moved(self) -> str | None:
+        """What happened to the database file if it is no longer the one opened."""
+        if self._identity is None:
+            return None
+        try:
+            found = os.stat(self.path)
+        except OSError as exc:
+            return f"the database file {self.path} is gone ({exc.strerror})"
+        if (found.st_dev, found.st_ino) != self._identity:
+            return f"the database file {self.path} was replaced by another"
+        return None
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """Run a batch in one transaction and one commit; consecutive appends go in one
         executemany. If a job fails, the batch is rolled back and its jobs are run again
         one transaction each, so that only the failing job fails (the rare path)."""
+        moved = self._moved()  # a stat per batch: a few microseconds
+        if moved is not None:
+            error = StoreUnavailableError(
+                f"execution store unavailable: {moved} while the server ran; restart the "
+                "server to open a database again"
+            )
+            for job in batch:
+                job.error = error
+                self._lost(job)
+            self.jobs += len(batch)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_settle, batch)
+            return
         try:
             self._transaction(conn, batch)
         except _JobFailed:
@@ -325,6 +353,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             self._unlock()
             raise StoreUnavailableError(f"cannot open database {self.path}: {exc}") from exc
+        if self.path != ":memory:":
+            found = os.stat(self.path)
+            self._identity = (found.st_dev, found.st_ino)
         self._thread = threading.Thread(
             target=self._serve, args=(conn,), name="flowsvc-store", daemon=True
         )
