@@ -224,20 +224,13 @@ class SQLiteStore:
         """Run a batch in one transaction and one commit; consecutive appends go in one
         executemany. If a job fails, the batch is rolled back and its jobs are run again
         one transaction each, so that only the failing job fails (the rare path)."""
-        moved = self._moved()  # a stat per batch: a few microseconds
-        if moved is not None:
-            error = StoreUnavailableError(
-                f"execution store unavailable: {moved} while the server ran; restart the "
-                "server to open a database again"
-            )
-            for job in batch:
-                job.error = error
-                self._lost(job)
-            self.jobs += len(batch)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(_settle, batch)
-            return
         try:
+            moved = self._moved()  # a stat per batch: a few microseconds
+            if moved is not None:
+                raise StoreUnavailableError(
+                    f"execution store unavailable: {moved} while the server ran; restart "
+                    "the server to open a database again"
+                )
             self._transaction(conn, batch)
         except _JobFailed:
             for job in batch:
@@ -249,10 +242,10 @@ class SQLiteStore:
                 except sqlite3.Error as exc:
                     job.error = _unavailable(exc)
                     self._lost(job)
-        except sqlite3.Error as exc:
-            # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed:
-            # nothing of this batch is committed, so every job fails.
-            error = _unavailable(exc)
+        except (sqlite3.Error, StoreUnavailableError) as exc:
+            # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed, or
+            # the file is gone: nothing of this batch is committed, so every job fails.
+            error = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
             for job in batch:
                 job.error = error
                 self._lost(job)
