@@ -288,10 +288,11 @@ class ExecutionManager:
             self._retention = asyncio.create_task(self._retention_loop())
         return recovered
 
-    async def cut_off(self) -> None:
+    async def cut_off(self, wait: float = CUT_OFF_SECONDS) -> None:
         """Cancel every execution still running; one whose task ignores its cancellation
-        for CUT_OFF_SECONDS is left behind: its end is recorded (INTERRUPTED, at close)
-        and its followers are told at once, so that their calls end before the server's."""
+        for `wait` seconds is left behind: its end is recorded (INTERRUPTED, at close)
+        and its followers are told at once, so that their calls end before the server's.
+        (`wait` 0: they have had their time already, since a stop_all().)"""
         drives = {
             run.task: run
             for run in self._live.values()
@@ -301,7 +302,7 @@ class ExecutionManager:
             drive.cancel()
         if not drives:
             return
-        done, stuck = await asyncio.wait(drives, timeout=CUT_OFF_SECONDS)
+        done, stuck = await asyncio.wait(drives, timeout=wait)
         for drive in done:
             if not drive.cancelled():
                 drive.exception()  # retrieved (the drive logged it)

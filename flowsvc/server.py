@@ -299,9 +299,10 @@ class FlowServer:
             self.manager.stop_all("the server is shutting down")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.manager.wait_idle(), timeout=CUT_OFF_SECONDS)
-            # One whose task ignores its cancellation is cut off now (recorded INTERRUPTED,
-            # its callers told), so that no call waits for it below.
-            await self.manager.cut_off()
+            # One still running has ignored its cancellation for CUT_OFF_SECONDS: it is
+            # cut off now (recorded INTERRUPTED, its callers told), without a second wait,
+            # so that no call waits for it below.
+            await self.manager.cut_off(wait=0)
         await self.health.close(wait_seconds=1.0)
         # The flows have ended; their RPCs may still be sending the last messages: let
         # them (stop returns as soon as every RPC is done).
