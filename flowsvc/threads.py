@@ -20,8 +20,9 @@ _Item = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]
 
 
 class TaskThreads(Executor):
-    """An Executor of at most `workers` threads for the tasks waited for, started as needed;
-    threads whose task was abandoned do not count, up to `spare` of them."""
+    """An Executor that runs at most `workers` tasks at once, not counting the abandoned
+    ones that still run: each of those may have a thread started in its place, up to
+    `workers + spare` threads in all. Threads are started as needed and kept."""
 
     def __init__(self, workers: int, *, spare: int | None = None, name: str = "task") -> None:
         if workers < 1:
@@ -36,7 +37,8 @@ class TaskThreads(Executor):
         self._wake = threading.Condition(self._lock)
         self._items: collections.deque[_Item] = collections.deque()
         self._threads: list[threading.Thread] = []
-        self._idle = 0  # threads waiting for an item
+        self._idle = 0  # threads waiting for an item (or for their turn to run one)
+        self._busy = 0  # threads running a task, abandoned ones included
         self._starting = 0  # threads started that have not yet looked for one
         self._abandoned = 0  # tasks given up on that still run in their thread
         self._closed = False
@@ -73,16 +75,19 @@ class TaskThreads(Executor):
         with self._lock:
             self._abandoned -= 1
 
+    def _room(self) -> int:  # with self._lock held
+        """How many more tasks may start now: `workers`, less those running that count."""
+        return self.workers - (self._busy - self._abandoned)
+
     def _serve_items(self) -> None:  # with self._lock held
-        """Wake an idle thread for each waiting item; start threads for the rest, while
-        fewer than `workers` count (and fewer than `limit` exist)."""
-        self._wake.notify(len(self._items))
-        missing = len(self._items) - self._idle - self._starting
-        while (
-            missing > 0
-            and len(self._threads) - self._abandoned < self.workers
-            and len(self._threads) < self.limit
-        ):
+        """Wake an idle thread for each item that may start now; start threads for the
+        rest (fewer than `limit` in all)."""
+        startable = min(len(self._items), self._room())
+        if startable <= 0:
+            return
+        self._wake.notify(startable)
+        missing = startable - self._idle - self._starting
+        while missing > 0 and len(self._threads) < self.limit:
             thread = threading.Thread(
                 target=self._work,
                 name=f"{self._name}_{len(self._threads)}",
@@ -93,25 +98,32 @@ class TaskThreads(Executor):
             thread.start()
             missing -= 1
 
-    def _next(self, first: bool = False) -> _Item | None:
-        """The next item, waiting idle for one; None once shut down and drained."""
+    def _next(self, first: bool, finished: bool) -> _Item | None:
+        """The next item, once one waits and there is room to run it (`finished`: this
+        thread has just ended a task); None once shut down and drained."""
         with self._lock:
             if first:
                 self._starting -= 1
-            while not self._items:
-                if self._closed:
+            if finished:
+                self._busy -= 1
+            while not self._items or self._room() <= 0:
+                if self._closed and not self._items:
                     return None
                 self._idle += 1
                 try:
                     self._wake.wait()
                 finally:
                     self._idle -= 1
-            return self._items.popleft()
+            self._busy += 1
+            item = self._items.popleft()
+            if self._closed and not self._items:
+                self._wake.notify_all()  # shut down and drained: the waiting ones may end
+            return item
 
     def _work(self) -> None:
-        first = True
-        while (item := self._next(first)) is not None:
-            first = False
+        first, finished = True, False
+        while (item := self._next(first, finished)) is not None:
+            first, finished = False, True
             future, fn, args, kwargs = item
             if future.set_running_or_notify_cancel():
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -80,6 +81,32 @@ def test_after_a_queue_formed_a_replacement_is_still_started(pool: TaskThreads) 
         assert pool.submit(lambda: "ran").result(timeout=10) == "ran"
     finally:
         stuck.set()
+
+
+def test_once_an_abandoned_task_returns_no_more_than_workers_run_at_once() -> None:
+    """Its replacement stays, but the two threads run one task at a time again: a pool
+    sized to a resource (a connection pool, a library that is not thread-safe) holds."""
+    pool = TaskThreads(1, name="test-task")
+    try:
+        stuck = threading.Event()
+        held = pool.submit(stuck.wait, 30)
+        wait_until(held.running)
+        pool.abandon(held)
+        assert pool.submit(lambda: "ran").result(timeout=10) == "ran"  # on a replacement
+        stuck.set()
+        held.result(timeout=10)
+        wait_until(lambda: pool.abandoned == 0)
+        assert pool.threads == 2
+        gate = threading.Event()
+        first = pool.submit(gate.wait, 10)
+        wait_until(first.running)
+        second = pool.submit(lambda: "second")
+        with pytest.raises(concurrent.futures.TimeoutError):
+            second.result(timeout=0.2)  # a thread is idle, but one task runs already
+        gate.set()
+        assert second.result(timeout=10) == "second"
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def test_abandoning_a_task_that_is_done_or_never_ran_changes_nothing(pool) -> None:
