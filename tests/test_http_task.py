@@ -538,3 +538,26 @@ async def test_a_method_that_is_not_one_fails_without_retry(stub, remote, method
     (attempt,) = resp.execution_history  # not retried: no retry can fix it
     assert attempt.error.startswith("method must be an HTTP method"), attempt.error
     assert remote.seen("/echo") == []
+
+
+_CONNECT = ": ConnectError"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A password holding / or # parses as user:port and a path: still not shown.
+        ("GET http://admin:4242/s3cret@127.0.0.1:1/p" + _CONNECT, "GET http://...@127.0.0.1:1/p"),
+        ("GET http://admin:4242#s3cret@127.0.0.1:1/p" + _CONNECT, "GET http://...@127.0.0.1:1/p"),
+        ("GET http://ada:s3cret@example.com/p" + _CONNECT, "GET http://example.com/p"),
+        # An "@" in a path after a host without a port is a path: kept.
+        (
+            "GET http://example.com/users/bob@example.org" + _CONNECT,
+            "GET http://example.com/users/bob@example.org",
+        ),
+    ],
+)
+def test_error_text_is_shown_without_what_may_be_user_info(text: str, shown: str) -> None:
+    from flowsvc.tasks.http import _shown
+
+    assert _shown(text) == shown + _CONNECT

@@ -196,12 +196,17 @@ def _shown(url: str | httpx.URL) -> str:
     """A URL (or a text holding one, parsed or not) as an error shows it: without
     user:password@ and without the query, where credentials and API keys travel (errors
     are stored, returned and logged)."""
-    return _QUERY.sub("", _USERINFO.sub("//", str(url)))
+    return _QUERY.sub("", _LOOSE_USERINFO.sub("//...@", _USERINFO.sub("//", str(url))))
 
 
 #: An HTTP method is a token (RFC 9110, 5.6.2): GET, POST, M-SEARCH ...
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _USERINFO = re.compile(r"//[^/?#@\s]*@")
+#: What may still be user info: an "@" after an authority holding ":" (user:password, or
+#: host:port) in the same word. A password holding "/" or "#" makes the URL parse with
+#: its user as host and the password's first part as port ("http://u:4242/SECRET@h/"), so
+#: everything up to the last "@" goes (a path holding "@" then loses its start).
+_LOOSE_USERINFO = re.compile(r"//[^/?#@\s]*:\S*@")
 _QUERY = re.compile(r"\?[^\s'\"#]*")
 
 
