@@ -29,9 +29,9 @@ from flowmanager.v1 import flow_service_pb2 as pb
 from google.protobuf import json_format
 
 from flowsvc import config, convert, logs
-from flowsvc.engine import FlowEngine
+from flowsvc.engine import FlowEngine, StopHandle
 from flowsvc.errors import FlowsvcError, FlowValidationError
-from flowsvc.models import FlowFinished, FlowStatus
+from flowsvc.models import Event, FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 from flowsvc.threads import TaskThreads
@@ -108,8 +108,27 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     request = _read_request(args.flow_file, args.input)
     plan = engine.prepare(convert.request_flow_from_pb(request))
 
+    async def collect(stop: StopHandle) -> list[Event]:
+        flow_input = convert.struct_from_pb(request.input)
+        return [ev async for ev in engine.events(plan, flow_input, stop=stop)]
+
     async def run() -> int:
-        events = [ev async for ev in engine.events(plan, convert.struct_from_pb(request.input))]
+        # Ctrl-C stops the flow as CancelExecution would, and exits 130 without waiting
+        # for a task that ignores it (asyncio.run's own handler only cancels the flow,
+        # and such a task would swallow that and let the flow go on).
+        interrupted = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
+        stop = StopHandle()
+        flow = asyncio.ensure_future(collect(stop))
+        interrupt = asyncio.ensure_future(interrupted.wait())
+        await asyncio.wait({flow, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if not flow.done():
+            stop.request("interrupted (Ctrl-C)")
+            print("flowsvc: interrupted", file=sys.stderr)
+            await _leave_tasks_that_ignore_cancellation(EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
+        interrupt.cancel()
+        events = flow.result()
         # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
         _print(convert.execute_response_from_events(events[0].flow_id, events))
         final = events[-1]

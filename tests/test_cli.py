@@ -464,7 +464,7 @@ def test_run_of_a_sync_task_that_returned_exits_at_once_and_quietly(tmp_path: Pa
     assert "still running" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("task", ["mark_then_wait", "mark_then_block"])
+@pytest.mark.parametrize("task", ["mark_then_wait", "mark_then_block", "mark_then_ignore"])
 def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path: Path, task: str) -> None:
     write_module(
         tmp_path,
@@ -483,6 +483,15 @@ def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path: Path, task: str) -
         def mark_then_block():  # a thread that never returns: exit must not wait for it
             pathlib.Path({str(tmp_path / "started")!r}).touch()
             threading.Event().wait()
+
+        @register_task("mark_then_ignore")
+        async def mark_then_ignore():  # swallows every cancel: Ctrl-C must still stop
+            pathlib.Path({str(tmp_path / "started")!r}).touch()
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
         """,
     )
     path = tmp_path / "wait.json"
