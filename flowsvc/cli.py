@@ -125,6 +125,7 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
         if not flow.done():
             stop.request("interrupted (Ctrl-C)")
             print("flowsvc: interrupted", file=sys.stderr)
+            threads.shutdown(wait=False)  # idle threads end: only a stuck one is named
             await _leave_tasks_that_ignore_cancellation(EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         interrupt.cancel()
@@ -134,6 +135,7 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
         final = events[-1]
         succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
         code = EXIT_OK if succeeded else EXIT_FLOW_FAILED
+        threads.shutdown(wait=False)  # idle threads end: only a stuck one is named
         await _leave_tasks_that_ignore_cancellation(code)
         return code
 
@@ -187,7 +189,15 @@ async def _leave_tasks_that_ignore_cancellation(
         _, stuck = await asyncio.wait(left, timeout=1.0)
     stuck |= {task for task in known if not task.done()}
     if stuck:
-        _leave(code, "exiting with tasks that ignore cancellation", tasks=len(stuck))
+        # Leaving now: name the sync tasks' threads still running too, if any.
+        threads = _stuck_task_threads()
+        _leave(
+            code,
+            "exiting with tasks that ignore cancellation"
+            + (" and sync tasks still running" if threads else ""),
+            tasks=len(stuck),
+            **({"threads": threads} if threads else {}),
+        )
 
 
 #: Allocations between two young-generation collections (CPython's default: 700). Each
@@ -218,9 +228,9 @@ def _run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
     asyncio.run(main)
 
 
-def _exit_despite_stuck_task_threads(code: int = EXIT_OK) -> None:
-    """A sync task still running after shutdown cannot be killed, and Python would wait for
-    its thread at exit forever: log it and leave without waiting."""
+def _stuck_task_threads() -> list[str]:
+    """The sync-task threads still running a second from now (those of a pool shut down
+    end at once when idle)."""
     deadline = time.monotonic() + 1.0
     stuck = []
     for thread in threading.enumerate():
@@ -228,6 +238,13 @@ def _exit_despite_stuck_task_threads(code: int = EXIT_OK) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 stuck.append(thread.name)
+    return stuck
+
+
+def _exit_despite_stuck_task_threads(code: int = EXIT_OK) -> None:
+    """A sync task still running after shutdown cannot be killed, and Python would wait for
+    its thread at exit forever: log it and leave without waiting."""
+    stuck = _stuck_task_threads()
     if stuck:
         _leave(code, "exiting with sync tasks still running", threads=stuck)
 

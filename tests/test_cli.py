@@ -555,6 +555,48 @@ async def test_shutdown_does_not_hang_on_a_stuck_sync_task(tmp_path: Path) -> No
         assert "exiting with sync tasks still running" in [m["msg"] for m in srv.log_lines()]
 
 
+async def test_shutdown_names_stuck_sync_threads_beside_tasks_ignoring_cancel(
+    tmp_path: Path,
+) -> None:
+    write_module(
+        tmp_path,
+        "both_stuck",
+        """
+        import asyncio, threading
+        from flowsvc import register_task
+
+        @register_task("stubborn")
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+
+        @register_task("blocked")
+        def blocked():
+            threading.Event().wait()
+        """,
+    )
+    env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "both_stuck"}
+    with server_process(tmp_path, "--grace-seconds", "0.2", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            calls = [
+                stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain(name)))
+                for name in ("stubborn", "blocked")
+            ]
+            for call in calls:
+                await call.read()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(srv.proc.wait, 60) == 0
+        last = [m for m in srv.log_lines() if m["logger"] == "flowsvc.cli"][-1]
+        assert last["msg"] == (
+            "exiting with tasks that ignore cancellation and sync tasks still running"
+        )
+        assert last["tasks"] == 1 and len(last["threads"]) == 1, last
+
+
 async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path) -> None:
     """Its caller is told at once, the execution is recorded INTERRUPTED with its "flow
     ended" line, and the server exits about a second after the grace period, not six
