@@ -46,6 +46,27 @@ def write_module(tmp_path: Path, name: str, body: str) -> None:
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
 
 
+#: A task module: `stubborn`, an async task that swallows every cancel, and `stuck_sync`,
+#: a sync task whose thread never returns.
+STUCK_TASKS = """
+    import asyncio, threading
+    from flowsvc import register_task, TaskResult
+
+    @register_task("stubborn")
+    async def stubborn():
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # ignores every cancel
+
+    @register_task("stuck_sync")
+    def stuck_sync():
+        threading.Event().wait()
+        return TaskResult(status="success")
+    """
+
+
 async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
     with server_process(tmp_path, "--grace-seconds", "30") as srv:
         async with grpc.aio.insecure_channel(srv.address) as channel:
@@ -396,31 +417,11 @@ def test_run_reports_failure_and_invalid_flows(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bogus" in result.stderr
 
 
-@pytest.mark.parametrize("task", ["stuck_sync", "stubborn_async"])
+@pytest.mark.parametrize("task", ["stuck_sync", "stubborn"])
 def test_run_prints_and_exits_despite_a_task_it_had_to_abandon(tmp_path: Path, task: str) -> None:
     # Timed out, the task is abandoned (a thread cannot be killed; this coroutine ignores
     # every cancel): `run` must not wait for it at exit, which would be forever.
-    write_module(
-        tmp_path,
-        "hanging_tasks",
-        """
-        import asyncio, threading
-        from flowsvc import register_task, TaskResult
-
-        @register_task("stuck_sync")
-        def stuck_sync():
-            threading.Event().wait()
-            return TaskResult(status="success")
-
-        @register_task("stubborn_async")
-        async def stubborn_async():
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    pass
-        """,
-    )
+    write_module(tmp_path, "hanging_tasks", STUCK_TASKS)
     flow = {
         "name": "hang",
         "start_task": task,
@@ -558,33 +559,14 @@ async def test_shutdown_does_not_hang_on_a_stuck_sync_task(tmp_path: Path) -> No
 async def test_shutdown_names_stuck_sync_threads_beside_tasks_ignoring_cancel(
     tmp_path: Path,
 ) -> None:
-    write_module(
-        tmp_path,
-        "both_stuck",
-        """
-        import asyncio, threading
-        from flowsvc import register_task
-
-        @register_task("stubborn")
-        async def stubborn():
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    pass
-
-        @register_task("blocked")
-        def blocked():
-            threading.Event().wait()
-        """,
-    )
+    write_module(tmp_path, "both_stuck", STUCK_TASKS)
     env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "both_stuck"}
     with server_process(tmp_path, "--grace-seconds", "0.2", env=env) as srv:
         async with grpc.aio.insecure_channel(srv.address) as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
             calls = [
                 stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain(name)))
-                for name in ("stubborn", "blocked")
+                for name in ("stubborn", "stuck_sync")
             ]
             for call in calls:
                 await call.read()
@@ -601,22 +583,7 @@ async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path
     """Its caller is told at once, the execution is recorded INTERRUPTED with its "flow
     ended" line, and the server exits about a second after the grace period, not six
     later (the image's 8 s grace must end before docker stop's 10 s kill)."""
-    write_module(
-        tmp_path,
-        "stubborn_tasks",
-        """
-        import asyncio
-        from flowsvc import register_task, TaskResult
-
-        @register_task("stubborn")
-        async def stubborn():
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    pass  # ignores every cancel
-        """,
-    )
+    write_module(tmp_path, "stubborn_tasks", STUCK_TASKS)
     env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "stubborn_tasks"}
     db = tmp_path / "cut.db"
     with server_process(tmp_path, "--db", str(db), "--grace-seconds", "0.2", env=env) as srv:
