@@ -265,9 +265,10 @@ class FlowEngine:
                         break
                     if step >= plan.max_steps:
                         status = FlowStatus.FAILED
+                        again = " again" if current in latest else ""
                         message = (
                             f"Flow stopped: it reached its max_steps limit of "
-                            f"{plan.max_steps} before running {current!r} again"
+                            f"{plan.max_steps} before running {current!r}{again}"
                         )
                         break
                     step += 1

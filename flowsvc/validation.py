@@ -43,6 +43,11 @@ class Limits:
 #: Longest echo of a client's value in a violation (violations travel in trailers).
 MAX_ECHO = 64
 
+#: Longest flow name, in characters. It travels in every ListExecutions entry and every
+#: `started` event, which no size limit guards: a page of 1,000 entries stays far under
+#: the 4 MiB a client takes by default.
+MAX_FLOW_NAME = 256
+
 #: How deep a JSON value (a flow's input, a task's params or data) may nest objects and
 #: lists within each other: as deep as every answer that carries it back can be decoded.
 #: Protobuf decoders refuse messages nested 100 deep (upb, which Python uses; C++ and
@@ -105,6 +110,8 @@ def validate_flow(
 
     if not flow.name.strip():
         bad(".name", "must not be empty")
+    elif len(flow.name) > MAX_FLOW_NAME:
+        bad(".name", f"is {len(flow.name):,} characters; the limit is {MAX_FLOW_NAME}")
 
     # Fields are reported in the proto's order: name, start_task, tasks, conditions, max_steps.
     declared = {t.name for t in flow.tasks if t.name and t.name != END}

@@ -138,6 +138,19 @@ async def test_empty_flow_name(stub, name: str) -> None:
     assert "must not be empty" in one(await execute_violations(stub, flow), "flow.name")
 
 
+async def test_a_flow_name_longer_than_a_list_page_can_carry_is_refused(stub) -> None:
+    # It travels in every ListExecutions entry and `started` event: a 1 MB name made
+    # every page holding its execution too large for clients, until retention.
+    flow = valid_base()
+    flow.name = "n" * 257
+    assert one(await execute_violations(stub, flow), "flow.name") == (
+        "is 257 characters; the limit is 256"
+    )
+    flow.name = "n" * 256
+    response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=flow))
+    assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 @pytest.mark.parametrize(
     ("start", "expected"),
     [("", "must not be empty"), ("task2", "'task2' is not one of the flow's tasks")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -131,7 +132,17 @@ def test_endless_loop_stops_at_max_steps_and_names_the_limit(registry: TaskRegis
     execution = run(FlowEngine(registry), flow)
     assert len(execution.history) == 25
     assert execution.status is FlowStatus.FAILED
-    assert "max_steps" in execution.message and "25" in execution.message
+    assert execution.message == (
+        "Flow stopped: it reached its max_steps limit of 25 before running 'noop' again"
+    )
+
+
+def test_max_steps_before_a_task_that_never_ran_does_not_say_again(registry) -> None:
+    flow = Flow("once", "noop", (Task("noop"), Task("echo")), (Condition("noop", "echo", "end"),))
+    execution = run(FlowEngine(registry), dataclasses.replace(flow, max_steps=1))
+    assert execution.message == (
+        "Flow stopped: it reached its max_steps limit of 1 before running 'echo'"
+    )
 
 
 def test_server_default_max_steps_applies_when_flow_leaves_it_zero(registry) -> None:
