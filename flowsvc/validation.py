@@ -197,7 +197,7 @@ def _check_seconds(path: str, value: float | None, cap: float, bad: Bad) -> None
     if value <= 0:
         bad(path, f"must be positive, not {value:g}s")
     elif value > cap:
-        bad(path, f"{value:g}s is over this server's cap of {cap:g}s")
+        bad(path, f"{value:.10g}s is over this server's cap of {cap:.10g}s")
 
 
 def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
@@ -215,13 +215,14 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
         ("max_backoff", retry.max_backoff_s, NO_RETRY.max_backoff_s),
     ):
         # The defaults (1 s, 60 s) are not the flow's asking: over a lower cap they are
-        # lowered to it (the engine bounds every backoff by the cap), not refused.
+        # lowered to it (the engine bounds every backoff by the cap), not refused. The
+        # model cannot tell a default from the same value written out: both are lowered.
         if seconds < 0:
             bad(f"{path}.retry.{name}", "must not be negative")
         elif seconds > limits.max_backoff_s and seconds != default:
             bad(
                 f"{path}.retry.{name}",
-                f"{seconds:g}s is over this server's cap of {limits.max_backoff_s:g}s",
+                f"{seconds:.10g}s is over this server's cap of {limits.max_backoff_s:.10g}s",
             )
     if not 1 <= retry.backoff_multiplier <= MAX_MULTIPLIER:
         bad(

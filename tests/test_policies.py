@@ -574,6 +574,13 @@ def test_a_backoff_cap_below_the_defaults_refuses_no_flow_and_bounds_every_wait(
     with pytest.raises(FlowValidationError) as info:
         engine.prepare(Flow("x", "flaky", (Task("flaky", retry=asking),)))
     assert [v.field for v in info.value.violations] == ["flow.tasks[0].retry.max_backoff"]
+    # Shown as asked: "1s is over ..." read as a contradiction, 1 s itself being accepted.
+    just_over = RetryPolicy(max_attempts=2, initial_backoff_s=1.000000001)
+    with pytest.raises(FlowValidationError) as info:
+        engine.prepare(Flow("x", "flaky", (Task("flaky", retry=just_over),)))
+    assert info.value.violations[0].description == (
+        "1.000000001s is over this server's cap of 0.01s"
+    )
 
 
 @pytest.mark.parametrize(("multiplier", "attempt"), [(2.0, 1100), (100.0, 200)])
