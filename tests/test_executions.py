@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import pytest
-from flowmanager.v1 import flow_pb2, flow_service_pb2
+from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from flowsvc import TaskContext, TaskResult
 from flowsvc.config import Settings
-from flowsvc.server import build_server
+from flowsvc.server import FlowServer, build_server
 from tests.support import chain, flow_pb, to_dict
 
 pb = flow_service_pb2
@@ -37,6 +40,24 @@ async def eventually(predicate, limit: float = 10.0, interval: float = 0.02):
             return value
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(interval)
+
+
+class Served(NamedTuple):
+    server: FlowServer
+    channel: grpc.aio.Channel
+    stub: flow_service_pb2_grpc.FlowServiceStub
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, registry) -> AsyncIterator[Served]:
+    """A server of its own for a test (its settings or a restart), with a channel and a
+    stub; shut down at the end, however the test ends."""
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Served(server, channel, flow_service_pb2_grpc.FlowServiceStub(channel))
+    finally:
+        await server.shutdown(grace=0)
 
 
 async def read_all(call) -> list:
@@ -261,31 +282,25 @@ async def test_a_database_file_removed_under_the_server_stops_the_store(
 ) -> None:
     """Commits to a removed file would be lost without a word: the store says so, every
     call that needs it is UNAVAILABLE, and health is NOT_SERVING."""
-    from flowmanager.v1 import flow_service_pb2_grpc
     from grpc_health.v1 import health_pb2_grpc
 
     db = tmp_path / "gone.db"
-    server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-            assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240 (a test's rm)
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "gone.db is gone" in (info.value.details() or "")
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, channel, stub):
+        health = health_pb2_grpc.HealthStub(channel)
+        first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240 (a test's rm)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "gone.db is gone" in (info.value.details() or "")
 
-            async def not_serving() -> bool:
-                check = await health.Check(health_pb2.HealthCheckRequest())
-                return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        async def not_serving() -> bool:
+            check = await health.Check(health_pb2.HealthCheckRequest())
+            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-            await eventually(not_serving)
-    finally:
-        await server.shutdown(grace=0)
+        await eventually(not_serving)
 
 
 async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
@@ -297,8 +312,6 @@ async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     store's thread is held, so that the execution's end waits for its commit while the
     cancel comes in."""
     import threading
-
-    from flowmanager.v1 import flow_service_pb2_grpc
 
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "late.db"))
     server = await build_server(settings, registry)
@@ -516,7 +529,6 @@ async def test_simultaneous_retries_all_get_the_one_execution(settings, registry
     """Retries that arrive together, while the first call's record is being written, all
     attach to the one execution: none is told the store failed (the store answers a
     retry's read of the record before the first call has resumed and launched it)."""
-    from flowmanager.v1 import flow_service_pb2_grpc
 
     server = await build_server(dataclasses.replace(settings, max_in_flight=100), registry)
     flow = chain("noop", ("sleep", {"seconds": 0.05}))
@@ -584,33 +596,25 @@ async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execu
 ) -> None:
     # A client refuses a message over its limit (4 MiB by default), and would not even
     # learn the flow_id. The server says so itself, and WatchExecution still reads it.
-    from flowmanager.v1 import flow_service_pb2_grpc
 
     settings = Settings(listen="127.0.0.1:0", db=":memory:", max_response_bytes=4000)
-    server = await build_server(settings, registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            small = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-            assert small.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-            flow = chain(("echo", {"blob": "x" * 3000}), ("echo_2", {"blob": "y" * 3000}))
-            registry.register("echo_2", registry.get("echo").fn)
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            details = info.value.details() or ""
-            assert "WatchExecution" in details and "limit of 4,000" in details
-            flow_id = re.search(r"execution ([0-9a-f-]{36})", details).group(1)  # type: ignore[union-attr]
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            watched = [
-                m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
-            ]
-            assert [m.task_result.task for m in watched[1:-1]] == ["echo", "echo_2"]
-            assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    finally:
-        await server.shutdown(grace=0)
+    async with serving(settings, registry) as (_, _, stub):
+        small = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert small.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        flow = chain(("echo", {"blob": "x" * 3000}), ("echo_2", {"blob": "y" * 3000}))
+        registry.register("echo_2", registry.get("echo").fn)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "WatchExecution" in details and "limit of 4,000" in details
+        flow_id = re.search(r"execution ([0-9a-f-]{36})", details).group(1)  # type: ignore[union-attr]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watched = [m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))]
+        assert [m.task_result.task for m in watched[1:-1]] == ["echo", "echo_2"]
+        assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
 # -- the store: errors, health, retention, shutdown ----------------------------------------
@@ -622,7 +626,6 @@ async def test_locked_database_is_unavailable_and_health_follows(tmp_path: Path,
     server = await build_server(settings, registry)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            from flowmanager.v1 import flow_service_pb2_grpc
             from grpc_health.v1 import health_pb2_grpc
 
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
@@ -672,8 +675,6 @@ async def test_full_database_is_unavailable_not_unknown(tmp_path: Path, registry
     server = await build_server(settings, registry)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            from flowmanager.v1 import flow_service_pb2_grpc
-
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
             big = {"blob": "x" * 2000}
             codes = []
@@ -698,18 +699,12 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
     # A server that crashed while its database was full leaves an execution RUNNING. The
     # next start must record its end, and for that it needs room: the room retention
     # frees. Before, that start failed ("database or disk is full"), again and again.
-    from flowmanager.v1 import flow_service_pb2_grpc
 
     db = str(tmp_path / "full.db")
     cap = 128 * 1024
-    server = await build_server(Settings(listen="127.0.0.1:0", db=db), registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            old = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-            cut = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "echo")))
-    finally:
-        await server.shutdown(grace=0)
+    async with serving(Settings(listen="127.0.0.1:0", db=db), registry) as (_, _, stub):
+        old = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        cut = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "echo")))
     # The state a kill -9 leaves mid-flow (`cut` RUNNING, its last event never written),
     # in a database packed up to the server's cap right where `cut`'s end must go: filler
     # events of an old finished execution whose id sorts just after `cut`'s.
@@ -746,19 +741,14 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
     finally:
         conn.close()
     restarted = Settings(listen="127.0.0.1:0", db=db, db_max_bytes=cap, retention_seconds=0.001)
-    server = await build_server(restarted, registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=cut.flow_id))).execution
-            assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
-            with pytest.raises(grpc.aio.AioRpcError) as info:  # retention took the old one
-                await stub.GetExecution(pb.GetExecutionRequest(flow_id=old.flow_id))
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-            assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    finally:
-        await server.shutdown(grace=0)
+    async with serving(restarted, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=cut.flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # retention took the old one
+            await stub.GetExecution(pb.GetExecutionRequest(flow_id=old.flow_id))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
 async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
@@ -766,8 +756,6 @@ async def test_retention_deletes_old_finished_executions(tmp_path: Path, registr
     server = await build_server(settings, registry)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            from flowmanager.v1 import flow_service_pb2_grpc
-
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
             done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
 
@@ -789,8 +777,6 @@ async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, reg
     started, _, _ = gate(registry)
     server = await build_server(settings, registry)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        from flowmanager.v1 import flow_service_pb2_grpc
-
         stub = flow_service_pb2_grpc.FlowServiceStub(channel)
         request = pb.StreamFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
         call = stub.StreamFlow(request)
@@ -798,51 +784,35 @@ async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, reg
         await started.wait()
         call.cancel()  # nobody is attached any more; it keeps running
         await server.shutdown(grace=0.2)
-    server = await build_server(settings, registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
-            assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
-            assert "shutting down" in got.message
-    finally:
-        await server.shutdown(grace=0)
+    async with serving(settings, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
+        assert "shutting down" in got.message
 
 
 async def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, registry) -> None:
     # Two servers on one file would each take the other's running executions for ones a
     # crash left behind and mark them INTERRUPTED under it.
-    from flowmanager.v1 import flow_service_pb2_grpc
 
     from flowsvc.errors import StoreUnavailableError
 
     db = str(tmp_path / "shared.db")
     settings = Settings(listen="127.0.0.1:0", db=db)
     started, release, _ = gate(registry)
-    first = await build_server(settings, registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated", "noop")))
-            flow_id = (await call.read()).started.flow_id
-            await started.wait()
-            with pytest.raises(StoreUnavailableError, match="in use by another flowsvc server"):
-                await build_server(settings, registry)
-            release.set()
-            rest = await read_all(call)
-            assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-            assert [m.task_result.task for m in rest[:-1]] == ["gated", "noop"]
-    finally:
-        await first.shutdown(grace=0)
+    async with serving(settings, registry) as (_, _, stub):
+        call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated", "noop")))
+        flow_id = (await call.read()).started.flow_id
+        await started.wait()
+        with pytest.raises(StoreUnavailableError, match="in use by another flowsvc server"):
+            await build_server(settings, registry)
+        release.set()
+        rest = await read_all(call)
+        assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert [m.task_result.task for m in rest[:-1]] == ["gated", "noop"]
     # Once the first has stopped, the lock is free again and nothing was interrupted.
-    second = await build_server(settings, registry)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
-            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
-            assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    finally:
-        await second.shutdown(grace=0)
+    async with serving(settings, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
 async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path, registry) -> None:
@@ -892,8 +862,6 @@ async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            from flowmanager.v1 import flow_service_pb2_grpc
-
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
             call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("noop", "gated", "noop_2")))
             registry.register("noop_2", registry.get("noop").fn)

@@ -31,6 +31,13 @@ from tests.support import chain, flow_pb, to_dict
 pb = flow_service_pb2
 
 
+def timed_then_noop(name: str) -> Flow:
+    """`name` with a 0.2 s timeout, its failure routed to `noop`."""
+    return Flow(
+        "t", name, (Task(name, timeout_s=0.2), Task("noop")), (Condition(name, "end", "noop"),)
+    )
+
+
 def run(registry: TaskRegistry, flow: Flow, flow_input: dict | None = None):
     # Its own thread pool, not asyncio's default one, which asyncio.run() would wait for
     # at exit (a test that abandons a stuck sync task would then wait for it too).
@@ -77,10 +84,7 @@ def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegist
         return TaskResult.success()
 
     registry.register("slow", slow)
-    flow = Flow(
-        "t", "slow", (Task("slow", timeout_s=0.2), Task("noop")),
-        (Condition("slow", "end", "noop"),),
-    )  # fmt: skip
+    flow = timed_then_noop("slow")
     execution = run(registry, flow)
     first = execution.history[0]
     assert first.status is TaskStatus.FAILURE and first.error == "timed out after 0.2s"
@@ -100,10 +104,7 @@ def test_async_task_ignoring_its_cancellation_is_abandoned_at_its_timeout(regist
         return TaskResult.success()
 
     registry.register("stubborn", stubborn)
-    flow = Flow(
-        "t", "stubborn", (Task("stubborn", timeout_s=0.2), Task("noop")),
-        (Condition("stubborn", "end", "noop"),),
-    )  # fmt: skip
+    flow = timed_then_noop("stubborn")
     execution = run(registry, flow)
     # Waiting for it would have made it a success, 30 s later.
     assert execution.history[0].error == (
@@ -121,10 +122,7 @@ def test_sync_task_past_its_timeout_is_abandoned_and_the_flow_moves_on(registry)
         return TaskResult.success()
 
     registry.register("stuck", stuck)
-    flow = Flow(
-        "t", "stuck", (Task("stuck", timeout_s=0.2), Task("noop")),
-        (Condition("stuck", "end", "noop"),),
-    )  # fmt: skip
+    flow = timed_then_noop("stuck")
     try:
         execution = run(registry, flow)
     finally:
@@ -147,10 +145,7 @@ def _busy_pool() -> tuple[ThreadPoolExecutor, threading.Event]:
 def test_sync_task_timing_out_while_it_waits_for_a_thread_never_runs(registry) -> None:
     ran = []
     registry.register("quick", lambda: ran.append(1) or TaskResult.success())
-    flow = Flow(
-        "t", "quick", (Task("quick", timeout_s=0.2), Task("noop")),
-        (Condition("quick", "end", "noop"),),
-    )  # fmt: skip
+    flow = timed_then_noop("quick")
     pool, free = _busy_pool()
     try:
         engine = FlowEngine(registry, executor=pool)
