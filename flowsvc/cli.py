@@ -125,22 +125,20 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
         if not flow.done():
             stop.request("interrupted (Ctrl-C)")
             print("flowsvc: interrupted", file=sys.stderr)
-            threads.shutdown(wait=False)  # idle threads end: only a stuck one is named
-            await _leave_tasks_that_ignore_cancellation(EXIT_INTERRUPTED)
-            return EXIT_INTERRUPTED
-        interrupt.cancel()
-        events = flow.result()
-        # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
-        _print(convert.execute_response_from_events(events[0].flow_id, events))
-        final = events[-1]
-        succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
-        code = EXIT_OK if succeeded else EXIT_FLOW_FAILED
-        threads.shutdown(wait=False)  # idle threads end: only a stuck one is named
+            code = EXIT_INTERRUPTED
+        else:
+            interrupt.cancel()
+            events = flow.result()
+            # The same conversion as the server's ExecuteFlow: the same JSON as grpcurl shows.
+            _print(convert.execute_response_from_events(events[0].flow_id, events))
+            final = events[-1]
+            succeeded = isinstance(final, FlowFinished) and final.status is FlowStatus.SUCCEEDED
+            code = EXIT_OK if succeeded else EXIT_FLOW_FAILED
+        threads.shutdown(wait=False)  # idle threads end now: only a stuck one is left to see
         await _leave_tasks_that_ignore_cancellation(code)
         return code
 
     code = asyncio.run(run())
-    threads.shutdown(wait=False)  # idle threads end now: only a stuck one is left to see
     _exit_despite_stuck_task_threads(code)
     return code
 
