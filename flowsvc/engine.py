@@ -154,8 +154,7 @@ class FlowEngine:
     ) -> None:
         self.registry = registry
         self.limits = limits or Limits()
-        # None: asyncio's default thread pool. A server passes its own, sized by config.
-        # Sync tasks' threads: the server's, else a pool of this engine's own.
+        # Sync tasks' threads: the server's (sized by config), else a pool of this engine's.
         self._executor = executor or TaskThreads(DEFAULT_SYNC_WORKERS, name="flowsvc-task")
         #: Told of a sync task given up on while it runs (TaskThreads replaces its thread).
         self._abandon: Callable[[Future[Any]], None] | None = getattr(

@@ -70,7 +70,7 @@ _END_NOT_RECORDED = (
     "execution {flow_id} was stopped by a failure of the execution store; its end is "
     "recorded as soon as the store can write again"
 )
-#: How long close() waits for a cancelled execution before it cuts it off.
+#: How long a cancelled execution may take to end at shutdown before it is cut off.
 CUT_OFF_SECONDS = 1.0
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
 PREPARED_CACHE_SIZE = 512
