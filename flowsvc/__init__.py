@@ -25,10 +25,12 @@ from flowsvc.models import (
     TaskResult,
     TaskStatus,
 )
-from flowsvc.registry import TaskRegistry, register_task
+from flowsvc.references import AT_RUN_TIME
+from flowsvc.registry import ParamsCheck, TaskRegistry, register_task
 from flowsvc.validation import Limits
 
 __all__ = [
+    "AT_RUN_TIME",
     "END",
     "Condition",
     "Execution",
@@ -38,6 +40,7 @@ __all__ = [
     "FlowValidationError",
     "FlowsvcError",
     "Limits",
+    "ParamsCheck",
     "PreparedFlow",
     "StepRecord",
     "StopHandle",

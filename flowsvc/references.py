@@ -26,6 +26,20 @@ RESULT_FIELDS = ("data", "status", "error")
 _TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 
 
+class _AtRunTime:
+    """The value of a param that holds a reference, as a params check sees it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "AT_RUN_TIME"
+
+
+#: What a task's params check (TaskRegistry.register's `check`) gets for a param whose
+#: value holds a reference: it is known only when the task runs.
+AT_RUN_TIME: Any = _AtRunTime()
+
+
 class ReferenceSyntaxError(ValueError):
     """A "${...}" that cannot be read."""
 
@@ -191,6 +205,14 @@ class Template:
             name: "" if isinstance(value, _Text) else value
             for name, value in self._compiled.items()
             if not isinstance(value, _Whole)
+        }
+
+    def given(self) -> dict[str, Any]:
+        """Every param, as the task will get it where no reference is in it, and
+        AT_RUN_TIME where one is (anywhere inside it)."""
+        return {
+            name: AT_RUN_TIME if next(_walk_refs(value, ""), None) else value
+            for name, value in self._compiled.items()
         }
 
     def render(self, lookup: Lookup) -> Mapping[str, Any]:

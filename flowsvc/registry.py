@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,14 @@ from flowsvc.models import END
 from flowsvc.references import INPUT
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: A task's own check of its params before a flow runs (what a JSON Schema cannot say:
+#: ranges of list items, params that exclude each other). It gets every param the flow
+#: gives the task (flowsvc.AT_RUN_TIME for one holding a reference) and yields
+#: (param, problem) for each problem, "" naming the params as a whole. It must not change
+#: anything: its verdict is kept with the prepared flow. A check that raises is logged
+#: and skipped: the task then meets the params at run time.
+ParamsCheck = Callable[[Mapping[str, Any]], Iterable[tuple[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,8 @@ class TaskSpec:
     keyword_params: frozenset[str] | None = None
     #: The function takes **kwargs: every param is passed.
     takes_all_params: bool = False
+    #: The task's own check of its params before a flow runs (see ParamsCheck).
+    check: ParamsCheck | None = None
 
 
 _JSON_TYPES: dict[Any, str] = {
@@ -114,9 +124,12 @@ def _inspect(
     fn: Callable[..., Any],
     source: str | None,
     params_schema: Mapping[str, Any] | None = None,
+    check: ParamsCheck | None = None,
 ) -> TaskSpec:
     if not callable(fn):
         raise TaskRegistrationError(f"task {name!r}: {fn!r} is not callable")
+    if check is not None and not callable(check):
+        raise TaskRegistrationError(f"task {name!r}: its check {check!r} is not callable")
     if not name or not isinstance(name, str):
         raise TaskRegistrationError(f"task name must be a non-empty string, not {name!r}")
     problem = _name_problem(name)
@@ -156,6 +169,7 @@ def _inspect(
         params_schema=params_schema,
         keyword_params=keyword if (keyword or takes_all) else None,
         takes_all_params=takes_all,
+        check=check,
     )
 
 
@@ -181,14 +195,16 @@ class TaskRegistry:
         *,
         source: str | None = None,
         params: Mapping[str, Any] | None = None,
+        check: ParamsCheck | None = None,
     ) -> None:
         """Register `fn` under `name`; a clash names both sources.
 
         `params` is a JSON Schema of the params the task accepts (shown by ListTasks and
         checked before a flow runs); without it, the schema comes from the function's
-        keyword-only parameters, which the engine then fills from the params.
+        keyword-only parameters, which the engine then fills from the params. `check`
+        checks the params further before a flow runs (see ParamsCheck).
         """
-        spec = _inspect(name, fn, source, params)
+        spec = _inspect(name, fn, source, params, check)
         existing = self._tasks.get(name)
         if existing is not None:
             if existing.fn is fn:
@@ -198,11 +214,17 @@ class TaskRegistry:
             )
         self._tasks[name] = spec
 
-    def task(self, name: str, *, params: Mapping[str, Any] | None = None) -> Callable[[F], F]:
+    def task(
+        self,
+        name: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        check: ParamsCheck | None = None,
+    ) -> Callable[[F], F]:
         """Decorator form of register()."""
 
         def decorate(fn: F) -> F:
-            self.register(name, fn, params=params)
+            self.register(name, fn, params=params, check=check)
             return fn
 
         return decorate
@@ -210,7 +232,9 @@ class TaskRegistry:
     def merge(self, other: TaskRegistry) -> None:
         """Copy every task of `other` into this registry."""
         for spec in other:
-            self.register(spec.name, spec.fn, source=spec.source, params=spec.params_schema)
+            self.register(
+                spec.name, spec.fn, source=spec.source, params=spec.params_schema, check=spec.check
+            )
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)
@@ -232,11 +256,13 @@ class TaskRegistry:
 default_registry = TaskRegistry()
 
 
-def register_task(name: str, *, params: Mapping[str, Any] | None = None) -> Callable[[F], F]:
+def register_task(
+    name: str, *, params: Mapping[str, Any] | None = None, check: ParamsCheck | None = None
+) -> Callable[[F], F]:
     """Register a task in the default registry, as in the prototype::
 
     @register_task("my_new_task")
     def my_new_task() -> TaskResult:
         return TaskResult(status="success", data={"result": "value"})
     """
-    return default_registry.task(name, params=params)
+    return default_registry.task(name, params=params, check=check)

@@ -7,6 +7,7 @@ the path of the field at fault as the client wrote it, e.g.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from flowsvc.errors import Violation
 from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task
 from flowsvc.references import INPUT, ReferenceSyntaxError, compile_params
 from flowsvc.registry import TaskRegistry, TaskSpec
+
+logger = logging.getLogger("flowsvc.validation")
 
 #: The largest backoff multiplier a retry policy may use.
 MAX_MULTIPLIER = 100.0
@@ -304,6 +307,21 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
     schema = spec.params_schema if spec is not None else None
     if schema:
         _check_against_schema(f"{path}.params", task.params, template.known(), schema, bad)
+    if spec is not None and spec.check is not None:
+        _run_check(f"{path}.params", spec, template.given(), bad)
+
+
+def _run_check(path: str, spec: TaskSpec, given: Mapping[str, Any], bad: Bad) -> None:
+    """The task's own check (TaskSpec.check). A check that raises is a defect of the
+    task's module, not of the flow: it is logged and the params meet the task at run time."""
+    assert spec.check is not None
+    try:
+        problems = [(str(name), str(problem)) for name, problem in spec.check(given)]
+    except Exception:
+        logger.exception("params check failed", extra={"task": spec.name})
+        return
+    for name, problem in problems:
+        bad(f"{path}.{name}" if name else path, problem)
 
 
 def _check_against_schema(

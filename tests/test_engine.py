@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import flowsvc
 from flowsvc import (
     Condition,
     Flow,
@@ -364,6 +365,45 @@ def test_a_task_taking_no_params_refuses_those_a_flow_gives_it(registry) -> None
         ("flow.tasks[0].params.x", "is not a param of this task (it takes: none)")
     ]
     engine.prepare(Flow("p", "plain", (Task("plain"),)))
+
+
+def test_a_task_s_own_check_refuses_params_before_the_flow_runs(registry, caplog) -> None:
+    seen: list[dict[str, object]] = []
+
+    def check(params):
+        seen.append(dict(params))
+        if params.get("low", 0) > params.get("high", 0):
+            yield "low", "must not be over high"
+        if "a" in params and "b" in params:
+            yield "", "give a or b, not both"
+
+    def ranged(*, low: int = 0, high: int = 0, a: str = "", b: str = "") -> TaskResult:
+        return TaskResult.success({"low": low})
+
+    registry.register("ranged", ranged, check=check)
+    engine = FlowEngine(registry)
+
+    def prepare(**params: object):
+        return engine.prepare(Flow("r", "ranged", (Task("ranged", params=params),)))
+
+    with pytest.raises(FlowValidationError) as info:
+        prepare(low=5, high=1, a="x", b="y")
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        ("flow.tasks[0].params.low", "must not be over high"),
+        ("flow.tasks[0].params", "give a or b, not both"),
+    ]
+    # A param holding a reference is known only when the task runs.
+    prepare(low="${input.low}", high=1, a="$${x}")
+    assert seen[-1] == {"low": flowsvc.AT_RUN_TIME, "high": 1, "a": "${x}"}
+
+    def broken(params):
+        raise RuntimeError("the check's own defect")
+
+    registry.register("lenient", ranged, check=broken)
+    engine.prepare(Flow("l", "lenient", (Task("lenient", params={"low": 5}),)))
+    assert "params check failed" in caplog.text and "the check's own defect" in caplog.text
+    with pytest.raises(TaskRegistrationError, match="not callable"):
+        registry.register("odd", ranged, check="yes")
 
 
 @pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", " padded"])

@@ -174,6 +174,21 @@ async def execute(stub, flow: flow_pb2.Flow, flow_input: dict | None = None):
     return await stub.ExecuteFlow(request)
 
 
+async def execute_with(stub, name: str, value: Any, **params: Any):
+    """Run the http task with param `name` taken from the input: a value known only at run
+    time, which no check before the flow runs can see."""
+    flow = http_flow(**params, **{name: "${input.value}"})
+    return await execute(stub, retry(flow, 3), {"value": value})
+
+
+async def refused(stub, flow: flow_pb2.Flow) -> dict[str, str]:
+    """The violations of a flow refused before it ran."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await execute(stub, flow)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    return violations(info.value)
+
+
 def retry(flow: flow_pb2.Flow, max_attempts: int, backoff_ms: int = 10) -> flow_pb2.Flow:
     flow.tasks[0].retry.max_attempts = max_attempts
     flow.tasks[0].retry.initial_backoff.FromMilliseconds(backoff_ms)
@@ -328,13 +343,36 @@ async def test_success_statuses_make_a_4xx_a_success(stub, remote: Remote) -> No
     assert data["status"] == 404 and data["json"] == {"status": 404}
 
 
-@pytest.mark.parametrize("statuses", [[404.5], [99], [600], [True], ["404"]])
+BAD_STATUSES = [[404.5], [99], [600], [True], ["404"]]
+
+
+@pytest.mark.parametrize("statuses", BAD_STATUSES)
 async def test_success_statuses_must_be_http_statuses(stub, remote: Remote, statuses) -> None:
-    resp = await execute(stub, http_flow(url=remote.url("/status/404"), success_statuses=statuses))
+    found = await refused(stub, http_flow(url=remote.url("/404"), success_statuses=statuses))
+    field = "flow.tasks[0].params.success_statuses"
+    assert set(found) == {field}, found
+    assert found[field].startswith("must be HTTP statuses, whole numbers from 100 to 599, not ")
+
+
+@pytest.mark.parametrize("statuses", BAD_STATUSES)
+async def test_success_statuses_from_the_input_fail_without_retry(stub, remote, statuses) -> None:
+    resp = await execute_with(stub, "success_statuses", statuses, url=remote.url("/status/404"))
     assert resp.status == flow_pb2.FLOW_STATUS_FAILED
-    error = resp.execution_history[0].error
-    assert "success_statuses must be HTTP statuses" in error, error
+    (attempt,) = resp.execution_history  # not retried: no retry can fix it
+    assert attempt.error.startswith("success_statuses must be HTTP statuses"), attempt.error
     assert remote.seen("/status/404") == []  # nothing was sent
+
+
+async def test_json_and_body_together_are_refused(stub, remote: Remote) -> None:
+    found = await refused(stub, http_flow(url=remote.url("/echo"), json={"a": 1}, body="a"))
+    assert found == {"flow.tasks[0].params.body": "give `json` or `body`, not both"}
+    resp = await execute_with(stub, "body", "a", url=remote.url("/echo"), json={"a": 1})
+    (attempt,) = resp.execution_history
+    assert attempt.error == "give `json` or `body`, not both", attempt.error
+    # A body from the input that turns out null leaves the json alone: it is sent.
+    resp = await execute_with(stub, "body", None, url=remote.url("/echo"), json={"a": 1})
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert len(remote.seen("/echo")) == 1
 
 
 @pytest.mark.parametrize("code", [408, 429])
@@ -394,8 +432,15 @@ async def test_connections_are_reused_across_flows(stub, remote: Remote) -> None
 # -- bad input --------------------------------------------------------------------------
 
 
-async def test_non_http_url_fails_without_retry(stub) -> None:
-    resp = await execute(stub, retry(http_flow(url="ftp://x"), 3))
+async def test_non_http_url_is_refused(stub) -> None:
+    found = await refused(stub, http_flow(url="ftp://x"))
+    assert set(found) == {"flow.tasks[0].params.url"}, found
+    assert "http:// or https://" in found["flow.tasks[0].params.url"]
+    assert "ftp://x" in found["flow.tasks[0].params.url"]
+
+
+async def test_non_http_url_from_the_input_fails_without_retry(stub) -> None:
+    resp = await execute_with(stub, "url", "ftp://x")
     assert resp.status == flow_pb2.FLOW_STATUS_FAILED
     (result,) = resp.execution_history
     assert result.status == FAILURE and result.attempt == 1
@@ -403,10 +448,19 @@ async def test_non_http_url_fails_without_retry(stub) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://", "http://127.0.0.1:99999/json"])
-async def test_malformed_http_url_fails_without_retry(stub, url: str) -> None:
-    resp = await execute(stub, retry(http_flow(url=url), 3))
+async def test_malformed_http_url_is_refused(stub, url: str) -> None:
+    assert set(await refused(stub, http_flow(url=url))) == {"flow.tasks[0].params.url"}
+    resp = await execute_with(stub, "url", url)
     assert resp.status == flow_pb2.FLOW_STATUS_FAILED
     assert [r.attempt for r in resp.execution_history] == [1]
+
+
+async def test_a_url_with_a_reference_inside_is_checked_when_it_runs(stub) -> None:
+    # "${input.scheme}://x" is not a URL until it runs: nothing refuses it before.
+    flow = http_flow(url="${input.value}://127.0.0.1:99999/")
+    resp = await execute(stub, retry(flow, 3), {"value": "ftp"})
+    (attempt,) = resp.execution_history
+    assert "http:// or https://" in attempt.error, attempt.error
 
 
 async def test_missing_url_is_invalid_argument(stub) -> None:
@@ -520,10 +574,11 @@ async def test_an_illegal_header_fails_without_retry(stub, remote: Remote) -> No
     ],
 )
 async def test_url_errors_do_not_show_credentials_or_the_query(stub, url: str) -> None:
-    resp = await execute(stub, http_flow(url=url))
-    error = resp.execution_history[0].error
-    assert "s3" not in error and "cret" not in error, error
-    assert "K3Y" not in error and "127.0.0.1" in error, error
+    (refusal,) = (await refused(stub, http_flow(url=url))).values()
+    resp = await execute_with(stub, "url", url)
+    for error in (refusal, resp.execution_history[0].error):
+        assert "s3" not in error and "cret" not in error, error
+        assert "K3Y" not in error and "127.0.0.1" in error, error
 
 
 async def test_any_token_is_a_method(stub, remote: Remote) -> None:
@@ -534,7 +589,9 @@ async def test_any_token_is_a_method(stub, remote: Remote) -> None:
 
 @pytest.mark.parametrize("method", ["", "GE T", "PÖST", "GET\n"])
 async def test_a_method_that_is_not_one_fails_without_retry(stub, remote, method: str) -> None:
-    resp = await execute(stub, retry(http_flow(url=remote.url("/echo"), method=method), 3))
+    found = await refused(stub, http_flow(url=remote.url("/echo"), method=method))
+    assert found["flow.tasks[0].params.method"].startswith("must be an HTTP method"), found
+    resp = await execute_with(stub, "method", method, url=remote.url("/echo"))
     (attempt,) = resp.execution_history  # not retried: no retry can fix it
     assert attempt.error.startswith("method must be an HTTP method"), attempt.error
     assert remote.seen("/echo") == []

@@ -18,12 +18,13 @@ import asyncio
 import json as jsonlib
 import re
 import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
 
 from flowsvc.models import TaskResult
-from flowsvc.references import as_text, whole_numbers
+from flowsvc.references import AT_RUN_TIME, as_text, whole_numbers
 from flowsvc.tasks.builtin import BUILTINS
 
 #: The most body bytes kept in a result; the rest is dropped (`truncated: true`).
@@ -58,7 +59,32 @@ async def aclose_clients() -> None:
         await shared.aclose()
 
 
-@BUILTINS.task("http")
+def _problems(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """What no request could be sent with (param, problem): checked before a flow runs,
+    on the params known then, and again on each attempt's params."""
+    url = params.get("url")
+    if isinstance(url, str):
+        problem = _bad_url(url)
+        if problem:
+            yield "url", problem
+    method = params.get("method", "GET")
+    if isinstance(method, str) and not _TOKEN.fullmatch(method):
+        yield "method", f"must be an HTTP method such as GET or POST, not {method!r}"
+    given = [params.get(name) for name in ("json", "body")]
+    if not any(value is None or value is AT_RUN_TIME for value in given):
+        yield "body", "give `json` or `body`, not both"
+    statuses = params.get("success_statuses")
+    if isinstance(statuses, list):
+        bad = [s for s in statuses if not _is_status(s)]
+        if bad:
+            yield (
+                "success_statuses",
+                "must be HTTP statuses, whole numbers from 100 to 599, not "
+                + ", ".join(map(jsonlib.dumps, bad)),
+            )
+
+
+@BUILTINS.task("http", check=_problems)
 async def http(
     *,
     url: str,
@@ -71,22 +97,17 @@ async def http(
 ) -> TaskResult:
     """Send one HTTP request; succeed on 2xx or success_statuses.
     data: status, headers, and json (a JSON body) or text."""
-    problem = _bad_url(url)
-    if problem:
-        return TaskResult.failure(problem, retryable=False)
-    if json is not None and body is not None:
-        return TaskResult.failure("give `json` or `body`, not both", retryable=False)
-    if not _TOKEN.fullmatch(method):
-        return TaskResult.failure(
-            f"method must be an HTTP method such as GET or POST, not {method!r}", retryable=False
-        )
-    bad_statuses = [s for s in success_statuses or () if not _is_status(s)]
-    if bad_statuses:
-        return TaskResult.failure(
-            f"success_statuses must be HTTP statuses, whole numbers from 100 to 599, not "
-            f"{', '.join(map(jsonlib.dumps, bad_statuses))}",
-            retryable=False,
-        )
+    given = {
+        "url": url,
+        "method": method,
+        "json": json,
+        "body": body,
+        "success_statuses": success_statuses,
+    }
+    for name, problem in _problems(given):
+        # "must ..." is said of the param: "method must be an HTTP method ...".
+        text = f"{name} {problem}" if problem.startswith("must ") else problem
+        return TaskResult.failure(text, retryable=False)
     try:
         request = client().build_request(
             method.upper(),
