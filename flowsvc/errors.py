@@ -5,6 +5,7 @@
     │   └── FlowValidationError       ... the flow itself is (nothing was run)
     ├── NotFoundError                 no execution has that id
     ├── FailedPreconditionError       the execution is not in a state that allows this
+    ├── StillStoppingError            a cancel was asked for, but the execution has not stopped
     ├── AlreadyExistsError            a request_id was used for another flow or input
     ├── TooManyExecutionsError        the in-flight cap is reached; carries retry_after
     ├── ShuttingDownError             the server takes no new executions
@@ -66,6 +67,11 @@ class NotFoundError(FlowsvcError):
 
 class FailedPreconditionError(FlowsvcError):
     """The execution's state does not allow the operation (e.g. cancelling a finished one)."""
+
+
+class StillStoppingError(FlowsvcError):
+    """A cancel is requested, but the execution's running task has not stopped within the
+    server's wait: the execution ends CANCELLED once that task returns."""
 
 
 class AlreadyExistsError(FlowsvcError):

@@ -37,6 +37,7 @@ from flowsvc.errors import (
     InvalidArgumentError,
     NotFoundError,
     ShuttingDownError,
+    StillStoppingError,
     StoreUnavailableError,
     TooManyExecutionsError,
 )
@@ -660,14 +661,28 @@ class ExecutionManager:
                 f"execution {flow_id} has already ended ({record.status.value})"
             )
         run.stop.request("cancelled by CancelExecution")
-        with contextlib.suppress(TimeoutError):
+        stopped = True
+        try:
             await asyncio.wait_for(run.wait_done(), self.settings.cancel_wait_seconds)
+        except TimeoutError:
+            stopped = False
         record, events = await self.get(flow_id)
         if record.status.is_final and record.status is not FlowStatus.CANCELLED:
             # It ended on its own before the cancel took effect (its last task had
             # finished): OK would say it was cancelled.
             raise FailedPreconditionError(
                 f"execution {flow_id} ended ({record.status.value}) before the cancel took effect"
+            )
+        if not record.status.is_final and stopped:  # the store could not record its end
+            raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
+        if not record.status.is_final:
+            # Its async task ignores cancellation and has no timer to cut it off. OK would
+            # say it was cancelled; it will be, once that task returns.
+            raise StillStoppingError(
+                f"execution {flow_id} is stopping: no task starts after the one it runs, but "
+                f"that task has not stopped {self.settings.cancel_wait_seconds:g}s after the "
+                "cancel (it does not obey cancellation); the execution ends "
+                "FLOW_STATUS_CANCELLED when the task returns (WatchExecution follows it)"
             )
         return record, events
 

@@ -8,6 +8,7 @@ Each method is a few lines; every exception is turned into a gRPC status in
     TooManyExecutionsError   -> RESOURCE_EXHAUSTED + google.rpc.RetryInfo
     NotFoundError            -> NOT_FOUND
     FailedPreconditionError  -> FAILED_PRECONDITION
+    StillStoppingError       -> DEADLINE_EXCEEDED
     AlreadyExistsError       -> ALREADY_EXISTS
     ShuttingDownError        -> UNAVAILABLE (the server is draining; retry elsewhere)
     StoreUnavailableError    -> UNAVAILABLE (the execution store cannot read or write)
@@ -40,6 +41,7 @@ from flowsvc.errors import (
     NotFoundError,
     ResponseTooLargeError,
     ShuttingDownError,
+    StillStoppingError,
     StoreUnavailableError,
     TooManyExecutionsError,
     Violation,
@@ -101,6 +103,7 @@ def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadReques
 _CODES: tuple[tuple[type[Exception], int], ...] = (
     (NotFoundError, code_pb2.NOT_FOUND),
     (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
+    (StillStoppingError, code_pb2.DEADLINE_EXCEEDED),
     (AlreadyExistsError, code_pb2.ALREADY_EXISTS),
     (ShuttingDownError, code_pb2.UNAVAILABLE),
     (StoreUnavailableError, code_pb2.UNAVAILABLE),

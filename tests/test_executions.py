@@ -248,6 +248,37 @@ async def test_cancel_cuts_off_a_task_with_a_timeout_that_ignores_it(stub, regis
         release.set()
 
 
+async def test_cancel_of_a_task_that_ignores_it_without_a_timer_is_not_ok(
+    stub, registry, server
+) -> None:
+    # No timer can cut the task off: the cancel cannot say CANCELLED when it answers.
+    server.manager.settings = dataclasses.replace(server.manager.settings, cancel_wait_seconds=0.2)
+    release = asyncio.Event()
+
+    @registry.task("stubborn")
+    async def stubborn() -> TaskResult:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # ignores the cancel
+        return TaskResult.success()
+
+    call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("stubborn", "noop")))
+    flow_id = (await call.read()).started.flow_id
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "ends FLOW_STATUS_CANCELLED when the task returns" in info.value.details()
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        assert got.execution.status == flow_pb2.FLOW_STATUS_RUNNING
+    finally:
+        release.set()
+    rest = await read_all(call)  # it ends as the message said, and noop never started
+    assert [m.task_result.task for m in rest[:-1]] == ["stubborn"]
+    assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+
 @pytest.mark.parametrize("after", [("noop",), ()], ids=["then-noop", "last"])
 async def test_a_task_that_ignores_a_cancel_keeps_its_result_and_nothing_runs_after(
     stub, registry, after: tuple[str, ...]

@@ -138,7 +138,9 @@ class FlowServiceServicer:
 
     def CancelExecution(self, request, context):
         """Stops a running execution: its running task is cancelled, no further task
-        starts, and it ends FLOW_STATUS_CANCELLED.
+        starts, and it ends FLOW_STATUS_CANCELLED. DEADLINE_EXCEEDED when its task
+        ignores the cancel and has not stopped within the server's wait (10 s): it
+        ends FLOW_STATUS_CANCELLED once that task returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
