@@ -67,6 +67,23 @@ async def read_all(call) -> list:
     return out
 
 
+def stubborn(registry) -> tuple[asyncio.Event, list[bool]]:
+    """Register an async task "stubborn" that ignores its cancellation and finishes once
+    released; returns (release, ignored: one True per cancel ignored)."""
+    release, ignored = asyncio.Event(), []
+
+    @registry.task("stubborn")
+    async def stubborn() -> TaskResult:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            ignored.append(True)
+            await release.wait()  # goes on regardless
+        return TaskResult.success({"finished": True})
+
+    return release, ignored
+
+
 def gate(registry, name: str = "gated"):
     """Register an async task that waits until released; returns (started, release, cancelled)."""
     started, release, cancelled = asyncio.Event(), asyncio.Event(), []
@@ -224,15 +241,7 @@ async def test_cancel_while_a_sleep_task_runs(stub, registry) -> None:
 
 
 async def test_cancel_cuts_off_a_task_with_a_timeout_that_ignores_it(stub, registry) -> None:
-    release = asyncio.Event()
-
-    @registry.task("stubborn")
-    async def stubborn() -> TaskResult:
-        try:
-            await release.wait()
-        except asyncio.CancelledError:
-            await release.wait()  # ignores the cancel
-        return TaskResult.success()
+    release, _ = stubborn(registry)
 
     flow = chain("stubborn", "noop")
     flow.tasks[0].timeout.FromSeconds(60)  # the attempt runs under a timer
@@ -253,15 +262,7 @@ async def test_cancel_of_a_task_that_ignores_it_without_a_timer_is_not_ok(
 ) -> None:
     # No timer can cut the task off: the cancel cannot say CANCELLED when it answers.
     server.manager.settings = dataclasses.replace(server.manager.settings, cancel_wait_seconds=0.2)
-    release = asyncio.Event()
-
-    @registry.task("stubborn")
-    async def stubborn() -> TaskResult:
-        try:
-            await release.wait()
-        except asyncio.CancelledError:
-            await release.wait()  # ignores the cancel
-        return TaskResult.success()
+    release, _ = stubborn(registry)
 
     call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("stubborn", "noop")))
     flow_id = (await call.read()).started.flow_id
@@ -283,16 +284,7 @@ async def test_cancel_of_a_task_that_ignores_it_without_a_timer_is_not_ok(
 async def test_a_task_that_ignores_a_cancel_keeps_its_result_and_nothing_runs_after(
     stub, registry, after: tuple[str, ...]
 ) -> None:
-    release, ignored = asyncio.Event(), []
-
-    @registry.task("stubborn")
-    async def stubborn() -> TaskResult:
-        try:
-            await release.wait()
-        except asyncio.CancelledError:
-            ignored.append(True)
-            await release.wait()  # goes on regardless
-        return TaskResult.success({"finished": True})
+    release, ignored = stubborn(registry)
 
     call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("stubborn", *after)))
     flow_id = (await call.read()).started.flow_id
