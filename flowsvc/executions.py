@@ -666,6 +666,10 @@ class ExecutionManager:
             await asyncio.wait_for(run.wait_done(), self.settings.cancel_wait_seconds)
         except TimeoutError:
             stopped = False
+        if run.error is not None:
+            # Its end could not be committed (a store failure), or it was cut off at
+            # shutdown: its record still says RUNNING, and OK would say the cancel took.
+            raise run.error
         record, events = await self.get(flow_id)
         if record.status.is_final and record.status is not FlowStatus.CANCELLED:
             # It ended on its own before the cancel took effect (its last task had
@@ -673,9 +677,7 @@ class ExecutionManager:
             raise FailedPreconditionError(
                 f"execution {flow_id} ended ({record.status.value}) before the cancel took effect"
             )
-        if not record.status.is_final and stopped:  # the store could not record its end
-            raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
-        if not record.status.is_final:
+        if not record.status.is_final and not stopped:
             # Its async task ignores cancellation and has no timer to cut it off. OK would
             # say it was cancelled; it will be, once that task returns.
             raise StillStoppingError(

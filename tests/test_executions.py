@@ -926,6 +926,41 @@ async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
         await server.shutdown(grace=0)
 
 
+async def test_a_cancel_whose_end_cannot_be_committed_is_unavailable(
+    tmp_path: Path, registry
+) -> None:
+    """The cancel stops the execution, but its `finished` event cannot be committed (the
+    database is locked): the record still says RUNNING. The cancel is UNAVAILABLE, like
+    its stream, never OK with status RUNNING; the end is recorded once the store is back."""
+    db = tmp_path / "cancel-locked.db"
+    started, _, cancelled = gate(registry)
+    settings = Settings(listen="127.0.0.1:0", db=str(db), db_busy_timeout_ms=200)
+    async with serving(settings, registry) as (_, _, stub):
+        call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
+        flow_id = (await call.read()).started.flow_id
+        await started.wait()
+        locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "locked" in (info.value.details() or "")
+            assert cancelled == [flow_id]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_all(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+
+        async def interrupted() -> bool:
+            got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+            return got.execution.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+
+        await eventually(interrupted)
+
+
 async def _newest_flow_id(stub) -> str:
     return (await stub.ListExecutions(pb.ListExecutionsRequest())).executions[0].flow_id
 
