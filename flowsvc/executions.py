@@ -353,7 +353,8 @@ class ExecutionManager:
 
     @property
     def in_flight(self) -> int:
-        return len(self._live)
+        """Executions running, and those whose record is being written."""
+        return len(self._live) + self._starting
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -425,7 +426,12 @@ class ExecutionManager:
             request_hash=digest,
             created_at=datetime.now(UTC),
         )
+        # Counted as running from here: a shutdown that begins while the record is being
+        # written gives this execution its grace period too (see wait_idle).
         self._starting += 1
+        self._idle.clear()
+        orphaned = False
+        run: Run | None = None
         try:
             creating = self.store.create_nowait(new)
             if creating.done():  # the in-memory store: no wait, nothing to shield
@@ -437,6 +443,8 @@ class ExecutionManager:
                     # so it must be driven to an end even if the caller leaves meanwhile.
                     existing = await asyncio.shield(creating)
                 except asyncio.CancelledError:
+                    # Still starting until _launch_orphan has launched it (or not).
+                    orphaned = True
                     creating.add_done_callback(
                         lambda done: self._launch_orphan(
                             done, new.flow_id, plan, flow_input, continue_on_disconnect
@@ -446,16 +454,24 @@ class ExecutionManager:
                 except BaseException:
                     self._launched(new.flow_id, None)
                     raise
+            if existing is None:
+                run = self._launch(new.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
         except StoreUnavailableError:
             self._set_store_health(False)
             raise
         finally:
-            self._starting -= 1
+            if not orphaned:
+                self._started()
         if existing is not None:  # a concurrent retry created it first
             self._launched(new.flow_id, None)
             return await self._attach_existing(existing, digest)
-        run = self._launch(new.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
         return Attachment(new.flow_id, run, created=True)
+
+    def _started(self) -> None:
+        """A start has launched its execution, or given up: it no longer counts."""
+        self._starting -= 1
+        if not self._starting and not self._live:
+            self._idle.set()
 
     def _launch(
         self,
@@ -499,15 +515,18 @@ class ExecutionManager:
     ) -> None:
         """Its caller left while the record was written: run it anyway, so that it ends
         (at once, CANCELLED, unless the caller asked to continue on disconnect)."""
-        if creating.cancelled() or creating.exception() is not None:
-            self._launched(flow_id, None)
-            return
-        if creating.result() is not None:  # a retry's: not created
-            self._launched(flow_id, None)
-            return
-        run = self._launch(flow_id, plan, flow_input, continue_on_disconnect, callers=0)
-        if not continue_on_disconnect:
-            run.stop.request("the caller went away before the execution started")
+        try:
+            if creating.cancelled() or creating.exception() is not None:
+                self._launched(flow_id, None)
+                return
+            if creating.result() is not None:  # a retry's: not created
+                self._launched(flow_id, None)
+                return
+            run = self._launch(flow_id, plan, flow_input, continue_on_disconnect, callers=0)
+            if not continue_on_disconnect:
+                run.stop.request("the caller went away before the execution started")
+        finally:
+            self._started()
 
     async def _by_request_id(self, request_id: str, digest: str) -> Attachment | None:
         # Looked up before the in-flight cap: a retry of a running execution attaches to
@@ -637,7 +656,7 @@ class ExecutionManager:
                 await self._record_ends()
         finally:
             self._live.pop(run.flow_id, None)
-            if not self._live:
+            if not self._live and not self._starting:
                 self._idle.set()
 
     # -- look-ups ----------------------------------------------------------------------------

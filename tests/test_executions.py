@@ -794,6 +794,49 @@ async def test_retention_deletes_old_finished_executions(tmp_path: Path, registr
         await server.shutdown(grace=0)
 
 
+async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_written(
+    tmp_path: Path, registry
+) -> None:
+    """A start that passed the draining check is accepted: it runs, and gets the grace
+    period like any other. Before, a shutdown that began while its record was written
+    counted no running flow, went on at once, and cut the call short two seconds later
+    (UNAVAILABLE; recorded CANCELLED, "the caller went away"). White-box: the store's
+    thread is held, so that the record waits to be written while the shutdown begins."""
+    import threading
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "starting.db"))
+    server = await build_server(settings, registry)
+    started, release, _ = gate(registry)
+    hold = threading.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            store = server.manager.store
+            held = store._submit(lambda conn: hold.wait(10), write=False)
+            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            execute = asyncio.ensure_future(
+                stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
+            )
+            await eventually(lambda: server.manager._starting == 1)  # its record waits
+            shutdown = asyncio.ensure_future(server.shutdown(grace=10))
+            await eventually(lambda: server.manager.draining)
+            hold.set()
+            await held
+            await started.wait()
+            # The shutdown waits for it: it has not gone on to end the calls.
+            assert not server.health._closing.is_set()
+            release.set()
+            executed = await execute
+            assert executed.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            await shutdown
+    finally:
+        hold.set()
+        await server.shutdown(grace=0)
+    async with serving(settings, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=executed.flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, registry) -> None:
     db = str(tmp_path / "shutdown.db")
     settings = Settings(listen="127.0.0.1:0", db=db)
