@@ -648,6 +648,10 @@ class ExecutionManager:
             self._unrecorded[run.flow_id] = "Flow interrupted: the server stopped before it ended"
             run.fail(ShuttingDownError("the server stopped"))
             raise
+        except ShuttingDownError:
+            # Cut off at shutdown (cut_off() failed the run and records its end): its
+            # task, which had ignored its cancellation, has come back since. Not a bug.
+            pass
         except Exception as exc:  # a bug: keep the server up, tell the followers
             logger.exception("execution drive failed", extra={"flow_id": run.flow_id})
             self._unrecorded[run.flow_id] = "Flow interrupted by an internal error"

@@ -856,6 +856,50 @@ async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, reg
         assert "shutting down" in got.message
 
 
+async def test_a_task_back_after_its_cut_off_is_not_an_internal_error(
+    tmp_path: Path, registry, caplog
+) -> None:
+    """A task ignores every cancellation, so shutdown cuts its execution off (recorded
+    INTERRUPTED). When it does come back, its drive ends quietly: no "execution drive
+    failed" error with a traceback, which says a bug, and the record keeps its reason."""
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    release, ignored = asyncio.Event(), []
+
+    @registry.task("very_stubborn")
+    async def very_stubborn() -> TaskResult:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                ignored.append(True)
+        return TaskResult.success()
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "back.db"))
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            request = pb.StreamFlowRequest(flow=chain("very_stubborn"), continue_on_disconnect=True)
+            call = stub.StreamFlow(request)
+            flow_id = (await call.read()).started.flow_id
+            run = server.manager._live[flow_id]
+            shutdown = asyncio.ensure_future(server.shutdown(grace=0.1))
+            await eventually(lambda: run.error is not None)  # cut off
+            release.set()
+            await eventually(lambda: run.task is not None and run.task.done())
+            await shutdown
+    finally:
+        release.set()
+        await server.shutdown(grace=0)
+    assert len(ignored) >= 2
+    failed = [r for r in caplog.records if r.getMessage() == "execution drive failed"]
+    assert failed == []
+    async with serving(settings, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+        assert "ignored cancellation" in got.message
+
+
 async def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path, registry) -> None:
     # Two servers on one file would each take the other's running executions for ones a
     # crash left behind and mark them INTERRUPTED under it.
