@@ -581,12 +581,13 @@ class ExecutionManager:
             async for item in run.follow(after):
                 yield item
             return
-        record = await self._store(self.store.get(flow_id))
-        if record is None:
+        found = await self._store(self.store.execution(flow_id, after))
+        if found is None:
             raise NotFoundError(f"no execution {flow_id}")
+        record, stored_events = found
         # Not live, so it has ended (or a crash or store failure cut it short): every event
         # it will ever have is in the store.
-        for stored in await self._store(self.store.events(flow_id, after)):
+        for stored in stored_events:
             yield stored.sequence, stored.event
         if record.status is FlowStatus.RUNNING:
             # Stopped by a store failure, its end not written yet: a stream ends with
@@ -666,11 +667,12 @@ class ExecutionManager:
     # -- look-ups ----------------------------------------------------------------------------
 
     async def get(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
-        record = await self._store(self.store.get(flow_id))
-        if record is None:
+        # Read together: its status agrees with its events, even as its end commits.
+        found = await self._store(self.store.execution(flow_id))
+        if found is None:
             raise NotFoundError(f"no execution {flow_id}")
-        events = [stored.event for stored in await self._store(self.store.events(flow_id))]
-        return record, events
+        record, stored_events = found
+        return record, [stored.event for stored in stored_events]
 
     async def cancel(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
         run = await self._live_run(flow_id)

@@ -367,6 +367,97 @@ async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
         await server.shutdown(grace=0)
 
 
+async def test_get_execution_as_its_end_commits_agrees_with_itself(
+    tmp_path: Path, registry
+) -> None:
+    """GetExecution reads the record and the events at one moment. Read apart, the end
+    could commit in between: RUNNING with no end time, yet last_sequence counting the
+    `finished` event, so that watching from it gave an empty stream and never the end.
+    White-box: the store's thread is held while the read and the end queue behind it."""
+    import threading
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "snapshot.db"))
+    started, release, _ = gate(registry)
+    hold = threading.Event()
+    async with serving(settings, registry) as (server, _, stub):
+        try:
+            stream = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
+            flow_id = (await stream.read()).started.flow_id
+            await started.wait()
+            run, store = server.manager._live[flow_id], server.manager.store
+            held = store._submit(lambda conn: hold.wait(10), write=False)
+            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            get = asyncio.ensure_future(
+                stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id), timeout=10)
+            )
+            await eventually(lambda: store._jobs.qsize() == 1)  # the read waits
+            release.set()  # gated's result and the end queue after the read
+            await eventually(lambda: run.unpublished == 2)
+            hold.set()
+            await held
+            got = (await get).execution
+            watched = [
+                m.WhichOneof("event")
+                async for m in stub.WatchExecution(
+                    pb.WatchExecutionRequest(flow_id=flow_id, after_sequence=got.last_sequence)
+                )
+            ]
+            assert got.status == flow_pb2.FLOW_STATUS_RUNNING
+            assert not got.HasField("end_time")
+            assert watched[-1:] == ["finished"], (got.last_sequence, watched)
+            await read_all(stream)
+        finally:
+            hold.set()
+
+
+async def test_an_execution_deleted_by_retention_while_read_is_not_found(
+    tmp_path: Path, registry
+) -> None:
+    """Retention deleting an execution as it is read: GetExecution and WatchExecution
+    answer it whole or NOT_FOUND, never OK with no history and no event. White-box: the
+    store's thread is held while the read and the sweep queue behind it, in that order."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "swept.db"))
+    async with serving(settings, registry) as (server, _, stub):
+        store = server.manager.store
+        hold = threading.Event()
+        try:
+            for read in ("get", "watch"):
+                done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "echo")))
+                hold.clear()
+                held = store._submit(lambda conn: hold.wait(10), write=False)
+                await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+                if read == "get":
+                    call = asyncio.ensure_future(
+                        stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+                    )
+                else:
+                    request = pb.WatchExecutionRequest(flow_id=done.flow_id)
+                    call = asyncio.ensure_future(read_all(stub.WatchExecution(request)))
+                await eventually(lambda: store._jobs.qsize() == 1)  # the read waits
+                sweep = asyncio.ensure_future(
+                    store.delete_finished_before(datetime.now(UTC) + timedelta(seconds=1))
+                )
+                await eventually(lambda: store._jobs.qsize() == 2)  # the sweep waits behind
+                hold.set()
+                await held
+                assert await sweep >= 1
+                try:
+                    answer = await call
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND, (read, err)
+                    continue
+                if read == "get":
+                    assert len(answer.execution.execution_history) == 2, answer
+                    assert answer.execution.last_sequence == 4
+                else:
+                    assert [m.sequence for m in answer] == [1, 2, 3, 4], answer
+        finally:
+            hold.set()
+
+
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
     started, _, _ = gate(registry)
     request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)

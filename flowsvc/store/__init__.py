@@ -80,8 +80,12 @@ class ExecutionStore(Protocol):
 
     async def get_by_request_id(self, request_id: str) -> ExecutionRecord | None: ...
 
-    async def events(self, flow_id: str, after: int = 0) -> list[StoredEvent]:
-        """The execution's events with a sequence above `after`, in order."""
+    async def execution(
+        self, flow_id: str, after: int = 0
+    ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
+        """The execution and its events with a sequence above `after`, in order, read
+        together: the record says RUNNING only if no `finished` event is among them, and
+        an execution that retention deletes is read whole or not at all."""
 
     async def page(
         self,

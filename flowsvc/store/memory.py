@@ -111,12 +111,15 @@ class MemoryStore:
         flow_id = self._by_request.get(request_id)
         return self._entries[flow_id].record() if flow_id else None
 
-    async def events(self, flow_id: str, after: int = 0) -> list[StoredEvent]:
+    async def execution(
+        self, flow_id: str, after: int = 0
+    ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
         self._check()
         entry = self._entries.get(flow_id)
         if entry is None:
-            return []
-        return [StoredEvent(i + 1, e) for i, e in enumerate(entry.events) if i + 1 > after]
+            return None
+        events = [StoredEvent(i + 1, e) for i, e in enumerate(entry.events) if i + 1 > after]
+        return entry.record(), events
 
     async def page(
         self,

@@ -470,20 +470,32 @@ class SQLiteStore:
         result: ExecutionRecord | None = await self._call(get, write=False)
         return result
 
-    async def events(self, flow_id: str, after: int = 0) -> list[StoredEvent]:
+    async def execution(
+        self, flow_id: str, after: int = 0
+    ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
         after = min(after, _MAX_INTEGER)  # a client's uint64; no sequence is larger
 
-        def events(conn: sqlite3.Connection) -> list[StoredEvent]:
+        def execution(
+            conn: sqlite3.Connection,
+        ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
+            # One job: no commit of this store's thread comes between the two reads.
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM executions WHERE flow_id = ?", (flow_id,)
+            ).fetchone()
+            if row is None:
+                return None
             rows = conn.execute(
                 "SELECT sequence, kind, body FROM events WHERE flow_id = ? AND sequence > ?"
                 " ORDER BY sequence",
                 (flow_id, after),
             ).fetchall()
-            return [
+            return _record(row), [
                 StoredEvent(seq, event_from_json(flow_id, kind, body)) for seq, kind, body in rows
             ]
 
-        result: list[StoredEvent] = await self._call(events, write=False)
+        result: tuple[ExecutionRecord, list[StoredEvent]] | None = await self._call(
+            execution, write=False
+        )
         return result
 
     async def page(
