@@ -23,7 +23,10 @@ from typing import Any
 INPUT = "input"
 RESULT_FIELDS = ("data", "status", "error")
 
-_TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+#: "$${", or "${" and what follows up to its "}" (group 2 is None when there is none: a
+#: match then runs to the end of the string, so a scan never starts again after an
+#: unclosed "${", and a string of many of them costs one pass, not one per "${").
+_TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)(\})?")
 
 
 class _AtRunTime:
@@ -97,12 +100,12 @@ def _compile_string(value: str) -> str | _Text | _Whole:
             parts.append(value[pos : match.start()])
         if match.group(0) == "$${":
             parts.append("${")
+        elif match.group(2) is None:
+            raise ReferenceSyntaxError(f"{value!r} has a '${{' without its closing '}}'")
         else:
             parts.append(parse_ref(match.group(1)))
         pos = match.end()
     rest = value[pos:]
-    if "${" in rest:
-        raise ReferenceSyntaxError(f"{value!r} has a '${{' without its closing '}}'")
     if rest:
         parts.append(rest)
     if len(parts) == 1 and isinstance(parts[0], Ref):

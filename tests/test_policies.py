@@ -12,6 +12,7 @@ import grpc
 import pytest
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from flowsvc import (
@@ -478,6 +479,23 @@ async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None
     assert "'task2', which cannot have run before 'echo'" in found["flow.tasks[0].params.x"]
     assert "neither 'input' nor a task" in found["flow.tasks[1].params.delay_seconds"]
     assert "closing" in found["flow.tasks[2].params"]
+
+
+async def test_many_unclosed_references_are_refused_at_once(stub, health_stub) -> None:
+    # Each "${" without a "}" used to start a scan to the end of the string again: a
+    # 100 KB param took the event loop for about half a minute (health and every other
+    # call waited), a 2 MB one for hours.
+    flow = chain(("echo", {"x": "${" * 50_000}))
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    checked = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow), timeout=5)
+    assert [v.field for v in checked.violations] == ["flow.tasks[0].params"]
+    assert "without its closing" in checked.violations[0].description
+    assert time.monotonic() - started < 2
+    served = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert served.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
