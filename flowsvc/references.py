@@ -22,6 +22,8 @@ from typing import Any
 
 INPUT = "input"
 RESULT_FIELDS = ("data", "status", "error")
+#: Longest echo of a client's text in an error (errors travel in trailers and results).
+MAX_ECHO = 64
 
 #: "$${", or "${" and what follows up to its "}" (group 2 is None when there is none: a
 #: match then runs to the end of the string, so a scan never starts again after an
@@ -41,6 +43,11 @@ class _AtRunTime:
 #: What a task's params check (TaskRegistry.register's `check`) gets for a param whose
 #: value holds a reference: it is known only when the task runs.
 AT_RUN_TIME: Any = _AtRunTime()
+
+
+def clip(text: str) -> str:
+    """`text`, cut to MAX_ECHO characters (with "..." when cut)."""
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "..."
 
 
 class ReferenceSyntaxError(ValueError):
@@ -63,11 +70,11 @@ class Ref:
 def parse_ref(body: str) -> Ref:
     parts = body.strip().split(".")
     if not parts[0] or any(not p for p in parts):
-        raise ReferenceSyntaxError(f"'${{{body}}}' is not a reference like ${{input.key}}")
+        raise ReferenceSyntaxError(f"'${{{clip(body)}}}' is not a reference like ${{input.key}}")
     ref = Ref(body.strip(), parts[0], tuple(parts[1:]))
     if ref.root != INPUT and ref.path and ref.path[0] not in RESULT_FIELDS:
         raise ReferenceSyntaxError(
-            f"'${{{body}}}': after a task name comes one of {', '.join(RESULT_FIELDS)}"
+            f"'${{{clip(body)}}}': after a task name comes one of {', '.join(RESULT_FIELDS)}"
         )
     return ref
 
@@ -101,7 +108,7 @@ def _compile_string(value: str) -> str | _Text | _Whole:
         if match.group(0) == "$${":
             parts.append("${")
         elif match.group(2) is None:
-            raise ReferenceSyntaxError(f"{value!r} has a '${{' without its closing '}}'")
+            raise ReferenceSyntaxError(f"{clip(value)!r} has a '${{' without its closing '}}'")
         else:
             parts.append(parse_ref(match.group(1)))
         pos = match.end()
@@ -234,19 +241,20 @@ def follow_path(value: Any, path: tuple[str, ...], ref: Ref, walked: tuple[str, 
     """value[path[0]][path[1]]..., list indexes as numbers; MissingReferenceError if absent.
     `walked`: the segments of the reference already followed to reach `value`."""
     for depth, key in enumerate(path):
-        where = ".".join((ref.root, *walked, *path[:depth]))
+        where = clip(".".join((ref.root, *walked, *path[:depth])))
+        text = clip(ref.text)
         if isinstance(value, Mapping):
             if key not in value:
-                raise MissingReferenceError(f"${{{ref.text}}}: {where} has no key {key!r}")
+                raise MissingReferenceError(f"${{{text}}}: {where} has no key {clip(key)!r}")
             value = value[key]
         elif isinstance(value, list):
             if not key.isdigit() or int(key) >= len(value):
                 raise MissingReferenceError(
-                    f"${{{ref.text}}}: {where} is a list of {len(value)}; no index {key!r}"
+                    f"${{{text}}}: {where} is a list of {len(value)}; no index {clip(key)!r}"
                 )
             value = value[int(key)]
         else:
             raise MissingReferenceError(
-                f"${{{ref.text}}}: {where} is a {type(value).__name__}, not an object or list"
+                f"${{{text}}}: {where} is a {type(value).__name__}, not an object or list"
             )
     return value

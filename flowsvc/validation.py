@@ -14,7 +14,7 @@ from typing import Any
 
 from flowsvc.errors import Violation
 from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task
-from flowsvc.references import INPUT, ReferenceSyntaxError, compile_params
+from flowsvc.references import INPUT, MAX_ECHO, ReferenceSyntaxError, clip, compile_params
 from flowsvc.registry import TaskRegistry, TaskSpec
 
 logger = logging.getLogger("flowsvc.validation")
@@ -42,9 +42,6 @@ class Limits:
     #: The longest backoff a retry policy may ask for, in seconds.
     max_backoff_s: float = 3600.0
 
-
-#: Longest echo of a client's value in a violation (violations travel in trailers).
-MAX_ECHO = 64
 
 #: Longest flow name, in characters. It travels in every ListExecutions entry and every
 #: `started` event, which no size limit guards: a page of 1,000 entries stays far under
@@ -293,13 +290,13 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
         if not graph.declares(ref.root):
             bad(
                 field,
-                f"'${{{_clip(ref.text)}}}' refers to {_show(ref.root)}, which is neither "
+                f"'${{{clip(ref.text)}}}' refers to {_show(ref.root)}, which is neither "
                 f"{INPUT!r} nor a task of the flow",
             )
         elif task.name and not graph.may_run_before(ref.root, task.name):
             bad(
                 field,
-                f"'${{{_clip(ref.text)}}}' refers to {_show(ref.root)}, which cannot have "
+                f"'${{{clip(ref.text)}}}' refers to {_show(ref.root)}, which cannot have "
                 f"run before {_show(task.name)}",
             )
     if nested_too_deep(task.params):
@@ -378,7 +375,3 @@ def _json_name(value: Any) -> str:
         if _is_json_type(value, name):
             return name
     return type(value).__name__
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "..."

@@ -498,6 +498,33 @@ async def test_many_unclosed_references_are_refused_at_once(stub, health_stub) -
     assert served.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize(
+    "param",
+    ["${" * 50_000, "${" + "x." * 50_000 + "}", "${task2." + "y" * 100_000 + "}"],
+    ids=["unclosed", "empty-segment", "after-task-name"],
+)
+async def test_a_long_bad_reference_is_shown_cut_short(stub, param: str) -> None:
+    # The whole param used to be echoed: the violation alone outgrew the BadRequest
+    # budget, so the detail said only "... and 1 more violation(s)".
+    flow = chain(("echo", {"x": param}), "task2")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(info.value)
+    assert list(found) == ["flow.tasks[0].params"]
+    assert len(found["flow.tasks[0].params"]) < 200
+    checked = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow), timeout=10)
+    assert [len(v.description) < 200 for v in checked.violations] == [True]
+
+
+def test_a_long_missing_reference_fails_its_task_with_a_short_error(registry) -> None:
+    path = ".".join(["a"] * 100_000)
+    flow = Flow("f", "echo", (Task("echo", params={"x": "${input." + path + "}"}),), ())
+    record = run(registry, flow, {"a": {}}).history[0]
+    assert record.status is TaskStatus.FAILURE
+    assert "has no key 'a'" in (record.error or "") and len(record.error or "") < 300
+
+
 async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
     # A typo would otherwise be ignored: `secs` would sleep the default second.
     flow = chain(
