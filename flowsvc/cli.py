@@ -109,7 +109,7 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     plan = engine.prepare(convert.request_flow_from_pb(request))
 
     async def collect(stop: StopHandle) -> list[Event]:
-        flow_input = convert.struct_from_pb(request.input)
+        flow_input = convert.struct_from_pb(request.input, "input")
         return [ev async for ev in engine.events(plan, flow_input, stop=stop)]
 
     async def run() -> int:
@@ -146,7 +146,11 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
 def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
     engine, _ = _engine(settings)
     request = _read_request(args.flow_file, None)
-    response = convert.violations_to_pb(engine.validate(convert.request_flow_from_pb(request)))
+    try:
+        violations = engine.validate(convert.request_flow_from_pb(request))
+    except FlowValidationError as exc:  # params no JSON can hold (NaN): violations too
+        violations = list(exc.violations)
+    response = convert.violations_to_pb(violations)
     _print(response)
     return EXIT_OK if response.valid else EXIT_FLOW_FAILED
 

@@ -6,6 +6,7 @@ Functions are named `x_from_pb` / `x_to_pb`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from flowsvc.errors import Violation
+from flowsvc.errors import FlowValidationError, InvalidArgumentError, Violation
 from flowsvc.models import (
     NO_RETRY,
     Condition,
@@ -46,11 +47,41 @@ _FLOW_STATUS_TO_PB = {
 }
 
 
-def struct_from_pb(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict (numbers come back as floats, as in JSON)."""
+def struct_from_pb(
+    struct: struct_pb2.Struct,
+    field: str = "",
+    error: type[InvalidArgumentError] = InvalidArgumentError,
+) -> dict[str, Any]:
+    """A Struct as a plain dict (numbers come back as floats, as in JSON). A number that
+    is NaN or Infinity, which JSON has not (protobuf's own JSON refuses it in a Value),
+    is `error` naming it below `field`."""
     if not struct.fields:
         return {}  # most inputs: MessageToDict costs microseconds even for nothing
-    return json_format.MessageToDict(struct)
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        for key, value in struct.fields.items():
+            if (found := _not_finite(value, f"{field}.{key}")) is not None:
+                path, number = found
+                raise error.one(path, f"is {number}, not a JSON number") from None
+        raise
+
+
+def _not_finite(value: struct_pb2.Value, path: str) -> tuple[str, float] | None:
+    """The path and value of the first NaN or Infinity in `value` (the decoder bounds
+    how deep this recurses)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return None if math.isfinite(value.number_value) else (path, value.number_value)
+    if kind == "struct_value":
+        for key, item in value.struct_value.fields.items():
+            if (found := _not_finite(item, f"{path}.{key}")) is not None:
+                return found
+    elif kind == "list_value":
+        for i, item in enumerate(value.list_value.values):
+            if (found := _not_finite(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 def struct_to_pb(data: Mapping[str, Any], out: struct_pb2.Struct) -> None:
@@ -90,11 +121,11 @@ def retry_from_pb(pb: flow_pb2.RetryPolicy) -> RetryPolicy:
     )
 
 
-def task_from_pb(pb: flow_pb2.Task) -> Task:
+def task_from_pb(pb: flow_pb2.Task, prefix: str = "task") -> Task:
     return Task(
         name=pb.name,
         description=pb.description,
-        params=struct_from_pb(pb.params),
+        params=struct_from_pb(pb.params, f"{prefix}.params", FlowValidationError),
         timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
         retry=retry_from_pb(pb.retry) if pb.HasField("retry") else NO_RETRY,
     )
@@ -106,7 +137,7 @@ def flow_from_pb(pb: flow_pb2.Flow) -> Flow:
         name=pb.name,
         start_task=pb.start_task,
         timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
-        tasks=tuple(task_from_pb(t) for t in pb.tasks),
+        tasks=tuple(task_from_pb(t, f"flow.tasks[{i}]") for i, t in enumerate(pb.tasks)),
         conditions=tuple(
             Condition(
                 source_task=c.source_task,

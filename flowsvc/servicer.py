@@ -37,6 +37,7 @@ from flowsvc import convert
 from flowsvc.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
+    FlowValidationError,
     InvalidArgumentError,
     NotFoundError,
     ResponseTooLargeError,
@@ -238,7 +239,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         )
         return await self.manager.start(
             lambda: convert.request_flow_from_pb(request),
-            convert.struct_from_pb(request.input),
+            convert.struct_from_pb(request.input, "input"),
             request_id=request.request_id,
             continue_on_disconnect=request.continue_on_disconnect,
             cache_key=key,
@@ -317,7 +318,11 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def ValidateFlow(
         self, request: pb.ValidateFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ValidateFlowResponse:
-        return convert.violations_to_pb(self.engine.validate(convert.request_flow_from_pb(request)))
+        try:
+            flow = convert.request_flow_from_pb(request)
+        except FlowValidationError as exc:  # params no JSON can hold: data, like the rest
+            return convert.violations_to_pb(exc.violations)
+        return convert.violations_to_pb(self.engine.validate(flow))
 
     @unary
     async def ListTasks(

@@ -723,3 +723,30 @@ async def test_task_data_no_client_could_read_fails_that_task(
         flow_service_pb2.GetExecutionRequest(flow_id=done.flow_id), timeout=TIMEOUT
     )
     assert got.execution.status == flow_pb2.FLOW_STATUS_FAILED
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+async def test_nan_or_infinity_in_input_or_params_is_invalid_argument(
+    stub, calls, number: float
+) -> None:
+    # JSON has no NaN or Infinity (protobuf's JSON refuses them in a Value): they were
+    # an INTERNAL error, with a traceback in the log.
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain("count"))
+    request.input.update({"ok": 1, "a": {"b": [0, number]}})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert one(bad_request(info.value), "input.a.b[1]") == f"is {number}, not a JSON number"
+
+    flow = chain("count", ("echo", {"x": {"y": number}}))
+    assert fields(await execute_violations(stub, flow)) == ["flow.tasks[1].params.x.y"]
+    err, received = await stream_error(stub, flow)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and received == []
+    checked = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert not checked.valid
+    assert [(v.field, v.description) for v in checked.violations] == [
+        ("flow.tasks[1].params.x.y", f"is {number}, not a JSON number")
+    ]
+    assert calls == []
