@@ -14,7 +14,12 @@ from typing import Any, TypeVar
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from flowsvc.errors import FlowValidationError, InvalidArgumentError, Violation
+from flowsvc.errors import (
+    FlowValidationError,
+    InvalidArgumentError,
+    ResponseTooLargeError,
+    Violation,
+)
 from flowsvc.models import (
     NO_RETRY,
     Condition,
@@ -295,27 +300,66 @@ def _final(events: Sequence[Event]) -> FlowFinished | None:
     return last if isinstance(last, FlowFinished) else None
 
 
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _add_history(
+    flow_id: str, events: Sequence[Event], out: Any, size: int, max_bytes: int, nested: bool
+) -> None:
+    """Add each task result of `events` to `out` (an `execution_history` field, 1-byte
+    tag) of a message `size` bytes long before; ResponseTooLargeError as soon as the
+    answer grows past `max_bytes` (0: no limit), the rest not built: built whole first,
+    an answer a thousand times too large took that much memory, and more, to refuse.
+    `nested`: that message is itself a field (1-byte tag) of the answer."""
+
+    def check() -> None:
+        total = size + 1 + _varint_size(size) if nested else size
+        if total > max_bytes:
+            raise ResponseTooLargeError(
+                f"the answer for execution {flow_id} is over this server's limit of "
+                f"{max_bytes:,} bytes (--max-response-bytes; gRPC clients accept 4 MiB by "
+                "default): read its results one message each with WatchExecution"
+            )
+
+    if max_bytes:
+        check()
+    add = out.add
+    for event in events:
+        if isinstance(event, TaskCompleted):
+            step = add()
+            step_to_pb(event.record, step)
+            if max_bytes:
+                step_size = step.ByteSize()
+                size += 1 + _varint_size(step_size) + step_size
+                check()
+
+
 def execute_response_from_events(
-    flow_id: str, events: Sequence[Event]
+    flow_id: str, events: Sequence[Event], max_bytes: int = 0
 ) -> flow_service_pb2.ExecuteFlowResponse:
-    """The ExecuteFlow response for an ended execution's events."""
+    """The ExecuteFlow response for an ended execution's events; ResponseTooLargeError
+    if it would be larger than `max_bytes` (0: no limit)."""
     final = _final(events)
     out = flow_service_pb2.ExecuteFlowResponse(
         flow_id=flow_id,
         status=_FLOW_STATUS_TO_PB[final.status] if final else flow_pb2.FLOW_STATUS_RUNNING,
         message=final.message if final else "",
     )
-    add = out.execution_history.add
-    for event in events:
-        if isinstance(event, TaskCompleted):
-            step_to_pb(event.record, add())
+    size = out.ByteSize() if max_bytes else 0
+    _add_history(flow_id, events, out.execution_history, size, max_bytes, nested=False)
     return out
 
 
 def stored_execution_to_pb(
-    record: ExecutionRecord, events: Sequence[Event], out: flow_service_pb2.Execution
+    record: ExecutionRecord,
+    events: Sequence[Event],
+    out: flow_service_pb2.Execution,
+    max_bytes: int = 0,
 ) -> None:
-    """Fill an Execution message from its record and events."""
+    """Fill an Execution message from its record and events; ResponseTooLargeError if
+    the answer holding it (as its one field) would be larger than `max_bytes` (0: no
+    limit)."""
     out.flow_id = record.flow_id
     flow_to_pb(record.flow, out.flow)
     struct_to_pb(record.input, out.input)
@@ -326,10 +370,9 @@ def stored_execution_to_pb(
     _set_time(out.create_time, record.created_at)
     if record.finished_at is not None:
         _set_time(out.end_time, record.finished_at)
-    for event in events:
-        if isinstance(event, TaskCompleted):
-            step_to_pb(event.record, out.execution_history.add())
     out.last_sequence = len(events)
+    size = out.ByteSize() if max_bytes else 0
+    _add_history(record.flow_id, events, out.execution_history, size, max_bytes, nested=True)
 
 
 def summary_to_pb(record: ExecutionRecord, out: flow_service_pb2.ExecutionSummary) -> None:

@@ -206,9 +206,6 @@ def streaming(
     return wrapper
 
 
-_M = TypeVar("_M", bound=pb_message.Message)
-
-
 class FlowServicer(pb_grpc.FlowServiceServicer):
     """flowmanager.v1.FlowService: convert, call the manager or engine, convert back."""
 
@@ -217,19 +214,6 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self.engine = manager.engine
         #: The largest answer carrying a whole execution (0: no limit).
         self.max_response_bytes = max_response_bytes
-
-    def _fits(self, response: _M, flow_id: str) -> _M:
-        """`response`, unless it is larger than a client takes by default: then a clear
-        error naming the execution (the client would otherwise fail to decode it, and
-        not even learn the flow_id)."""
-        if self.max_response_bytes and (size := response.ByteSize()) > self.max_response_bytes:
-            raise ResponseTooLargeError(
-                f"the answer for execution {flow_id} is {size:,} bytes, over this server's "
-                f"limit of {self.max_response_bytes:,} (--max-response-bytes; gRPC clients "
-                "accept 4 MiB by default): read its results one message each with "
-                "WatchExecution"
-            )
-        return response
 
     async def _start(self, request: pb.ExecuteFlowRequest | pb.StreamFlowRequest) -> Attachment:
         # The flow's bytes key the manager's cache of validated flows: a flow sent before
@@ -256,8 +240,9 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             completed = True
         finally:
             self.manager.release(attachment, completed=completed)
-        response = convert.execute_response_from_events(attachment.flow_id, events)
-        return self._fits(response, attachment.flow_id)
+        return convert.execute_response_from_events(
+            attachment.flow_id, events, self.max_response_bytes
+        )
 
     @streaming
     async def StreamFlow(
@@ -286,8 +271,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     ) -> pb.GetExecutionResponse:
         record, events = await self.manager.get(parse_flow_id(request.flow_id))
         response = pb.GetExecutionResponse()
-        convert.stored_execution_to_pb(record, events, response.execution)
-        return self._fits(response, record.flow_id)
+        convert.stored_execution_to_pb(record, events, response.execution, self.max_response_bytes)
+        return response
 
     @unary
     async def CancelExecution(
@@ -295,8 +280,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     ) -> pb.CancelExecutionResponse:
         record, events = await self.manager.cancel(parse_flow_id(request.flow_id))
         response = pb.CancelExecutionResponse()
-        convert.stored_execution_to_pb(record, events, response.execution)
-        return self._fits(response, record.flow_id)
+        convert.stored_execution_to_pb(record, events, response.execution, self.max_response_bytes)
+        return response
 
     @unary
     async def ListExecutions(

@@ -584,7 +584,7 @@ async def test_unparsable_stream_request_is_invalid_argument(
 async def test_unexpected_error_is_internal_with_an_error_id_and_no_internals(
     stub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def explode(flow_id, events):
+    def explode(flow_id, events, max_bytes=0):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(convert, "execute_response_from_events", explode)

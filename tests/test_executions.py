@@ -731,6 +731,43 @@ async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execu
         assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
+@pytest.mark.parametrize("db", [":memory:", "sqlite"])
+async def test_an_answer_far_too_large_is_refused_without_being_built(
+    tmp_path: Path, registry, monkeypatch: pytest.MonkeyPatch, db: str
+) -> None:
+    # A 256 KiB input echoed 1,000 times made a 262 MB answer, built whole (about 1 GB
+    # at its peak) just to be refused; with max_steps up to the cap, enough to kill the
+    # server. The answer is now refused as soon as it outgrows the limit.
+    from flowsvc import convert
+
+    built: list[str] = []
+    step_to_pb = convert.step_to_pb
+
+    def counting(record, out) -> None:  # type: ignore[no-untyped-def]
+        built.append(record.task)
+        step_to_pb(record, out)
+
+    monkeypatch.setattr(convert, "step_to_pb", counting)
+    path = ":memory:" if db == ":memory:" else str(tmp_path / "big.db")
+    settings = Settings(listen="127.0.0.1:0", db=path, max_response_bytes=10_000)
+    async with serving(settings, registry) as (_, _, stub):
+        flow = flow_pb(["echo"], {"echo": ("echo", "end")}, max_steps=50)
+        request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
+        request.input.update({"blob": "x" * 3000})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "limit of 10,000" in details
+        assert len(built) <= 4, len(built)  # 3 results fit, the 4th does not: 50 ran
+        flow_id = re.search(r"execution ([0-9a-f-]{36})", details).group(1)  # type: ignore[union-attr]
+        built.clear()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=flow_id))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(built) <= 4, len(built)
+
+
 # -- the store: errors, health, retention, shutdown ----------------------------------------
 
 
