@@ -456,8 +456,8 @@ class ExecutionManager:
                     raise
             if existing is None:
                 run = self._launch(new.flow_id, plan, flow_input, continue_on_disconnect, callers=1)
-        except StoreUnavailableError:
-            self._set_store_health(False)
+        except StoreUnavailableError as exc:
+            self._set_store_health(False, exc)
             raise
         finally:
             if not orphaned:
@@ -640,7 +640,7 @@ class ExecutionManager:
         except StoreUnavailableError as exc:
             # The event could not be committed, so it is not sent. Its end is recorded
             # once the store can write again (see _probe_store).
-            self._set_store_health(False)
+            self._set_store_health(False, exc)
             self._unrecorded[run.flow_id] = f"Flow interrupted: the execution store failed: {exc}"
             if run.error is None:
                 run.fail(exc)
@@ -760,19 +760,20 @@ class ExecutionManager:
         """Await a store call; on StoreUnavailableError, turn unhealthy until a probe succeeds."""
         try:
             return await awaitable
-        except StoreUnavailableError:
-            self._set_store_health(False)
+        except StoreUnavailableError as exc:
+            self._set_store_health(False, exc)
             raise
 
-    def _set_store_health(self, healthy: bool) -> None:
+    def _set_store_health(self, healthy: bool, error: Exception | None = None) -> None:
+        """Record whether the store can write; `error` is why it cannot (for the log: the
+        operator who reads "execution store failed" needs the reason the clients got)."""
         if healthy == self.store_healthy:
             return
         self.store_healthy = healthy
-        log_event(
-            logger,
-            logging.INFO if healthy else logging.ERROR,
-            "execution store is writable again" if healthy else "execution store failed",
-        )
+        if healthy:
+            log_event(logger, logging.INFO, "execution store is writable again")
+        else:
+            log_event(logger, logging.ERROR, "execution store failed", error=str(error))
         if self._on_store_health is not None:
             self._on_store_health(healthy)
         if not healthy and (self._probe is None or self._probe.done()):

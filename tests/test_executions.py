@@ -844,6 +844,28 @@ async def test_full_database_is_unavailable_not_unknown(tmp_path: Path, registry
         await server.shutdown(grace=0)
 
 
+async def test_the_store_failure_log_line_says_why(
+    tmp_path: Path, registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The operator's one ERROR line for a store that stopped writing named no reason,
+    # while every client was told "database or disk is full".
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "small.db"), db_max_bytes=64 * 1024)
+    async with serving(settings, registry) as (_, _, stub):
+        big = {"blob": "x" * 2000}
+        for _ in range(100):
+            try:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain(("echo", big))), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                break
+        else:
+            pytest.fail("the database never filled up")
+    (failed,) = [r for r in caplog.records if r.getMessage() == "execution store failed"]
+    assert failed.levelno == logging.ERROR
+    assert "full" in failed.error  # type: ignore[attr-defined]
+
+
 async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_again(
     tmp_path: Path, registry
 ) -> None:
