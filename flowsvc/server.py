@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import logging
 import socket
+import time
 import types
 from typing import Any
 
@@ -269,6 +270,9 @@ class FlowServer:
         self._executor = executor
         self._settings = settings
         self._stopped = False
+        #: When (monotonic) shutdown stopped the flows still running at the grace period's
+        #: end; None if every flow ended within it.
+        self.flows_stopped_at: float | None = None
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: NOT_SERVING, refuse new flows, let running ones finish."""
@@ -296,6 +300,7 @@ class FlowServer:
                 running_flows=self.manager.in_flight,
             )
             # They end CANCELLED (recorded), and their callers get that as data with OK.
+            self.flows_stopped_at = time.monotonic()
             self.manager.stop_all("the server is shutting down")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.manager.wait_idle(), timeout=CUT_OFF_SECONDS)
