@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import importlib
 import importlib.metadata
+import importlib.resources
 import logging
 import socket
 import time
 import types
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -143,8 +145,7 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     servicer answers both, and v1's descriptor (for clients that describe it) is made
     from v1alpha's."""
     _add_reflection_v1_descriptor()
-    # reflection.aio is the library's public asyncio servicer; its type stubs omit it.
-    servicer = reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+    servicer = _DocumentedReflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
     )
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
@@ -156,6 +157,47 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
     )
+
+
+#: The FileDescriptorSet of proto/ with its comments, beside the generated code.
+DESCRIPTOR_SET = "descriptor_set.binpb"
+
+
+def _comments() -> dict[str, descriptor_pb2.SourceCodeInfo]:
+    """The comments (SourceCodeInfo) of flowmanager's .proto files, by file name."""
+    blob = importlib.resources.files(flow_service_pb2.__package__).joinpath(DESCRIPTOR_SET)
+    files = descriptor_pb2.FileDescriptorSet.FromString(blob.read_bytes()).file
+    return {file.name: file.source_code_info for file in files}
+
+
+# reflection.aio is the library's public asyncio servicer; its type stubs omit it.
+class _DocumentedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]
+    """grpc's asyncio reflection servicer, sending flowmanager's files with their comments.
+
+    The library serializes files from the descriptor pool, which keeps no comments
+    (SourceCodeInfo), so `grpcurl describe` showed bare fields. Each flowmanager file in
+    an answer gets protoc's SourceCodeInfo back (scripts/gen_protos.py), and nothing else
+    changes: protoc's own file would also carry json_name, and grpcurl would then print
+    flowId where it prints flow_id.
+    """
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        super().__init__(service_names)
+        self._comments = _comments()
+
+    async def ServerReflectionInfo(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            if response.HasField("file_descriptor_response"):
+                files = response.file_descriptor_response.file_descriptor_proto
+                for i, serialized in enumerate(files):
+                    file = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+                    comments = self._comments.get(file.name)
+                    if comments is not None:
+                        file.source_code_info.CopyFrom(comments)
+                        files[i] = file.SerializeToString()
+            yield response
 
 
 def _add_reflection_v1_descriptor() -> None:

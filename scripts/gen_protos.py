@@ -19,6 +19,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT = ROOT / "generated"
+#: The FileDescriptorSet of proto/ with comments, relative to generated/.
+DESCRIPTOR_SET = "flowmanager/v1/descriptor_set.binpb"
 
 
 def generate(out: Path) -> None:
@@ -32,8 +34,13 @@ def generate(out: Path) -> None:
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        # The protos with their comments (SourceCodeInfo, which _pb2.py leaves out), for
+        # server reflection: `grpcurl describe` shows them.
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_source_info",
         *protos,
     ]
+    (out / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # Make every generated directory a regular package, so mypy and setuptools see it.

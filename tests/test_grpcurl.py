@@ -152,6 +152,15 @@ def test_describe_flow_shows_fields(grpcurl_server: ServerProcess) -> None:
     assert fields == ["name", "start_task", "tasks", "conditions", "max_steps", "timeout"]
 
 
+def test_describe_shows_the_proto_comments(grpcurl_server: ServerProcess) -> None:
+    # The contract's comments are its documentation; reflection used to send the files
+    # without them, so describe showed bare fields.
+    flow = output(grpcurl(grpcurl_server, DESCRIBE_FLOW))
+    assert "// Required. The name of the task that runs first" in flow
+    service = output(grpcurl(grpcurl_server, DESCRIBE_SERVICE))
+    assert "// Runs a flow to completion and returns its whole execution history." in service
+
+
 def test_list_tasks(grpcurl_server: ServerProcess) -> None:
     tasks = json_output(grpcurl(grpcurl_server, LIST_TASKS))["tasks"]
     assert [t["name"] for t in tasks] == BUILTIN_TASKS

@@ -69,6 +69,7 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
         "flowmanager/v1/flow_service_pb2.py",
         "flowmanager/v1/flow_service_pb2.pyi",
         "flowmanager/v1/flow_service_pb2_grpc.py",
+        "flowmanager/v1/descriptor_set.binpb",
     ):
         assert required in names
     assert not [n for n in names if n.startswith("tests/")]
