@@ -79,6 +79,9 @@ def _listen(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"must be host:port, not {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # gRPC reads ::1:50051 as some other address and fails with no reason given.
+        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}, not {text!r}")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"the port must be a number from 0 to 65535, not {port!r}")
     return text
