@@ -75,6 +75,9 @@ def _listen(text: str) -> str:
     """host:port with a port from 0 to 65535 (gRPC would silently wrap a larger one);
     unix: and unix-abstract: addresses are passed through."""
     if text.startswith(("unix:", "unix-abstract:")):
+        if not text.partition(":")[2]:
+            # gRPC takes it, and listens on a nameless abstract socket no client can reach.
+            raise ValueError(f"must name the socket after {text!r} (unix:/run/flowsvc.sock)")
         return text
     host, sep, port = text.rpartition(":")
     if not sep or not host:

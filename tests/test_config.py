@@ -31,6 +31,8 @@ def test_flag_wins_over_environment_which_wins_over_default() -> None:
         ({"FLOWSVC_DB_SYNCHRONOUS": "OFF"}, "FLOWSVC_DB_SYNCHRONOUS"),
         ({"FLOWSVC_DB": " "}, "FLOWSVC_DB"),
         ({"FLOWSVC_LISTEN": "::1:50051"}, r"FLOWSVC_LISTEN.*brackets: \[::1\]:50051"),
+        ({"FLOWSVC_LISTEN": "unix:"}, "FLOWSVC_LISTEN.*must name the socket"),
+        ({"FLOWSVC_LISTEN": "unix-abstract:"}, "FLOWSVC_LISTEN.*must name the socket"),
         # Past what they are handed to: gRPC's C int, a date before year 1, a timer.
         ({"FLOWSVC_MAX_MESSAGE_BYTES": "3000000000"}, "FLOWSVC_MAX_MESSAGE_BYTES.*at most"),
         ({"FLOWSVC_RETENTION_SECONDS": "1e11"}, "FLOWSVC_RETENTION_SECONDS.*at most"),
