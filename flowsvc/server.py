@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import importlib.resources
 import logging
+import os
 import socket
 import time
 import types
@@ -117,6 +118,8 @@ def load_task_modules(
 def _bind_problem(listen: str) -> str | None:
     """Why `listen` (host:port) cannot be bound, as the system says it (gRPC's error does
     not): the same bind, tried with a plain socket. None if it can be bound after all."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return _unix_bind_problem(listen)
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "::"
     try:
@@ -131,6 +134,20 @@ def _bind_problem(listen: str) -> str | None:
                 probe.bind(address)
             except OSError as exc:
                 return exc.strerror or str(exc)
+    return None
+
+
+def _unix_bind_problem(listen: str) -> str | None:
+    """Why the socket of a unix: or unix-abstract: address cannot be bound, or None."""
+    scheme, _, name = listen.partition(":")
+    address = "\0" + name if scheme == "unix-abstract" else name
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    if scheme == "unix":
+        os.unlink(name)  # the probe's own socket file, made by the bind above
     return None
 
 

@@ -244,6 +244,9 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
         )
         in_use = refused("--listen", srv.address, "--db", ":memory:")
         assert "cannot listen on" in in_use and "Address already in use" in in_use
+    # A unix socket's reason, too (it was "cannot resolve 'unix': invalid literal for int()").
+    no_dir = refused("--listen", f"unix:{tmp_path / 'no' / 'x.sock'}", "--db", ":memory:")
+    assert no_dir.endswith("No such file or directory"), no_dir
 
 
 async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
