@@ -49,8 +49,11 @@ SERVICE = flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"]
 SERVICE_NAME = SERVICE.full_name
 #: The --db value that keeps executions in memory only (MemoryStore).
 MEMORY = ":memory:"
-#: How long RPCs get to send their last messages once every flow has ended.
+#: How long RPCs get to send their last messages once every flow has ended: at most this,
+#: and no more than what is left of the grace period and its cut-off second, but at least
+#: FINAL_RPC_MIN_SECONDS.
 FINAL_RPC_GRACE_SECONDS = 2.0
+FINAL_RPC_MIN_SECONDS = 0.5
 #: Names of the threads that run sync tasks.
 TASK_THREAD_PREFIX = "flowsvc-task"
 
@@ -339,6 +342,10 @@ class FlowServer:
             return
         self._stopped = True
         grace = self._settings.grace_seconds if grace is None else grace
+        # A client that stopped reading its stream holds its RPC until server.stop gives
+        # up on it: that wait must not push the exit past the grace period and the
+        # cut-off second (the image's 8 s grace must end before docker stop's 10 s kill).
+        stop_by = time.monotonic() + grace + CUT_OFF_SECONDS
         await self.health.enter_graceful_shutdown()
         self.manager.draining = True
         log_event(
@@ -370,7 +377,8 @@ class FlowServer:
         await self.health.close(wait_seconds=1.0)
         # The flows have ended; their RPCs may still be sending the last messages: let
         # them (stop returns as soon as every RPC is done).
-        await self.server.stop(FINAL_RPC_GRACE_SECONDS)
+        left = stop_by - time.monotonic()
+        await self.server.stop(max(FINAL_RPC_MIN_SECONDS, min(FINAL_RPC_GRACE_SECONDS, left)))
         # Whatever still runs now (a task ignoring cancellation) is cut off, recorded
         # INTERRUPTED, and the store is closed.
         await self.manager.close()

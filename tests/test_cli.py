@@ -628,6 +628,46 @@ async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path
             assert "ignored cancellation" in got.execution.message
 
 
+async def test_a_client_that_stopped_reading_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """A flow running past the grace period, and a stream whose client stopped reading:
+    the server waited a further 2 s for that stream's RPC (FINAL_RPC_GRACE_SECONDS), and
+    the image's 8 s grace ended at 10 s, when docker stop kills."""
+    with server_process(tmp_path, "--grace-seconds", "0.2", "--db", ":memory:") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            slow = stub.StreamFlow(
+                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60})))
+            )
+            await slow.read()
+            # 500 steps of 20 KB each: far more than the stream's flow-control window.
+            big = chain(("echo", {"x": "y" * 20_000}))
+            big.name, big.max_steps = "big", 500
+            big.conditions.add(
+                source_task="echo", target_task_success="echo", target_task_failure="end"
+            )
+            unread = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=big))
+            await unread.read()  # and never again
+
+            async def big_ended() -> bool:
+                listed = await stub.ListExecutions(
+                    flow_service_pb2.ListExecutionsRequest(flow_name="big")
+                )
+                return listed.executions[0].status != flow_pb2.FLOW_STATUS_RUNNING
+
+            deadline = time.monotonic() + 20
+            while not await big_ended():
+                assert time.monotonic() < deadline, "the big flow never ended"
+                await asyncio.sleep(0.05)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(srv.proc.wait, 30) == 0
+            unread.cancel()
+        lines = srv.log_lines()
+        over = next(line["ts"] for line in lines if line["msg"].startswith("grace period over"))
+        stopped = next(line["ts"] for line in lines if line["msg"] == "stopped")
+        gap = datetime.fromisoformat(stopped) - datetime.fromisoformat(over)
+        assert gap.total_seconds() < 1.6, gap  # before: 2 s
+
+
 async def test_policy_caps_are_configurable(tmp_path: Path) -> None:
     with server_process(
         tmp_path, "--max-attempts", "3", env={"FLOWSVC_MAX_TASK_TIMEOUT_SECONDS": "1"}
