@@ -304,16 +304,21 @@ def _varint_size(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def _add_history(
-    flow_id: str, events: Sequence[Event], out: Any, size: int, max_bytes: int, nested: bool
-) -> None:
-    """Add each task result of `events` to `out` (an `execution_history` field, 1-byte
-    tag) of a message `size` bytes long before; ResponseTooLargeError as soon as the
-    answer grows past `max_bytes` (0: no limit), the rest not built: built whole first,
-    an answer a thousand times too large took that much memory, and more, to refuse.
-    `nested`: that message is itself a field (1-byte tag) of the answer."""
+#: Answers with at most this many task results are built whole, then measured once (the
+#: common case, and the cheapest); longer ones are measured as each result is added.
+_BUILT_WHOLE = 16
 
-    def check() -> None:
+
+def _add_history(
+    flow_id: str, events: Sequence[Event], message: Any, max_bytes: int, nested: bool
+) -> None:
+    """Add each task result of `events` to `message.execution_history`;
+    ResponseTooLargeError as soon as the answer grows past `max_bytes` (0: no limit).
+    Built whole first, an answer a thousand times too large took that much memory, and
+    more, to refuse; so a long history is counted as it is built, and the rest is not.
+    `nested`: `message` is itself a field (1-byte tag) of the answer."""
+
+    def check(size: int) -> None:
         total = size + 1 + _varint_size(size) if nested else size
         if total > max_bytes:
             raise ResponseTooLargeError(
@@ -322,17 +327,23 @@ def _add_history(
                 "default): read its results one message each with WatchExecution"
             )
 
-    if max_bytes:
-        check()
-    add = out.add
+    add = message.execution_history.add
+    if not max_bytes or len(events) <= _BUILT_WHOLE:
+        for event in events:
+            if isinstance(event, TaskCompleted):
+                step_to_pb(event.record, add())
+        if max_bytes:
+            check(message.ByteSize())
+        return
+    size = message.ByteSize()
+    check(size)
     for event in events:
         if isinstance(event, TaskCompleted):
             step = add()
             step_to_pb(event.record, step)
-            if max_bytes:
-                step_size = step.ByteSize()
-                size += 1 + _varint_size(step_size) + step_size
-                check()
+            step_size = step.ByteSize()
+            size += 1 + _varint_size(step_size) + step_size  # its tag is 1 byte
+            check(size)
 
 
 def execute_response_from_events(
@@ -346,8 +357,7 @@ def execute_response_from_events(
         status=_FLOW_STATUS_TO_PB[final.status] if final else flow_pb2.FLOW_STATUS_RUNNING,
         message=final.message if final else "",
     )
-    size = out.ByteSize() if max_bytes else 0
-    _add_history(flow_id, events, out.execution_history, size, max_bytes, nested=False)
+    _add_history(flow_id, events, out, max_bytes, nested=False)
     return out
 
 
@@ -371,8 +381,7 @@ def stored_execution_to_pb(
     if record.finished_at is not None:
         _set_time(out.end_time, record.finished_at)
     out.last_sequence = len(events)
-    size = out.ByteSize() if max_bytes else 0
-    _add_history(record.flow_id, events, out.execution_history, size, max_bytes, nested=True)
+    _add_history(record.flow_id, events, out, max_bytes, nested=True)
 
 
 def summary_to_pb(record: ExecutionRecord, out: flow_service_pb2.ExecutionSummary) -> None:
