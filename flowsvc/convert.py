@@ -222,16 +222,35 @@ def event_to_pb(
     return out
 
 
+#: Bytes kept free in a ValidateFlow answer for the violation saying how many more there are.
+_MORE_VIOLATIONS_BYTES = 256
+
+
 def violations_to_pb(
-    violations: Sequence[Violation],
+    violations: Sequence[Violation], max_bytes: int = 0
 ) -> flow_service_pb2.ValidateFlowResponse:
-    """The ValidateFlow response for a list of violations."""
-    return flow_service_pb2.ValidateFlowResponse(
-        valid=not violations,
-        violations=[
-            flow_pb2.FlowViolation(field=v.field, description=v.description) for v in violations
-        ],
-    )
+    """The ValidateFlow response for a list of violations: all of them, or (`max_bytes`,
+    0: no limit) as many as fit in that many bytes, and a last one on field "flow" saying
+    how many more there are."""
+    out = flow_service_pb2.ValidateFlowResponse(valid=not violations)
+    add = out.violations.add
+    size, budget = 2, max_bytes - _MORE_VIOLATIONS_BYTES
+    for shown, v in enumerate(violations):
+        item = flow_pb2.FlowViolation(field=v.field, description=v.description)
+        if max_bytes:
+            item_size = item.ByteSize()
+            size += 1 + _varint_size(item_size) + item_size  # its tag is 1 byte
+            if size > budget:
+                more = len(violations) - shown
+                add(
+                    field="flow",
+                    description=f"and {more:,} more violation{'s' if more > 1 else ''}, not "
+                    f"shown: the answer would be over this server's limit of {max_bytes:,} "
+                    "bytes (--max-response-bytes)",
+                )
+                break
+        add().CopyFrom(item)
+    return out
 
 
 def tasks_to_pb(specs: Sequence[TaskSpec]) -> flow_service_pb2.ListTasksResponse:

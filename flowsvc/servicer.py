@@ -306,8 +306,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         try:
             flow = convert.request_flow_from_pb(request)
         except FlowValidationError as exc:  # params no JSON can hold: data, like the rest
-            return convert.violations_to_pb(exc.violations)
-        return convert.violations_to_pb(self.engine.validate(flow))
+            return convert.violations_to_pb(exc.violations, self.max_response_bytes)
+        return convert.violations_to_pb(self.engine.validate(flow), self.max_response_bytes)
 
     @unary
     async def ListTasks(

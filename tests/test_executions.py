@@ -731,6 +731,28 @@ async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execu
         assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
+async def test_validate_flow_shows_the_violations_that_fit_and_counts_the_rest(registry) -> None:
+    # 60,000 bad conditions made a 16.8 MB answer no default client could read.
+    flow = flow_pb(["noop"])
+    for i in range(400):
+        flow.conditions.add(source_task=f"ghost{i}", target_task_success="end")
+    request = flow_service_pb2.ValidateFlowRequest(flow=flow)
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", max_response_bytes=4000)
+    async with serving(settings, registry) as (_, _, stub):
+        response = await stub.ValidateFlow(request)
+    assert not response.valid and response.ByteSize() <= 4000
+    *shown, last = response.violations
+    assert len(shown) > 10, len(shown)
+    more = int(re.search(r"and ([\d,]+) more violations, not shown", last.description)[1])  # type: ignore[index]
+    assert last.field == "flow" and "limit of 4,000 bytes" in last.description
+    async with serving(dataclasses.replace(settings, max_response_bytes=0), registry) as served:
+        every = (await served.stub.ValidateFlow(request)).violations
+    assert len(every) == len(shown) + more
+    assert [(v.field, v.description) for v in shown] == [
+        (v.field, v.description) for v in every[: len(shown)]
+    ]
+
+
 @pytest.mark.parametrize("db", [":memory:", "sqlite"])
 async def test_an_answer_far_too_large_is_refused_without_being_built(
     tmp_path: Path, registry, monkeypatch: pytest.MonkeyPatch, db: str
