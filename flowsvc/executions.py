@@ -42,7 +42,7 @@ from flowsvc.errors import (
     TooManyExecutionsError,
 )
 from flowsvc.logs import event as log_event
-from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
+from flowsvc.models import Event, Flow, FlowFinished, FlowStarted, FlowStatus, TaskCompleted
 from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
 from flowsvc.store.codec import dumps, flow_to_json, request_hash
 from flowsvc.validation import nested_too_deep, too_deep
@@ -314,12 +314,19 @@ class ExecutionManager:
                 "Flow interrupted: the server stopped while its running task ignored "
                 "cancellation; every result committed before is kept"
             )
+            started = run.events[0] if run.events else None
             log_event(
                 logger,
                 logging.INFO,
                 "flow ended",
                 flow_id=run.flow_id,
+                # The fields of the engine's "flow ended" line (its drive never got there).
+                flow=started.flow_name if isinstance(started, FlowStarted) else "",
                 status=FlowStatus.INTERRUPTED.value,
+                steps=sum(isinstance(event, TaskCompleted) for event in run.events),
+                duration_s=round((datetime.now(UTC) - started.started_at).total_seconds(), 6)
+                if isinstance(started, FlowStarted)
+                else 0.0,
                 reason="its running task ignored cancellation at shutdown",
             )
             run.fail(ShuttingDownError("the server stopped while the flow's task ran"))

@@ -614,6 +614,9 @@ async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path
         assert "exiting with tasks that ignore cancellation" in [m["msg"] for m in lines]
         ended = [line for line in lines if line["msg"] == "flow ended"]
         assert [(line["flow_id"], line["status"]) for line in ended] == [(flow_id, "interrupted")]
+        # The fields every "flow ended" line has (the README lists them).
+        assert ended[0]["flow"] == "test flow" and ended[0]["steps"] == 0, ended[0]
+        assert 0.2 <= ended[0]["duration_s"] < 5.0, ended[0]
         # One second, CUT_OFF_SECONDS, from the grace period's end to the cut-off (before:
         # two, one of them a second wait for the same task), then no further wait for it.
         over = next(line["ts"] for line in lines if line["msg"].startswith("grace period over"))
