@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import math
+import reprlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
@@ -512,7 +513,7 @@ class FlowEngine:
             return _raised(exc, flow_id, node.name, step)
         if not isinstance(out, TaskResult):
             return TaskResult.failure(
-                f"task returned {type(out).__name__}, not a TaskResult: {out!r:.200}"
+                f"task returned {type(out).__name__}, not a TaskResult: {_shown(out)}"
             )
         data = out.data
         if type(data) is dict and not data:  # the common case: nothing to check
@@ -538,7 +539,26 @@ def _raised(exc: BaseException, flow_id: str, task: str, step: int) -> TaskResul
         step=step,
         exc_info=exc,
     )
-    return TaskResult.failure(f"{type(exc).__name__}: {exc}")
+    try:
+        text = str(exc)
+    except Exception as err:  # the task's own __str__ is broken: its failure still stands
+        text = f"(its text cannot be shown: str() raised {type(err).__name__})"
+    return TaskResult.failure(f"{type(exc).__name__}: {text}")
+
+
+#: A task's wrong return value, as its failure shows it: short, and never raising.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 200
+
+
+def _shown(value: Any) -> str:
+    """repr() of what a task returned, cut short; a repr() that raises is replaced
+    (reprlib's own fallback names the type)."""
+    try:
+        text = _SHOWN.repr(value)
+    except Exception:  # a container whose own repr machinery fails
+        text = f"<{type(value).__name__}>"
+    return text[:200]
 
 
 class _SyncRun:

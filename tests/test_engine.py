@@ -584,3 +584,38 @@ async def test_read_only_params_returned_as_data_are_stored(stub, registry) -> N
     response = await stub.ExecuteFlow(request, timeout=10)
     got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id))
     assert got.execution.execution_history[0] == response.execution_history[0]
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+class _Unrepresentable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_a_task_whose_exception_or_return_value_cannot_be_shown_fails_alone(
+    stub, registry
+) -> None:
+    from flowmanager.v1 import flow_pb2, flow_service_pb2
+
+    from tests.support import chain
+
+    def unprintable() -> TaskResult:
+        raise _Unprintable()
+
+    registry.register("unprintable", unprintable)
+    registry.register("unrepresentable", _Unrepresentable)  # a class: its instance
+    for name, expected in (
+        ("unprintable", "_Unprintable"),
+        ("unrepresentable", "not a TaskResult"),
+    ):
+        request = flow_service_pb2.ExecuteFlowRequest(flow=chain(name))
+        response = await stub.ExecuteFlow(request, timeout=10)  # OK: not INTERNAL
+        assert response.status == flow_pb2.FLOW_STATUS_FAILED
+        assert expected in response.execution_history[0].error
+        get = flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id)
+        got = await stub.GetExecution(get)
+        assert got.execution.status == flow_pb2.FLOW_STATUS_FAILED
