@@ -664,6 +664,16 @@ def _retry(policy: RetryPolicy, record: StepRecord, retryable: bool, attempt: in
 
 
 _SCALARS = (int, float, bool, type(None))
+#: From this many bits on, an integer may be past the largest double.
+_FLOAT_BITS = 1024
+
+
+def _overflows(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
 
 
 def _not_unicode(text: str) -> bool:
@@ -701,6 +711,10 @@ def _json_problem(
     room[0] -= 8
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value}, not a JSON number"
+    if isinstance(value, int) and value.bit_length() >= _FLOAT_BITS and _overflows(value):
+        # A JSON number travels as a double (protobuf's Value): past its range no
+        # message could carry it, and the stored result could never be read back.
+        return f"{path} is an integer too large for a JSON number ({value.bit_length()} bits)"
     if isinstance(value, _SCALARS):
         return None
     if isinstance(value, Mapping | list | tuple) and levels <= 0:

@@ -619,3 +619,18 @@ async def test_a_task_whose_exception_or_return_value_cannot_be_shown_fails_alon
         get = flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id)
         got = await stub.GetExecution(get)
         assert got.execution.status == flow_pb2.FLOW_STATUS_FAILED
+
+
+async def test_an_integer_no_json_number_can_hold_fails_the_task(stub, registry) -> None:
+    from flowmanager.v1 import flow_pb2, flow_service_pb2
+
+    from tests.support import chain
+
+    registry.register("huge_int", lambda: TaskResult.success({"n": 10**400}))
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain("huge_int"))
+    response = await stub.ExecuteFlow(request, timeout=10)
+    assert response.status == flow_pb2.FLOW_STATUS_FAILED
+    assert "data.n is an integer too large" in response.execution_history[0].error
+    get = flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id)
+    got = await stub.GetExecution(get)  # readable, not INTERNAL
+    assert got.execution.execution_history == response.execution_history
