@@ -385,14 +385,21 @@ class FlowEngine:
         duration = time.perf_counter() - t0
         status = result.status
         assert isinstance(status, TaskStatus)  # TaskResult normalises it
+        retryable = result.retryable
+        error = None
+        if status is TaskStatus.FAILURE and result.error is not None:
+            error = clean_text(result.error)
+            if len(error) > MAX_ERROR_CHARS:
+                # The retry policy reads the whole text, the record keeps its start.
+                if any(marker in error for marker in node.retry.non_retryable_errors):
+                    retryable = False
+                error = f"{error[:MAX_ERROR_CHARS]}... (cut: {len(error):,} characters in all)"
         record = StepRecord(  # positional: a named tuple builds twice as fast without keywords
             step,
             node.name,
             status,
             result.data,
-            clean_text(result.error)
-            if status is TaskStatus.FAILURE and result.error is not None
-            else None,
+            error,
             started_at,
             duration,
             attempt,
@@ -411,7 +418,7 @@ class FlowEngine:
                 duration_s=round(duration, 6),
                 error=record.error,
             )
-        return record, result.retryable
+        return record, retryable
 
     async def _with_timeouts(
         self,
@@ -594,6 +601,10 @@ class _SyncRun:
 
 #: Threads for sync tasks of an engine built without a pool (the server passes its own).
 DEFAULT_SYNC_WORKERS = 32
+#: The longest error text a result keeps (the rest is cut, saying so). It travels in the
+#: task's result and again in the flow's final message: with data's 1 MiB, each still
+#: fits in a message every client accepts (4 MiB).
+MAX_ERROR_CHARS = 64 * 1024
 #: How long a cancelled attempt may take to end before it is abandoned.
 CANCEL_GRACE_SECONDS = 1.0
 

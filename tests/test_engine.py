@@ -634,3 +634,30 @@ async def test_an_integer_no_json_number_can_hold_fails_the_task(stub, registry)
     get = flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id)
     got = await stub.GetExecution(get)  # readable, not INTERNAL
     assert got.execution.execution_history == response.execution_history
+
+
+async def test_a_huge_error_text_is_cut_so_every_message_stays_readable(stub, registry) -> None:
+    from flowmanager.v1 import flow_pb2, flow_service_pb2
+
+    from tests.support import chain
+
+    attempts: list[int] = []
+
+    def loud() -> TaskResult:
+        attempts.append(1)
+        raise ValueError("x" * 5_000_000 + " card declined")  # a whole response body
+
+    registry.register("loud", loud)
+    flow = chain("loud")
+    flow.tasks[0].retry.max_attempts = 3
+    flow.tasks[0].retry.non_retryable_errors.append("card declined")  # past the cut
+    request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
+    # StreamFlow with the client's default 4 MiB limit: every message is readable.
+    messages = [m async for m in stub.StreamFlow(request, timeout=10)]
+    assert messages[-1].finished.status == flow_pb2.FLOW_STATUS_FAILED
+    assert len(attempts) == 1  # the marker was found in the whole text
+    error = messages[1].task_result.error
+    assert error.startswith("ValueError: xxx") and "cut" in error and len(error) < 100_000
+    flow_id = messages[0].started.flow_id
+    got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=flow_id))
+    assert got.execution.execution_history[0].error == error
