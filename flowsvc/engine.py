@@ -367,9 +367,9 @@ class FlowEngine:
         sync = None if node.spec.is_async else _SyncRun(self._abandon)
         try:
             template = node.template
-            params = (
-                template.render(_lookup(flow_input, latest)) if template.refers else template.params
-            )
+            params = template.params
+            if template.renders:  # references to resolve, or objects to copy for this run
+                params = template.render(_lookup(flow_input, latest))
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:

@@ -152,7 +152,9 @@ Lookup = Callable[[Ref], Any]
 
 def _render(value: Any, lookup: Lookup) -> Any:
     if isinstance(value, _Whole):
-        return lookup(value.ref)
+        # A copy: a task changing an object it was given must not change the result
+        # (or input) it came from, which is recorded and read by later references.
+        return _copied(lookup(value.ref))
     if isinstance(value, _Text):
         out = []
         for part in value.parts:
@@ -166,6 +168,19 @@ def _render(value: Any, lookup: Lookup) -> Any:
     if isinstance(value, list):
         return [_render(v, lookup) for v in value]
     return value
+
+
+def _copied(value: Any) -> Any:
+    """A JSON value with every object and list in it new (scalars are immutable)."""
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copied(v) for v in value]
+    return value
+
+
+def _no_lookup(ref: Ref) -> Any:  # pragma: no cover - only called for a reference
+    raise AssertionError(f"no reference to look up, yet asked for {ref.text}")
 
 
 def as_text(value: Any) -> str:
@@ -189,13 +204,18 @@ def whole_numbers(value: Any) -> Any:
 class Template:
     """A task's params, compiled: render() is cheap, and free when there is no reference."""
 
-    __slots__ = ("_compiled", "_refs", "params", "refers")
+    __slots__ = ("_compiled", "_refs", "params", "renders")
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._compiled = _compile(params)
         self._refs = list(_walk_refs(self._compiled, ""))
-        #: False: render() would return `params` as they are.
-        self.refers = bool(self._refs)
+        #: False: render() would return `params` as they are. True when a reference is
+        #: to be resolved, or when a param holds an object or a list: each run then gets
+        #: its own, so that a task changing one (`headers["X"] = ...`) changes nothing
+        #: for the next run of this flow, which shares this Template.
+        self.renders = bool(self._refs) or any(
+            isinstance(value, dict | list) for value in self._compiled.values()
+        )
         # What a task gets when there is no reference: the params with each "$${" read
         # as "${". Read-only: prepared flows are cached and shared by every execution of
         # the flow, so a task must not be able to change the params the next one gets.
@@ -226,8 +246,10 @@ class Template:
         }
 
     def render(self, lookup: Lookup) -> Mapping[str, Any]:
-        if not self._refs:
+        if not self.renders:
             return self.params
+        if not self._refs:  # no reference, but objects or lists: new ones, read-only atop
+            return MappingProxyType(_render(self._compiled, _no_lookup))
         rendered: Mapping[str, Any] = _render(self._compiled, lookup)
         return rendered
 

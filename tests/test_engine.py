@@ -661,3 +661,30 @@ async def test_a_huge_error_text_is_cut_so_every_message_stays_readable(stub, re
     flow_id = messages[0].started.flow_id
     got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=flow_id))
     assert got.execution.execution_history[0].error == error
+
+
+async def test_a_task_changing_a_param_s_inner_object_changes_no_other_run(stub, registry) -> None:
+    from flowmanager.v1 import flow_service_pb2
+
+    from tests.support import chain, to_dict
+
+    def add_header(*, headers: dict[str, str]) -> TaskResult:
+        seen = dict(headers)
+        headers["Authorization"] = "customer-1's token"  # its own argument: a normal thing
+        return TaskResult.success({"seen": seen})
+
+    registry.register("add_header", add_header)
+    registry.register("make", lambda: TaskResult.success({"x": {"v": 1}}))
+    flow = chain(("add_header", {"headers": {"Accept": "json"}}))
+    for _ in range(2):  # the same flow twice: one prepared (cached) flow
+        request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
+        response = await stub.ExecuteFlow(request, timeout=10)
+        assert to_dict(response)["execution_history"][0]["data"] == {"seen": {"Accept": "json"}}
+    # A referenced object: changing it does not rewrite the result it came from.
+    request = flow_service_pb2.ExecuteFlowRequest(
+        flow=chain("make", ("add_header", {"headers": "${make.data.x}"}))
+    )
+    response = await stub.ExecuteFlow(request, timeout=10)
+    assert to_dict(response)["execution_history"][0]["data"] == {"x": {"v": 1}}
+    got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id))
+    assert to_dict(got.execution)["execution_history"][0]["data"] == {"x": {"v": 1}}
