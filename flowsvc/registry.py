@@ -12,6 +12,7 @@ registrations with another.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -94,7 +95,7 @@ def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature)
             prop["type"] = json_type
         if p.default is p.empty:
             required.append(p.name)
-        elif p.default is None or isinstance(p.default, str | int | float | bool):
+        elif _json_problem(p.default, "") is None:  # ListTasks shows it as JSON
             prop["default"] = p.default
         properties[p.name] = prop
     schema: dict[str, Any] = {"type": "object", "properties": properties}
@@ -103,6 +104,35 @@ def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature)
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         schema["additionalProperties"] = False
     return schema
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    """Where `value` stops being JSON that ListTasks can send (protobuf's Struct: str
+    keys, finite numbers within a double's range), None when it all is."""
+    if value is None or isinstance(value, str | bool):
+        return None
+    if isinstance(value, int | float):
+        try:
+            if math.isfinite(float(value)):
+                return None
+        except OverflowError:
+            pass
+        return f"{path or 'it'} is {value!r:.40}, not a JSON number"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path or 'it'} has a key that is not a string: {key!r:.40}"
+            problem = _json_problem(item, f"{path}.{key}" if path else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    return f"{path or 'it'} is a {type(value).__name__}, not JSON"
 
 
 def _name_problem(name: str) -> str | None:
@@ -135,6 +165,10 @@ def _inspect(
     problem = _name_problem(name)
     if problem:
         raise TaskRegistrationError(f"task name {name!r} {problem}: no flow could use it")
+    if params_schema is not None:
+        problem = _json_problem(params_schema, "")
+        if problem:  # ListTasks could not send it, for any task
+            raise TaskRegistrationError(f"task {name!r}: its params schema is not JSON: {problem}")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:

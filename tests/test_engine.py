@@ -688,3 +688,23 @@ async def test_a_task_changing_a_param_s_inner_object_changes_no_other_run(stub,
     assert to_dict(response)["execution_history"][0]["data"] == {"x": {"v": 1}}
     got = await stub.GetExecution(flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id))
     assert to_dict(got.execution)["execution_history"][0]["data"] == {"x": {"v": 1}}
+
+
+async def test_list_tasks_survives_a_task_whose_schema_is_not_json(stub, registry) -> None:
+    from flowmanager.v1 import flow_service_pb2
+
+    def huge_default(*, n: int = 10**400, f: float = float("inf"), s: str = "x") -> TaskResult:
+        return TaskResult.success()
+
+    registry.register("huge_default", huge_default)  # defaults no JSON can say: left out
+    with pytest.raises(TaskRegistrationError, match=r"params schema.*set"):
+        registry.register("set_schema", noop_task, params={"type": "object", "enum": {"a"}})
+    listed = await stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=10)
+    (info,) = [t for t in listed.tasks if t.name == "huge_default"]
+    properties = info.params_schema["properties"]
+    assert "default" not in properties["n"] and "default" not in properties["f"]
+    assert properties["s"]["default"] == "x"
+
+
+def noop_task(ctx: TaskContext) -> TaskResult:
+    return TaskResult.success()
