@@ -584,7 +584,15 @@ class _SyncRun:
     def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
             self.started_at, self.t0 = datetime.now(UTC), time.perf_counter()
-            return fn()
+            try:
+                return fn()
+            except (StopIteration, GeneratorExit) as exc:
+                # Neither may reach the awaiting coroutine as itself: an asyncio future
+                # refuses StopIteration (nothing would wake the flow: it would hang), and
+                # a GeneratorExit thrown into a coroutine closes the awaits it passes
+                # through instead of raising in them (no handler of the engine's sees it).
+                # What PEP 479 does for a generator, and asyncio for a coroutine.
+                raise RuntimeError(f"task raised {type(exc).__name__}") from exc
 
         return run
 

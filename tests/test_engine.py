@@ -708,3 +708,30 @@ async def test_list_tasks_survives_a_task_whose_schema_is_not_json(stub, registr
 
 def noop_task(ctx: TaskContext) -> TaskResult:
     return TaskResult.success()
+
+
+def _first_match() -> TaskResult:
+    row = next(r for r in [] if r)  # none: StopIteration, a common slip in a sync task
+    return TaskResult.success({"row": row})
+
+
+def _closes() -> TaskResult:
+    raise GeneratorExit
+
+
+async def test_a_sync_task_raising_stopiteration_or_generatorexit_fails_and_the_flow_ends(
+    stub, registry
+) -> None:
+    from flowmanager.v1 import flow_pb2, flow_service_pb2
+
+    from tests.support import chain
+
+    for name, fn, expected in (
+        ("first_match", _first_match, "StopIteration"),
+        ("closes", _closes, "GeneratorExit"),
+    ):
+        registry.register(name, fn)
+        request = flow_service_pb2.ExecuteFlowRequest(flow=chain(name, "noop"))
+        response = await stub.ExecuteFlow(request, timeout=10)  # neither hangs nor INTERNAL
+        assert response.status == flow_pb2.FLOW_STATUS_FAILED, name
+        assert expected in response.execution_history[0].error, name
