@@ -71,6 +71,9 @@ _END_NOT_RECORDED = (
     "execution {flow_id} was stopped by a failure of the execution store; its end is "
     "recorded as soon as the store can write again"
 )
+#: Expired executions deleted per transaction by retention: a sweep of many takes turns
+#: with the flows' own writes instead of holding the store for seconds.
+RETENTION_BATCH = 500
 #: How long a cancelled execution may take to end at shutdown before it is cut off.
 CUT_OFF_SECONDS = 1.0
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
@@ -274,8 +277,9 @@ class ExecutionManager:
         self._secret = await self.store.secret()
         if self.settings.retention_seconds > 0:
             # Before recovery, which writes: a database that filled up must first get back
-            # the room that retention frees, or the server could never start again.
-            await self._sweep()
+            # the room that retention frees, or the server could never start again. No
+            # flow runs yet: one transaction, three times as quick as batches.
+            await self._sweep(batch=None)
 
         recovered = await self.store.finish_running(
             _interrupted(
@@ -805,10 +809,17 @@ class ExecutionManager:
             with contextlib.suppress(StoreUnavailableError):
                 await self._sweep()
 
-    async def _sweep(self) -> None:
-        """Delete the executions that ended more than retention_seconds ago."""
+    async def _sweep(self, batch: int | None = RETENTION_BATCH) -> None:
+        """Delete the executions that ended more than retention_seconds ago, `batch` per
+        transaction (None: all in one, the quickest, when no flow runs yet), so that the
+        flows' writes queued meanwhile are committed between two batches."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.retention_seconds)
-        deleted = await self._store(self.store.delete_finished_before(cutoff))
+        deleted = 0
+        while True:
+            count = await self._store(self.store.delete_finished_before(cutoff, batch))
+            deleted += count
+            if batch is None or count < batch:
+                break
         if deleted:
             log_event(logger, logging.INFO, "old executions deleted", count=deleted)
 

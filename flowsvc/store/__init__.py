@@ -105,8 +105,9 @@ class ExecutionStore(Protocol):
         FlowFinished `make_final(record)` returns, numbered after the last committed
         event (crash recovery). Returns their ids."""
 
-    async def delete_finished_before(self, cutoff: datetime) -> int:
-        """Delete executions that ended before `cutoff`; returns how many."""
+    async def delete_finished_before(self, cutoff: datetime, limit: int | None = None) -> int:
+        """Delete executions that ended before `cutoff`, at most `limit` of them (the
+        ones that ended first); returns how many."""
 
     async def check_writable(self) -> None:
         """Raise StoreUnavailableError unless a write can be committed now."""

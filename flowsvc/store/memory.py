@@ -157,13 +157,13 @@ class MemoryStore:
             done.append(flow_id)
         return done
 
-    async def delete_finished_before(self, cutoff: datetime) -> int:
+    async def delete_finished_before(self, cutoff: datetime, limit: int | None = None) -> int:
         self._check()
         old = [
             flow_id
             for flow_id, entry in self._entries.items()
             if entry.finished_at is not None and entry.finished_at < cutoff
-        ]
+        ][:limit]
         for flow_id in old:
             entry = self._entries.pop(flow_id)
             if entry.new.request_id is not None:

@@ -550,11 +550,13 @@ class SQLiteStore:
         result: list[str] = await self._call(finish, write=True)
         return result
 
-    async def delete_finished_before(self, cutoff: datetime) -> int:
+    async def delete_finished_before(self, cutoff: datetime, limit: int | None = None) -> int:
         def delete(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "DELETE FROM executions WHERE finished_at IS NOT NULL AND finished_at < ?",
-                (_ts(cutoff),),
+                "DELETE FROM executions WHERE cursor IN (SELECT cursor FROM executions"
+                " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at"
+                " LIMIT ?)",
+                (_ts(cutoff), -1 if limit is None else limit),
             )
             return cur.rowcount
 
