@@ -1371,3 +1371,32 @@ async def test_retention_of_many_executions_never_holds_up_the_flows(
         with sqlite3.connect(db) as conn:
             (left,) = conn.execute("SELECT COUNT(*) FROM executions").fetchone()
         assert left == 2  # the two recent ones
+
+
+async def test_the_write_ahead_log_shrinks_back_after_a_long_outside_read(
+    tmp_path: Path, registry
+) -> None:
+    # A read held open from outside (a backup, an operator's sqlite3 shell) keeps the
+    # WAL from being checkpointed, so it grows: 70 MB here. Once the read ended it was
+    # checkpointed again, but the file stayed 70 MB for the server's whole life.
+    from flowsvc.store.sqlite import WAL_SIZE_LIMIT
+
+    db = tmp_path / "wal.db"
+    wal = tmp_path / "wal.db-wal"
+    settings = Settings(listen="127.0.0.1:0", db=str(db))
+    big = chain(("echo", {"pad": "x" * 100_000}))
+    async with serving(settings, registry) as (_, _, stub):
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=big))
+        reader = sqlite3.connect(db, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM events").fetchone()
+            while wal.stat().st_size <= 2 * WAL_SIZE_LIMIT:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=big))
+        finally:
+            reader.close()
+        for _ in range(200):
+            if wal.stat().st_size <= WAL_SIZE_LIMIT:
+                break
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=big))
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT

@@ -122,6 +122,10 @@ class _Job:
     error: BaseException | None = field(default=None)
 
 
+#: The write-ahead log is cut back to this size once checkpointed (SQLite keeps the file,
+#: at its largest, otherwise): it grows past it only while a long outside read holds it.
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+
 _STOP = object()
 #: SQLite's largest INTEGER (a signed 64-bit one).
 _MAX_INTEGER = 2**63 - 1
@@ -180,6 +184,7 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         if self.path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         if self._max_bytes:
