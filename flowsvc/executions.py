@@ -271,15 +271,15 @@ class ExecutionManager:
     async def open(self) -> list[str]:
         """Open the store and close what a crash left RUNNING; returns those ids."""
         await self.store.open()
-        # A store that opens but cannot write (a read-only file) refuses to start, rather
-        # than serving with every execution failing UNAVAILABLE.
+        if self.settings.retention_seconds > 0:
+            # First: a database that filled up must get back the room that retention
+            # frees, or the server could never start again. No flow runs yet: one
+            # transaction, three times as quick as batches.
+            await self._sweep(batch=None)
+        # A store that opens but cannot write (a read-only file, a full database) refuses
+        # to start, rather than serving with every execution failing UNAVAILABLE.
         await self.store.check_writable()
         self._secret = await self.store.secret()
-        if self.settings.retention_seconds > 0:
-            # Before recovery, which writes: a database that filled up must first get back
-            # the room that retention frees, or the server could never start again. No
-            # flow runs yet: one transaction, three times as quick as batches.
-            await self._sweep(batch=None)
 
         recovered = await self.store.finish_running(
             _interrupted(

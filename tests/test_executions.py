@@ -1400,3 +1400,31 @@ async def test_the_write_ahead_log_shrinks_back_after_a_long_outside_read(
                 break
             await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=big))
         assert wal.stat().st_size <= WAL_SIZE_LIMIT
+
+
+async def test_a_full_database_is_not_reported_writable_while_flows_fail(
+    tmp_path: Path, registry
+) -> None:
+    # The store's write check rewrote one small row in place, which a full database
+    # still takes: 0.25 s after the first failure health was SERVING again, and stayed
+    # so, while every ExecuteFlow failed UNAVAILABLE "database or disk is full" (and
+    # the log said "failed" / "writable again" twice a request).
+    from flowsvc.errors import StoreUnavailableError
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "small.db"), db_max_bytes=64 * 1024)
+    async with serving(settings, registry) as (server, _, stub):
+        big = {"blob": "x" * 2000}
+        for _ in range(100):
+            try:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain(("echo", big))))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                break
+        else:
+            pytest.fail("the database never filled up")
+        with pytest.raises(StoreUnavailableError, match="full"):
+            await server.manager.store.check_writable()
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # and indeed, still full
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain(("echo", big))))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not server.manager.store_healthy

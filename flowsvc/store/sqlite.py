@@ -126,6 +126,9 @@ class _Job:
 #: at its largest, otherwise): it grows past it only while a long outside read holds it.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
+#: The room the write check asks for: a few pages, about what a small flow's record takes.
+_ROOM_CHECK_BYTES = 16 * 1024
+
 _STOP = object()
 #: SQLite's largest INTEGER (a signed 64-bit one).
 _MAX_INTEGER = 2**63 - 1
@@ -570,6 +573,14 @@ class SQLiteStore:
 
     async def check_writable(self) -> None:
         def touch(conn: sqlite3.Connection) -> None:
+            # Room for a flow's record, not just for this row rewritten in place (which
+            # a full database still takes): pages taken, then given back in the same
+            # transaction.
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('room_check', zeroblob(?))",
+                (_ROOM_CHECK_BYTES,),
+            )
+            conn.execute("DELETE FROM meta WHERE key = 'room_check'")
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('last_write_check', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
