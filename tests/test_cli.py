@@ -696,3 +696,46 @@ async def test_both_event_loops_serve(tmp_path: Path, loop: str) -> None:
                 flow_service_pb2.ExecuteFlowRequest(flow=chain("noop"))
             )
             assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+def test_a_damaged_database_is_refused_at_start(tmp_path: Path) -> None:
+    # It used to start and stay SERVING, while every flow and every listing failed
+    # UNAVAILABLE ("database disk image is malformed"), which clients retry for ever.
+    import sqlite3
+
+    db = tmp_path / "damaged.db"
+    with server_process(tmp_path, "--db", str(db)) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")))
+        srv.proc.send_signal(signal.SIGTERM)  # a clean stop: everything in the main file
+        assert srv.proc.wait(30) == 0
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'executions'"
+        ).fetchone()
+    conn.close()
+    with db.open("r+b") as file:  # the executions table's first page: garbage
+        file.seek((root - 1) * page_size)
+        file.write(b"\xde\xad" * (page_size // 2))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0", "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()  # "serving on", or EOF
+        assert "serving on" not in first
+        assert proc.wait(30) == 2
+        last = proc.stderr.read().strip().splitlines()[-1]
+        assert "damaged" in last and str(db) in last, last
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

@@ -397,6 +397,18 @@ class SQLiteStore:
             self._lock_fd = None
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
+        # A damaged file would otherwise serve, healthy, failing every flow and listing
+        # with UNAVAILABLE ("database disk image is malformed"), which clients retry. Reads
+        # every page once: about 0.35 s for a 320 MB database (200,000 executions).
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as exc:  # some damage stops the check itself
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            raise StoreUnavailableError(
+                f"database {self.path} is damaged ({'; '.join(problems)}); restore it from "
+                "a backup, or salvage what it holds with sqlite3's .recover"
+            )
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreUnavailableError(
