@@ -1428,3 +1428,24 @@ async def test_a_full_database_is_not_reported_writable_while_flows_fail(
             await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain(("echo", big))))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert not server.manager.store_healthy
+
+
+async def test_a_database_restored_from_a_dump_is_refused_saying_why(
+    tmp_path: Path, registry
+) -> None:
+    # sqlite3's .dump does not carry PRAGMA user_version: a database restored from one
+    # has flowsvc's tables at "version 0", and the start failed with "table executions
+    # already exists", which tells the operator nothing of what to do.
+    from flowsvc.errors import StoreUnavailableError
+
+    db = tmp_path / "dumped.db"
+    server = await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    await server.shutdown(grace=0)
+    restored = tmp_path / "restored.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(restored) as target:
+        target.executescript("\n".join(source.iterdump()))
+    source.close()
+    target.close()
+    with pytest.raises(StoreUnavailableError, match="no schema version") as info:
+        await build_server(Settings(listen="127.0.0.1:0", db=str(restored)), registry)
+    assert "PRAGMA user_version = 1" in str(info.value)

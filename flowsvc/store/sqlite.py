@@ -415,6 +415,18 @@ class SQLiteStore:
                 f"database {self.path} has schema version {version}; this flowsvc knows "
                 f"versions up to {SCHEMA_VERSION}"
             )
+        if (
+            version == 0
+            and conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'executions'"
+            ).fetchone()
+        ):
+            # Tables but no version: a restore from sqlite3's .dump, which leaves it out.
+            raise StoreUnavailableError(
+                f"database {self.path} has flowsvc's tables but no schema version (a restore "
+                "from sqlite3's .dump loses it); if a flowsvc of this schema wrote it, run "
+                f"sqlite3 {self.path} 'PRAGMA user_version = {SCHEMA_VERSION}'"
+            )
         while version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version].split(";"):
                 if statement.strip():
