@@ -35,7 +35,7 @@ from flowsvc.models import (
     TaskStatus,
 )
 from flowsvc.registry import TaskSpec
-from flowsvc.store import ExecutionRecord
+from flowsvc.store import ExecutionRecord, ExecutionSummary
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TASK_STATUS_TO_PB = {
@@ -403,10 +403,10 @@ def stored_execution_to_pb(
     _add_history(record.flow_id, events, out, max_bytes, nested=True)
 
 
-def summary_to_pb(record: ExecutionRecord, out: flow_service_pb2.ExecutionSummary) -> None:
+def summary_to_pb(record: ExecutionSummary, out: flow_service_pb2.ExecutionSummary) -> None:
     """Fill a ListExecutions entry."""
     out.flow_id = record.flow_id
-    out.flow_name = record.flow.name
+    out.flow_name = record.flow_name
     out.status = _FLOW_STATUS_TO_PB[record.status]
     _set_time(out.create_time, record.created_at)
     if record.finished_at is not None:

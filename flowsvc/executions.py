@@ -43,7 +43,7 @@ from flowsvc.errors import (
 )
 from flowsvc.logs import event as log_event
 from flowsvc.models import Event, Flow, FlowFinished, FlowStarted, FlowStatus, TaskCompleted
-from flowsvc.store import ExecutionRecord, ExecutionStore, NewExecution
+from flowsvc.store import ExecutionRecord, ExecutionStore, ExecutionSummary, NewExecution
 from flowsvc.store.codec import dumps, flow_to_json, request_hash
 from flowsvc.validation import nested_too_deep, too_deep
 
@@ -726,7 +726,7 @@ class ExecutionManager:
 
     async def page(
         self, page_size: int, page_token: str, status: FlowStatus | None, flow_name: str
-    ) -> tuple[list[ExecutionRecord], str]:
+    ) -> tuple[list[ExecutionSummary], str]:
         """A page of executions, newest first, and the token of the next page ("" at the end)."""
         if page_size < 0:
             raise InvalidArgumentError.one("page_size", "must not be negative")

@@ -46,6 +46,19 @@ class ExecutionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecutionSummary:
+    """What ListExecutions shows of an execution: nothing to decode (no flow, no input)."""
+
+    flow_id: str
+    flow_name: str
+    status: FlowStatus
+    request_id: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    cursor: int  # creation order; ListExecutions pages on it
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     sequence: int
     event: Event
@@ -93,7 +106,7 @@ class ExecutionStore(Protocol):
         before_cursor: int | None,
         status: FlowStatus | None,
         flow_name: str | None,
-    ) -> list[ExecutionRecord]:
+    ) -> list[ExecutionSummary]:
         """Up to `limit` executions, newest first, created before `before_cursor`."""
 
     async def finish_running(
@@ -119,6 +132,7 @@ class ExecutionStore(Protocol):
 __all__ = [
     "ExecutionRecord",
     "ExecutionStore",
+    "ExecutionSummary",
     "FlowFinished",
     "NewExecution",
     "OnCommit",

@@ -15,7 +15,13 @@ from datetime import datetime
 
 from flowsvc.errors import StoreUnavailableError
 from flowsvc.models import Event, FlowFinished, FlowStatus
-from flowsvc.store import ExecutionRecord, NewExecution, OnCommit, StoredEvent
+from flowsvc.store import (
+    ExecutionRecord,
+    ExecutionSummary,
+    NewExecution,
+    OnCommit,
+    StoredEvent,
+)
 
 
 @dataclass(slots=True)
@@ -127,9 +133,9 @@ class MemoryStore:
         before_cursor: int | None,
         status: FlowStatus | None,
         flow_name: str | None,
-    ) -> list[ExecutionRecord]:
+    ) -> list[ExecutionSummary]:
         self._check()
-        out: list[ExecutionRecord] = []
+        out: list[ExecutionSummary] = []
         for flow_id in reversed(self._entries):  # newest first
             entry = self._entries[flow_id]
             if before_cursor is not None and entry.cursor >= before_cursor:
@@ -138,7 +144,18 @@ class MemoryStore:
                 continue
             if flow_name is not None and entry.new.flow.name != flow_name:
                 continue
-            out.append(entry.record())
+            new = entry.new
+            out.append(
+                ExecutionSummary(
+                    flow_id=new.flow_id,
+                    flow_name=new.flow.name,
+                    status=entry.status,
+                    request_id=new.request_id,
+                    created_at=new.created_at,
+                    finished_at=entry.finished_at,
+                    cursor=entry.cursor,
+                )
+            )
             if len(out) == limit:
                 break
         return out

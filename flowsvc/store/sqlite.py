@@ -38,7 +38,13 @@ from typing import Any
 
 from flowsvc.errors import StoreUnavailableError
 from flowsvc.models import Event, FlowFinished, FlowStatus
-from flowsvc.store import ExecutionRecord, NewExecution, OnCommit, StoredEvent
+from flowsvc.store import (
+    ExecutionRecord,
+    ExecutionSummary,
+    NewExecution,
+    OnCommit,
+    StoredEvent,
+)
 from flowsvc.store.codec import (
     KIND_FINISHED,
     dumps,
@@ -536,7 +542,7 @@ class SQLiteStore:
         before_cursor: int | None,
         status: FlowStatus | None,
         flow_name: str | None,
-    ) -> list[ExecutionRecord]:
+    ) -> list[ExecutionSummary]:
         where: list[str] = ["1 = 1"]
         args: list[Any] = []
         if before_cursor is not None:
@@ -548,15 +554,30 @@ class SQLiteStore:
         if flow_name is not None:
             where.append("flow_name = ?")
             args.append(flow_name)
+        # Only the columns an entry shows: a flow and its input can be large to read and
+        # to decode, and this runs on the thread every commit waits for.
         sql = (
-            f"SELECT {_COLUMNS} FROM executions WHERE {' AND '.join(where)}"
-            " ORDER BY cursor DESC LIMIT ?"
+            "SELECT cursor, flow_id, flow_name, status, request_id, created_at, finished_at"
+            f" FROM executions WHERE {' AND '.join(where)} ORDER BY cursor DESC LIMIT ?"
         )
 
-        def select(conn: sqlite3.Connection) -> list[ExecutionRecord]:
-            return [_record(row) for row in conn.execute(sql, (*args, limit)).fetchall()]
+        def select(conn: sqlite3.Connection) -> list[ExecutionSummary]:
+            return [
+                ExecutionSummary(
+                    flow_id=flow_id,
+                    flow_name=flow_name,
+                    status=FlowStatus(status),
+                    request_id=request_id,
+                    created_at=datetime.fromisoformat(created_at),
+                    finished_at=datetime.fromisoformat(finished_at) if finished_at else None,
+                    cursor=cursor,
+                )
+                for cursor, flow_id, flow_name, status, request_id, created_at, finished_at in (
+                    conn.execute(sql, (*args, limit)).fetchall()
+                )
+            ]
 
-        result: list[ExecutionRecord] = await self._call(select, write=False)
+        result: list[ExecutionSummary] = await self._call(select, write=False)
         return result
 
     async def finish_running(
