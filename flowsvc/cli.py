@@ -78,15 +78,25 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     )
 
 
+def _json(text: str, what: object) -> Any:
+    """`text` parsed as JSON; ValueError naming `what` (the file, or --input) if it is not."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: not JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise ValueError(f"{what}: nests objects and lists too deeply to read") from None
+
+
 def _read_request(path: Path, input_json: str | None) -> pb.ExecuteFlowRequest:
     """The file as an ExecuteFlowRequest, through the same JSON mapping grpcurl uses."""
-    document = json.loads(path.read_text(encoding="utf-8"))
+    document = _json(path.read_text(encoding="utf-8"), path)
     if not isinstance(document, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if "flow" not in document:
         document = {"flow": document}
     if input_json is not None:
-        document["input"] = json.loads(input_json)
+        document["input"] = _json(input_json, "--input")
     request = pb.ExecuteFlowRequest()
     json_format.ParseDict(document, request)
     return request

@@ -520,6 +520,31 @@ def test_ctrl_c_during_run_is_one_line_and_exit_130(tmp_path: Path, task: str) -
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_file_nested_too_deep_to_read_is_one_line_and_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    # json.loads recurses once per level: a file nested past Python's recursion limit was a
+    # RecursionError traceback and exit 1, the code that means "the flow failed".
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    result = flowsvc(command, str(path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"flowsvc: {path}: nests objects and lists too deeply to read"
+
+    path.write_text("{not json")
+    result = flowsvc(command, str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"flowsvc: {path}: not JSON: "), result.stderr
+
+
+def test_run_input_nested_too_deep_to_read_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = flowsvc("run", str(SAMPLE_FLOW), "--input", "[" * 20_000 + "]" * 20_000)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "flowsvc: --input: nests objects and lists too deeply to read"
+
+
 def test_validate_command(tmp_path: Path) -> None:
     result = flowsvc("validate", str(SAMPLE_FLOW))
     assert result.returncode == 0
