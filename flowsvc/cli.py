@@ -30,12 +30,13 @@ from google.protobuf import json_format
 
 from flowsvc import config, convert, logs
 from flowsvc.engine import FlowEngine, StopHandle
-from flowsvc.errors import FlowsvcError, FlowValidationError
+from flowsvc.errors import FlowsvcError, FlowValidationError, InvalidArgumentError
 from flowsvc.executions import CUT_OFF_SECONDS
 from flowsvc.models import Event, FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
 from flowsvc.threads import TaskThreads
+from flowsvc.validation import nested_too_deep, too_deep
 
 logger = logging.getLogger("flowsvc.cli")
 
@@ -120,9 +121,11 @@ def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     engine, threads = _engine(settings)
     request = _read_request(args.flow_file, args.input)
     plan = engine.prepare(convert.request_flow_from_pb(request))
+    flow_input = convert.struct_from_pb(request.input, "input")
+    if nested_too_deep(flow_input):  # as the server refuses it: a flow tried here runs there
+        raise InvalidArgumentError.one("input", too_deep())
 
     async def collect(stop: StopHandle) -> list[Event]:
-        flow_input = convert.struct_from_pb(request.input, "input")
         return [ev async for ev in engine.events(plan, flow_input, stop=stop)]
 
     async def run() -> int:

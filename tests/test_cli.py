@@ -19,6 +19,7 @@ import pytest
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from flowsvc.validation import MAX_JSON_DEPTH, too_deep
 from tests.support import BIN, SAMPLE_FLOW, chain, server_process, wait_until
 
 
@@ -543,6 +544,21 @@ def test_run_input_nested_too_deep_to_read_is_one_line_and_exit_2(tmp_path: Path
     result = flowsvc("run", str(SAMPLE_FLOW), "--input", "[" * 20_000 + "]" * 20_000)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "flowsvc: --input: nests objects and lists too deeply to read"
+
+
+def test_run_refuses_an_input_the_server_refuses(tmp_path: Path) -> None:
+    # A server refuses an input nested past MAX_JSON_DEPTH (INVALID_ARGUMENT, field
+    # "input"); `flowsvc run`, where flows are tried out, ran it.
+    def nested(levels: int) -> str:
+        return '{"a": ' * levels + "1" + "}" * levels
+
+    result = flowsvc("run", str(SAMPLE_FLOW), "--input", nested(MAX_JSON_DEPTH + 1))
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    assert result.stderr.strip() == f"flowsvc: input: {too_deep()}"
+
+    result = flowsvc("run", str(SAMPLE_FLOW), "--input", nested(MAX_JSON_DEPTH))
+    assert result.returncode == 0, result.stderr
 
 
 def test_validate_command(tmp_path: Path) -> None:
