@@ -1,0 +1,109 @@
+"""scripts/bootstrap, which scripts/serve and scripts/test run first: when it installs.
+
+Each test runs the real script in a copy of the files it reads, with a stand-in Python
+whose `-m venv` and `-m pip` only write down that they ran: no network, no real install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+#: Stands in for Python: `-m venv [--clear] DIR` makes DIR/bin/python (this script again),
+#: `-m pip ...` logs and succeeds (after FAKE_HOLD exists, when set); the rest is Python.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+  echo "venv ${*:3}" >> "$FAKE_LOG"
+  dir=${!#}
+  [ "$3" = --clear ] && rm -rf "$dir"
+  mkdir -p "$dir/bin" && ln -sf "$FAKE_PYTHON" "$dir/bin/python"
+  exit 0
+fi
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  echo "pip start $PPID" >> "$FAKE_LOG"
+  while [ -n "${FAKE_HOLD:-}" ] && [ ! -e "$FAKE_HOLD" ]; do sleep 0.01; done
+  echo "pip end $PPID" >> "$FAKE_LOG"
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of what bootstrap reads, and the environment that runs it with the fake."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "bootstrap", root / "scripts" / "bootstrap")
+    for name in ("pyproject.toml", "package.json", "package-lock.json"):
+        shutil.copy2(ROOT / name, root / name)
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "FAKE_PYTHON": str(fake),
+        "REAL_PYTHON": sys.executable,
+        "FAKE_LOG": str(tmp_path / "log"),
+    }
+    return root, env
+
+
+def stamp(root: Path, want: str) -> Path:
+    """The file bootstrap leaves in .venv once `want` (runtime or dev) is installed."""
+    text = b"".join(
+        (root / n).read_bytes() for n in ("pyproject.toml", "package.json", "package-lock.json")
+    )
+    return root / ".venv" / f".installed-{want}-{hashlib.sha256(text).hexdigest()[:16]}"
+
+
+def bootstrap(
+    root: Path, env: dict[str, str], want: str = "runtime"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(root / "scripts" / "bootstrap"), want],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def log(tmp_path: Path) -> list[str]:
+    path = tmp_path / "log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_first_run_installs_and_the_second_does_nothing(tmp_path: Path) -> None:
+    root, env = tree(tmp_path)
+    result = bootstrap(root, env)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in log(tmp_path)] == ["venv", "pip", "pip", "pip", "pip"]
+    assert stamp(root, "runtime").exists()
+
+    (tmp_path / "log").unlink()
+    result = bootstrap(root, env)
+    assert result.returncode == 0, result.stderr
+    assert log(tmp_path) == []
+
+
+def test_after_a_dev_install_runtime_needs_no_install(tmp_path: Path) -> None:
+    # scripts/test (dev: the package and its test tools), then scripts/serve (runtime):
+    # the dev install holds everything serve needs, so serve must not reach for the
+    # network again (it failed offline).
+    root, env = tree(tmp_path)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").symlink_to(env["FAKE_PYTHON"])
+    stamp(root, "dev").touch()
+    result = bootstrap(root, env, "runtime")
+    assert result.returncode == 0, result.stderr
+    assert log(tmp_path) == []
+    assert "installing" not in result.stderr
