@@ -6,6 +6,7 @@ whose `-m venv` and `-m pip` only write down that they ran: no network, no real 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -14,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import ROOT
+import pytest
+
+from tests.support import ROOT, wait_until
 
 #: Stands in for Python: `-m venv [--clear] DIR` makes DIR/bin/python (this script again),
 #: `-m pip ...` logs and succeeds (after FAKE_HOLD exists, when set); the rest is Python.
@@ -107,3 +110,46 @@ def test_after_a_dev_install_runtime_needs_no_install(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert log(tmp_path) == []
     assert "installing" not in result.stderr
+
+
+def children(pid: int) -> list[str]:
+    """Command names of the processes `pid` started that still run."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    names = []
+    for child in text.split():
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            names.append(Path(f"/proc/{child}/comm").read_text().strip())
+    return names
+
+
+@pytest.mark.skipif(not shutil.which("flock"), reason="bootstrap serializes itself with flock")
+def test_two_first_runs_at_once_install_once(tmp_path: Path) -> None:
+    # scripts/serve and scripts/test started together on a fresh clone: both created .venv
+    # and ran pip into it at once, and one died in a pip traceback.
+    root, env = tree(tmp_path)
+    hold = tmp_path / "release"
+    env = {**env, "FAKE_HOLD": str(hold)}
+    run = [str(root / "scripts" / "bootstrap"), "runtime"]
+    first = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        assert wait_until(lambda: any(line.startswith("pip start") for line in log(tmp_path)))
+        second = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
+        # The second one either waits for the first (in flock) or installs beside it.
+        assert wait_until(
+            lambda: "flock" in children(second.pid) or f"pip start {second.pid}" in log(tmp_path)
+        )
+        hold.touch()
+        assert first.wait(timeout=60) == 0
+        assert second.wait(timeout=60) == 0
+    finally:
+        hold.touch()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert not [line for line in log(tmp_path) if line.endswith(f" {second.pid}")]
+    pips = [line for line in log(tmp_path) if line.startswith("pip")]
+    assert [line.split()[-1] for line in pips] == [str(first.pid)] * 4
