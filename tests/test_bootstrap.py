@@ -153,3 +153,31 @@ def test_two_first_runs_at_once_install_once(tmp_path: Path) -> None:
     assert not [line for line in log(tmp_path) if line.endswith(f" {second.pid}")]
     pips = [line for line in log(tmp_path) if line.startswith("pip")]
     assert [line.split()[-1] for line in pips] == [str(first.pid)] * 4
+
+
+def test_a_venv_whose_python_is_gone_is_made_again(tmp_path: Path) -> None:
+    # A pyenv or Homebrew upgrade removes the interpreter .venv links to: bootstrap then
+    # ran `python3 -m venv .venv` over it, which fails ("No such file or directory:
+    # .venv/bin/python3"), and its old stamp said everything was installed.
+    root, env = tree(tmp_path)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").symlink_to(tmp_path / "python3.11-uninstalled")
+    stamp(root, "runtime").touch()
+    result = bootstrap(root, env)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in log(tmp_path)] == ["venv", "pip", "pip", "pip", "pip"]
+    assert log(tmp_path)[0] == "venv --clear .venv"
+
+
+def test_a_venv_of_a_python_too_old_is_made_again(tmp_path: Path) -> None:
+    # A .venv left by Python 3.10: pip refused to install into it ("requires a different
+    # Python: 3.10.13 not in '>=3.11'") and bootstrap never got past that.
+    root, env = tree(tmp_path)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    old = root / ".venv" / "bin" / "python"
+    old.write_text("#!/usr/bin/env bash\necho 'requires a different Python' >&2\nexit 1\n")
+    old.chmod(0o755)
+    result = bootstrap(root, env)
+    assert result.returncode == 0, result.stderr
+    assert log(tmp_path)[0] == "venv --clear .venv"
+    assert "requires a different Python" not in result.stderr
