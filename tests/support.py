@@ -21,6 +21,10 @@ from google.protobuf import json_format
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_FLOW = ROOT / "examples" / "sample_flow.json"
 BIN = Path(sys.executable).parent
+#: `pip` as the tests build and install packages: offline, with the build backend the venv
+#: already has (setuptools, a dev dependency), so that scripts/test runs without network
+#: once bootstrap has installed everything.
+PIP_OFFLINE = ("--no-index", "--no-build-isolation", "--no-deps")
 #: What `flowsvc serve` prints on stdout once it listens, followed by host:port.
 READY_PREFIX = "flowsvc: serving on "
 

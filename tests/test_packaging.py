@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.support import READY_PREFIX, ROOT
+from tests.support import PIP_OFFLINE, READY_PREFIX, ROOT
 
 
 def _docker_context(dest: Path) -> Path:
@@ -57,7 +57,7 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
     context = _docker_context(tmp_path / "context")
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(context)],
+        [sys.executable, "-m", "pip", "wheel", *PIP_OFFLINE, "-q", "-w", str(wheels), str(context)],
         check=True,
         timeout=300,
     )
@@ -81,7 +81,7 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
             "-m",
             "pip",
             "install",
-            "--no-deps",
+            *PIP_OFFLINE,
             "-q",
             "--target",
             str(site),

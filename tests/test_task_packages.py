@@ -19,7 +19,7 @@ import grpc
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from google.protobuf import json_format
 
-from tests.support import ROOT, server_process, to_dict
+from tests.support import PIP_OFFLINE, ROOT, server_process, to_dict
 
 pb = flow_service_pb2
 EXAMPLE = ROOT / "examples" / "acme-flow-tasks"
@@ -36,7 +36,7 @@ def pip_install(source: Path, site: Path, tmp_path: Path) -> None:
             "pip",
             "install",
             "-q",
-            "--no-deps",
+            *PIP_OFFLINE,
             "--target",
             str(site),
             str(copy),
