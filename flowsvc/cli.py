@@ -56,11 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a flow file in-process and print the execution")
     run.add_argument("flow_file", type=Path, help="flow JSON, or {'flow': ..., 'input': ...}")
     run.add_argument("--input", default=None, help="flow input as a JSON object")
-    config.add_arguments(run)
+    config.add_arguments(run, config.FLOW_SETTINGS)
 
     validate = sub.add_parser("validate", help="check a flow file without running it")
     validate.add_argument("flow_file", type=Path)
-    config.add_arguments(validate)
+    config.add_arguments(validate, config.FLOW_SETTINGS)
 
     probe = sub.add_parser("probe", help="exit 0 when the server's health is SERVING")
     probe.add_argument(
@@ -74,8 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> config.Settings:
+    """The server's settings for `serve`; for `run` and `validate`, which run no server,
+    only those that shape a flow (a server's bad FLOWSVC_DB does not stop them)."""
+    names = None if args.command == "serve" else config.FLOW_SETTINGS
     return config.from_sources(
-        {f: getattr(args, f, None) for f in config.Settings.__dataclass_fields__}
+        {f: getattr(args, f, None) for f in config.Settings.__dataclass_fields__}, names=names
     )
 
 

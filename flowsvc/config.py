@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -218,9 +218,29 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; defaults stay None so the environment can fill in."""
+#: The settings that shape a flow run in-process (`flowsvc run`, `flowsvc validate`): the
+#: others configure a server (its address, store, shutdown, limits on calls).
+FLOW_SETTINGS = frozenset(
+    {
+        "task_modules",
+        "default_max_steps",
+        "max_steps_cap",
+        "max_tasks",
+        "sync_task_workers",
+        "max_task_timeout_seconds",
+        "max_flow_timeout_seconds",
+        "max_attempts",
+        "max_backoff_seconds",
+    }
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """Add one flag per setting (of those in `names`, if given); defaults stay None so the
+    environment can fill in."""
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         doc = _FIELD_DOCS.get(f.name, "")
         parser.add_argument(
             flag_name(f.name),
@@ -232,15 +252,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_sources(
-    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str] | None = None,
+    names: Collection[str] | None = None,
 ) -> Settings:
-    """Settings from flags, then FLOWSVC_* variables, then defaults.
+    """Settings from flags, then FLOWSVC_* variables, then defaults; only those in
+    `names`, if given, are read (the others keep their defaults).
 
     Raises ValueError naming the flag or variable whose value is bad.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         raw = flags.get(f.name)
         source = flag_name(f.name)
         if raw is None:

@@ -561,6 +561,31 @@ def test_run_refuses_an_input_the_server_refuses(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_run_and_validate_take_only_the_settings_of_a_flow(tmp_path: Path, command: str) -> None:
+    # They run no server: its address, store and limits on calls mean nothing to them. A
+    # server's setting in the environment stopped them ("bad configuration: FLOWSVC_DB=''")
+    # and their --help offered --listen, --db ... flags that did nothing.
+    env = {
+        **os.environ,
+        "FLOWSVC_DB": "",
+        "FLOWSVC_LISTEN": "nowhere",
+        "FLOWSVC_GRACE_SECONDS": "-1",
+    }
+    result = flowsvc(command, str(SAMPLE_FLOW), env=env)
+    assert result.returncode == 0, result.stderr
+
+    usage = flowsvc(command, "--help").stdout
+    assert "--listen" not in usage and "--db" not in usage and "--grace-seconds" not in usage
+    assert "--task-modules" in usage and "--max-tasks" in usage
+    assert flowsvc(command, str(SAMPLE_FLOW), "--db", "x.db").returncode == 2
+
+    # What shapes a flow still applies, from a flag or the environment.
+    result = flowsvc(command, str(SAMPLE_FLOW), env={**env, "FLOWSVC_MAX_TASKS": "2"})
+    assert result.returncode == (2 if command == "run" else 1), result.stderr
+    assert "flow.tasks" in result.stdout + result.stderr
+
+
 def test_validate_command(tmp_path: Path) -> None:
     result = flowsvc("validate", str(SAMPLE_FLOW))
     assert result.returncode == 0
