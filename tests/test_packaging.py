@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -128,3 +129,28 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def _lowest(requirement: str) -> tuple[int, ...]:
+    """The version after `>=` in a requirement such as 'grpcio>=1.85.1'."""
+    (version,) = re.findall(r">=\s*([\d.]+)", requirement)
+    return tuple(int(part) for part in version.split("."))
+
+
+def test_dependencies_admit_no_runtime_the_generated_code_refuses() -> None:
+    # The generated modules check at import the grpcio and protobuf they run on, and raise
+    # on one older than what generated them: pyproject's lowest versions must not be older
+    # (it said grpcio>=1.66 of stubs that need 1.85.1).
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    by_name = {re.split(r"[<>=;\s]", r, maxsplit=1)[0]: r for r in requirements}
+    stubs = ROOT / "generated" / "flowmanager" / "v1"
+    (grpc_made_by,) = re.findall(
+        r"^GRPC_GENERATED_VERSION = '([\d.]+)'$",
+        (stubs / "flow_service_pb2_grpc.py").read_text(),
+        flags=re.M,
+    )
+    assert _lowest(by_name["grpcio"]) >= tuple(int(p) for p in grpc_made_by.split("."))
+    (protobuf_made_by,) = re.findall(
+        r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "flow_pb2.py").read_text()
+    )
+    assert _lowest(by_name["protobuf"]) >= tuple(int(p) for p in protobuf_made_by)
