@@ -252,6 +252,9 @@ class ExecutionManager:
         # not launched). The store may answer a retry's, a watcher's or a cancel's read
         # of the record before the creator has resumed and launched it: they wait here.
         self._launching: dict[str, asyncio.Future[Run | None]] = {}
+        # request_id -> the store's write of its execution's record, while it is written:
+        # a retry that comes meanwhile waits for it instead of counting against the cap.
+        self._creating: dict[str, asyncio.Future[ExecutionRecord | None]] = {}
         #: Drives cut off at shutdown whose task ignored its cancellation: still there.
         self.left_behind: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -420,6 +423,13 @@ class ExecutionManager:
         if request_id:  # what a retry must match: only needed with a request_id
             digest = request_hash(prepared.flow_digest, flow_input)
             found = await self._by_request_id(request_id, digest)
+            if found is None and (writing := self._creating.get(request_id)) is not None:
+                # Its first call is writing the record: the execution to attach to, even
+                # if that call took the last free slot. (Its failure is that call's to
+                # report; this one then starts the execution itself.)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(writing)
+                found = await self._by_request_id(request_id, digest)
             if found is not None:
                 return found
         if len(self._live) + self._starting >= self.settings.max_in_flight:
@@ -449,6 +459,9 @@ class ExecutionManager:
                 existing = creating.result()
             else:
                 self._launching[new.flow_id] = asyncio.get_running_loop().create_future()
+                if request_id:
+                    self._creating[request_id] = creating
+                    creating.add_done_callback(lambda done: self._written(request_id, done))
                 try:
                     # Shielded: the record is written whatever happens to this caller,
                     # so it must be driven to an end even if the caller leaves meanwhile.
@@ -477,6 +490,11 @@ class ExecutionManager:
             self._launched(new.flow_id, None)
             return await self._attach_existing(existing, digest)
         return Attachment(new.flow_id, run, created=True)
+
+    def _written(self, request_id: str, creating: asyncio.Future[Any]) -> None:
+        """The record of `request_id`'s execution is written (or failed): see _creating."""
+        if self._creating.get(request_id) is creating:
+            del self._creating[request_id]
 
     def _started(self) -> None:
         """A start has launched its execution, or given up: it no longer counts."""

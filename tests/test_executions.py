@@ -705,6 +705,27 @@ async def test_in_flight_cap_gives_resource_exhausted_with_retry_info(stub, regi
     await eventually(accepts)
 
 
+async def test_retries_together_at_the_cap_attach_instead_of_resource_exhausted(
+    stub, registry
+) -> None:
+    """Retries that arrive together when the first of them takes the last free slot all
+    get its execution: none is told the server is full by its own execution."""
+    _started, release, _ = gate(registry)
+    held = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))  # 1 of the 2 slots
+    await held.read()
+    flow = chain(("sleep", {"seconds": 0.05}))
+    for round_ in range(5):
+        request = pb.ExecuteFlowRequest(flow=flow, request_id=f"last-slot-{round_}")
+        responses = await asyncio.gather(
+            *(stub.ExecuteFlow(request, timeout=10) for _ in range(4)), return_exceptions=True
+        )
+        errors = [r for r in responses if isinstance(r, Exception)]
+        assert not errors, [(e.code(), e.details()) for e in errors]
+        assert len({r.flow_id for r in responses}) == 1
+    release.set()
+    await read_all(held)
+
+
 async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execution(
     tmp_path: Path, registry
 ) -> None:
