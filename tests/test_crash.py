@@ -106,3 +106,25 @@ async def test_sigkill_under_load_loses_nothing_any_client_received(tmp_path: Pa
                     m.SerializeToString() for m in messages
                 ]
                 assert watched[-1].finished.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+
+
+async def test_a_retry_after_a_restart_gets_the_execution_its_request_id_made(
+    tmp_path: Path,
+) -> None:
+    """The request a client retries after a crash is the one it sent: the same flow,
+    input and request_id give the execution recorded before, whatever order protobuf
+    hands a Struct's keys over in this process (it differs from one process to the next)."""
+    db = str(tmp_path / "retry.db")
+    params = {"customer": "c-42", "amount": 10, "currency": "EUR", "note": "n", "tag": "t"}
+    flow = chain(("echo", {**params, "nested": dict(params)}))
+    request = pb.ExecuteFlowRequest(flow=flow, request_id="order-42")
+    request.input.update({"cart": dict(params)})
+    answers = []
+    for _ in range(2):  # a restart in between: a new process
+        with server_process(tmp_path, "--db", db) as srv:
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+                answers.append(await stub.ExecuteFlow(request, timeout=10))
+            await _kill(srv)
+    assert answers[1].flow_id == answers[0].flow_id
+    assert answers[1] == answers[0]  # the same answer: the recorded execution

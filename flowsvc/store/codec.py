@@ -67,11 +67,23 @@ def _retry_to_json(retry: RetryPolicy) -> dict[str, Any]:
     }
 
 
+def _keys_sorted(value: Any) -> Any:
+    """`value` with the keys of every object in it sorted. A flow's params come from a
+    protobuf Struct, whose keys come out in an order that differs from one process to
+    the next: sorted, the same flow is the same JSON, and has the same digest, after a
+    restart (a retry's request_id must still match its execution)."""
+    if isinstance(value, Mapping):
+        return {key: _keys_sorted(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_keys_sorted(item) for item in value]
+    return value
+
+
 def _task_to_json(task: Task) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": task.name,
         "description": task.description,
-        "params": dict(task.params),
+        "params": _keys_sorted(task.params),
     }
     if task.timeout_s is not None:
         out["timeout_s"] = task.timeout_s
