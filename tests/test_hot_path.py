@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -14,16 +15,23 @@ from flowsvc.executions import new_flow_id
 from flowsvc.models import FlowFinished, FlowStarted, FlowStatus
 
 
-def test_new_flow_ids_are_canonical_version_4_uuids() -> None:
+def test_new_flow_ids_are_canonical_version_7_uuids_in_time_order() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [new_flow_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for flow_id in ids:
         parsed = uuid.UUID(flow_id)
-        assert parsed.version == 4
+        assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == flow_id  # canonical: lower case, dashes in place
+        assert before <= parsed.int >> 80 <= after  # its first 48 bits: the time, in ms
     # Every variant digit (8, 9, a, b) turns up: the random bits are not biased away.
     assert {flow_id[19] for flow_id in ids} == set("89ab")
+    # One made in a later millisecond sorts after, as text too (the store's key).
+    while time.time_ns() // 1_000_000 <= after:
+        pass  # less than a millisecond
+    assert new_flow_id() > max(ids)
 
 
 @pytest.mark.parametrize(
