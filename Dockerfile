@@ -1,5 +1,5 @@
 # flowsvc: the gRPC flow service. Build: docker build -t flowsvc .
-# Run: docker run -p 50051:50051 -v flowsvc-data:/app/data flowsvc
+# Run: docker run --init -p 50051:50051 -v flowsvc-data:/app/data flowsvc
 # The 8 s grace period (FLOWSVC_GRACE_SECONDS) ends before docker stop's default 10 s.
 FROM python:3.11-slim
 
