@@ -54,6 +54,13 @@ MEMORY = ":memory:"
 #: FINAL_RPC_MIN_SECONDS.
 FINAL_RPC_GRACE_SECONDS = 2.0
 FINAL_RPC_MIN_SECONDS = 0.5
+#: The shortest keepalive interval accepted from clients. gRPC's server default is 5
+#: minutes: a client pinging more often while the server sends nothing (a long task, an
+#: ExecuteFlow waiting for its flow) gets a strike per ping, and the third strike closes
+#: the connection with GOAWAY "too_many_pings". A client with keepalive at 10 s (the least
+#: grpc-java and grpc-go allow; clients behind NATs and load balancers need keepalive) thus
+#: lost its call after 30-40 s, and the flow was cancelled as if its caller had gone.
+CLIENT_MIN_PING_INTERVAL_MS = 5_000
 #: Names of the threads that run sync tasks.
 TASK_THREAD_PREFIX = "flowsvc-task"
 
@@ -467,6 +474,10 @@ async def _listen(
             # --max-in-flight must be accepted, not CANCELLED.
             ("grpc.server.max_pending_requests", max(1000, settings.max_in_flight)),
             ("grpc.server.max_pending_requests_hard_limit", max(3000, 2 * settings.max_in_flight)),
+            # Client keepalive pings: welcome every CLIENT_MIN_PING_INTERVAL_MS, with or
+            # without calls (gRPC's default takes any closer than 5 minutes for abuse).
+            ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_MIN_PING_INTERVAL_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
     server.add_generic_rpc_handlers(
