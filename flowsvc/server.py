@@ -61,6 +61,10 @@ FINAL_RPC_MIN_SECONDS = 0.5
 #: grpc-java and grpc-go allow; clients behind NATs and load balancers need keepalive) thus
 #: lost its call after 30-40 s, and the flow was cancelled as if its caller had gone.
 CLIENT_MIN_PING_INTERVAL_MS = 5_000
+#: How often the server pings a connection, and how long it waits for the answer before
+#: it takes the client for gone (its calls cancelled, and so their flows).
+SERVER_KEEPALIVE_TIME_MS = 60_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 #: Names of the threads that run sync tasks.
 TASK_THREAD_PREFIX = "flowsvc-task"
 
@@ -478,6 +482,16 @@ async def _listen(
             # without calls (gRPC's default takes any closer than 5 minutes for abuse).
             ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_MIN_PING_INTERVAL_MS),
             ("grpc.keepalive_permit_without_calls", 1),
+            # The server's own pings: a client whose network vanished without closing the
+            # connection (no FIN, no RST) is found gone, and its flow cancelled, within
+            # SERVER_KEEPALIVE_TIME_MS + SERVER_KEEPALIVE_TIMEOUT_MS, not 2 hours (gRPC's
+            # default), nor never while its flow's task keeps the connection silent.
+            ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+            # gRPC waits for a ping's answer 1 minute whatever the keepalive timeout says.
+            ("grpc.http2.ping_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+            # and sends no more than 2 pings while it sends no data, unless told otherwise.
+            ("grpc.http2.max_pings_without_data", 0),
         ]
     )
     server.add_generic_rpc_handlers(

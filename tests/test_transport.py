@@ -1,11 +1,18 @@
-"""What any gRPC client meets on the wire: keepalive pings."""
+"""What any gRPC client meets on the wire: keepalive pings, a client that vanishes."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
+import pytest
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 
-from flowsvc.server import FlowServer
+from flowsvc import server as server_module
+from flowsvc.config import Settings
+from flowsvc.registry import TaskRegistry
+from flowsvc.server import FlowServer, build_server
 from tests.support import chain
 
 #: A client keepalive a little longer than the least the server accepts (5 s), and a task
@@ -32,3 +39,78 @@ async def test_a_client_with_keepalive_keeps_its_stream_through_a_long_task(
         events = [m async for m in stub.StreamFlow(request, timeout=TASK_SECONDS + 20)]
     assert [m.WhichOneof("event") for m in events] == ["started", "task_result", "finished"]
     assert events[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+class _FreezableProxy:
+    """A TCP relay to the server that can stop relaying while keeping its sockets open:
+    the client's network path goes silent, as when a client machine or a NAT vanishes,
+    and nothing tells the server (no FIN, no RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._relays: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        self._writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            relay = asyncio.ensure_future(self._relay(source, sink))
+            self._relays.add(relay)
+
+    @staticmethod
+    async def _relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    async def freeze(self) -> None:
+        for relay in self._relays:
+            relay.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.freeze()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_client_whose_network_vanished_is_found_gone_and_its_flow_cancelled(
+    monkeypatch: pytest.MonkeyPatch, registry: TaskRegistry, settings: Settings
+) -> None:
+    # The server's keepalive shortened from 60 s + 20 s, so that the test takes seconds.
+    monkeypatch.setattr(server_module, "SERVER_KEEPALIVE_TIME_MS", 1_000, raising=False)
+    monkeypatch.setattr(server_module, "SERVER_KEEPALIVE_TIMEOUT_MS", 1_000, raising=False)
+    srv = await build_server(settings, registry)
+    proxy = _FreezableProxy(srv.port)
+    try:
+        proxy_port = await proxy.start()
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{proxy_port}") as far,
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as near,
+        ):
+            request = flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60})))
+            call = flow_service_pb2_grpc.FlowServiceStub(far).StreamFlow(request)
+            started = await call.read()
+            await proxy.freeze()
+            stub = flow_service_pb2_grpc.FlowServiceStub(near)
+            get = flow_service_pb2.GetExecutionRequest(flow_id=started.started.flow_id)
+            deadline = time.monotonic() + 15
+            while (execution := (await stub.GetExecution(get)).execution).status == (
+                flow_pb2.FLOW_STATUS_RUNNING
+            ):
+                assert time.monotonic() < deadline, "the server never noticed its client gone"
+                await asyncio.sleep(0.1)
+            assert execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+            assert "caller went away" in execution.message
+            call.cancel()
+    finally:
+        await proxy.close()
+        await srv.shutdown(grace=0)
