@@ -16,19 +16,20 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.resources
+import inspect
 import logging
 import os
 import socket
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from flowmanager.v1 import flow_service_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
@@ -36,7 +37,7 @@ from flowsvc.errors import TaskModuleError
 from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
-from flowsvc.servicer import FlowServicer, safe_deserializer
+from flowsvc.servicer import FlowServicer, MalformedRequest, abort_malformed, safe_deserializer
 from flowsvc.store import ExecutionStore
 from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
@@ -179,14 +180,14 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     servicer = _DocumentedReflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
     )
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1 = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    handlers = _library_handlers(
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], servicer
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+        tuple(
+            grpc.method_handlers_generic_handler(name, handlers)
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
     )
 
 
@@ -272,6 +273,71 @@ def _method_handlers(servicer: FlowServicer) -> dict[str, grpc.RpcMethodHandler[
             response_serializer=response_cls.SerializeToString,
         )
     return handlers
+
+
+def _library_handlers(
+    service: descriptor.ServiceDescriptor, servicer: object
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """Handlers for the methods of grpc's own servicers (health, reflection), with the
+    deserializer that never raises: bytes that do not parse get INVALID_ARGUMENT, as on
+    FlowService. (grpc's own handlers answer them UNKNOWN "Unexpected <class
+    ...DecodeError>", and log an ERROR with a traceback for each.)"""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        behavior = _rejecting_malformed(getattr(servicer, method.name), method.client_streaming)
+        make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            behavior,
+            request_deserializer=safe_deserializer(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    return handlers
+
+
+def _rejecting_malformed(behavior: Any, request_streaming: bool) -> Any:
+    """`behavior`, ending the call INVALID_ARGUMENT at a request that did not parse."""
+
+    async def checked(
+        requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, MalformedRequest):
+                await abort_malformed(context, request)
+            yield request
+
+    if request_streaming:
+        # grpc's servicers that take a stream of requests answer with a stream.
+        async def streams(
+            requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async for response in behavior(checked(requests, context), context):
+                yield response
+
+        return streams
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generates(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, MalformedRequest):
+                await abort_malformed(context, request)
+            async for response in behavior(request, context):
+                yield response
+
+        return generates
+
+    async def answers(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, MalformedRequest):
+            await abort_malformed(context, request)
+        return await behavior(request, context)
+
+    return answers
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
@@ -497,7 +563,16 @@ async def _listen(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, _method_handlers(servicer)),)
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                health.SERVICE_NAME,
+                _library_handlers(
+                    health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer
+                ),
+            ),
+        )
+    )
     _enable_reflection(server)
     try:
         port = server.add_insecure_port(settings.listen)

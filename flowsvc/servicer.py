@@ -158,6 +158,14 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, me
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+async def abort_malformed(
+    context: grpc.aio.ServicerContext[Any, Any], request: MalformedRequest
+) -> None:
+    """End the call INVALID_ARGUMENT for a request that did not parse (raises AbortError);
+    for the health and reflection services, whose servicers are grpc's own."""
+    await _abort(context, _MalformedRequestError(request), "")
+
+
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -316,4 +324,4 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         return convert.tasks_to_pb(list(self.engine.registry))
 
 
-__all__ = ["FlowServicer", "MalformedRequest", "safe_deserializer"]
+__all__ = ["FlowServicer", "MalformedRequest", "abort_malformed", "safe_deserializer"]

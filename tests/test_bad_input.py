@@ -606,6 +606,49 @@ async def test_unparsable_stream_request_is_invalid_argument(
     assert calls == []
 
 
+@pytest.mark.parametrize(
+    ("path", "kind", "request_name"),
+    [
+        ("/grpc.health.v1.Health/Check", "unary_unary", "grpc.health.v1.HealthCheckRequest"),
+        ("/grpc.health.v1.Health/Watch", "unary_stream", "grpc.health.v1.HealthCheckRequest"),
+        (
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "stream_stream",
+            "ServerReflectionRequest",
+        ),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            "stream_stream",
+            "ServerReflectionRequest",
+        ),
+    ],
+)
+async def test_unparsable_health_or_reflection_request_is_invalid_argument(
+    channel, caplog: pytest.LogCaptureFixture, path: str, kind: str, request_name: str
+) -> None:
+    """Not UNKNOWN with grpc's "Unexpected <class ...DecodeError>", nor an ERROR line with
+    a traceback in the server's log for each such request."""
+    caplog.set_level(logging.ERROR)
+    garbage = GARBAGE[0]
+    call = getattr(channel, kind)(
+        path, request_serializer=_identity, response_deserializer=_identity
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if kind == "unary_unary":
+            await call(garbage, timeout=TIMEOUT)
+        elif kind == "unary_stream":
+            async for _ in call(garbage, timeout=TIMEOUT):
+                pass
+        else:
+            async for _ in call(iter([garbage]), timeout=TIMEOUT):
+                pass
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert request_name in err.details()
+    assert "class" not in err.details()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 # --- 18: unexpected server errors -----------------------------------------------------------
 
 
