@@ -169,6 +169,8 @@ def _unix_bind_problem(listen: str) -> str | None:
 #: Server reflection's current name. grpcio-reflection serves only v1alpha, which older
 #: tools (grpcurl 1.8) use; newer ones ask for v1 first.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+#: Every service this server serves, as reflection lists them.
+SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
@@ -177,9 +179,7 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     servicer answers both, and v1's descriptor (for clients that describe it) is made
     from v1alpha's."""
     _add_reflection_v1_descriptor()
-    servicer = _DocumentedReflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-    )
+    servicer = _DocumentedReflection(SERVICES)
     handlers = _library_handlers(
         reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], servicer
     )
@@ -338,6 +338,31 @@ def _rejecting_malformed(behavior: Any, request_streaming: bool) -> Any:
         return await behavior(request, context)
 
     return answers
+
+
+# grpc's stubs make GenericRpcHandler generic; the class itself cannot be subscripted.
+class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """The last handler: a method no service has is UNIMPLEMENTED naming it and the
+    services there are (grpc's own answer, "Method not found!", names neither: a client
+    built from an older or mistyped .proto could not tell what it had called)."""
+
+    def __init__(self, services: tuple[str, ...]) -> None:
+        self._services = ", ".join(services)
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        message = (
+            f"unknown method {handler_call_details.method}; "
+            f"this server serves {self._services} (list them with reflection)"
+        )
+
+        async def unimplemented(
+            requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+        return grpc.stream_stream_rpc_method_handler(unimplemented)
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
@@ -574,6 +599,8 @@ async def _listen(
         )
     )
     _enable_reflection(server)
+    # Last: grpc asks the handlers in order.
+    server.add_generic_rpc_handlers((_UnknownMethods(SERVICES),))
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as exc:  # grpc: "Failed to bind to address ...", and no reason

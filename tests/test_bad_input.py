@@ -821,3 +821,17 @@ async def test_nan_or_infinity_in_input_or_params_is_invalid_argument(
         ("flow.tasks[1].params.x.y", f"is {number}, not a JSON number")
     ]
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/flowmanager.v1.FlowService/ExecuteFlows", "/flowmanager.v2.FlowService/ExecuteFlow"],
+)
+async def test_an_unknown_method_is_unimplemented_naming_it(channel, path: str) -> None:
+    call = channel.unary_unary(path, request_serializer=_identity, response_deserializer=_identity)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(b"", timeout=TIMEOUT)
+    err = info.value
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
+    assert path in err.details()
+    assert "flowmanager.v1.FlowService" in err.details()
