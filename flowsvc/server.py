@@ -565,10 +565,15 @@ async def _listen(
             # silently split the traffic).
             ("grpc.so_reuseport", 0),
             # grpc cancels calls that arrive faster than the server takes them once more
-            # than 1,000 (3,000 hard) are pending: a burst of executions as large as
-            # --max-in-flight must be accepted, not CANCELLED.
-            ("grpc.server.max_pending_requests", max(1000, settings.max_in_flight)),
-            ("grpc.server.max_pending_requests_hard_limit", max(3000, 2 * settings.max_in_flight)),
+            # than 1,000 (3,000 hard) are pending, with status CANCELLED, which clients
+            # read as their own doing: a burst must reach --max-in-flight's check and get
+            # RESOURCE_EXHAUSTED with RetryInfo. A pending call holds no more than its
+            # stream's flow-control window (64 KiB) of request bytes.
+            ("grpc.server.max_pending_requests", max(10_000, 4 * settings.max_in_flight)),
+            (
+                "grpc.server.max_pending_requests_hard_limit",
+                max(20_000, 8 * settings.max_in_flight),
+            ),
             # Client keepalive pings: welcome every CLIENT_MIN_PING_INTERVAL_MS, with or
             # without calls (gRPC's default takes any closer than 5 minutes for abuse).
             ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_MIN_PING_INTERVAL_MS),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import time
 
 import grpc
@@ -114,3 +116,43 @@ async def test_a_client_whose_network_vanished_is_found_gone_and_its_flow_cancel
     finally:
         await proxy.close()
         await srv.shutdown(grace=0)
+
+
+async def test_a_burst_far_over_the_cap_is_resource_exhausted_never_cancelled(
+    registry: TaskRegistry, settings: Settings
+) -> None:
+    # grpc itself cancelled calls that came faster than the server took them, once more
+    # than 3,000 were pending: status CANCELLED, which clients read as their own doing and
+    # do not retry. Each one must reach the cap and get RESOURCE_EXHAUSTED instead.
+    release = asyncio.Event()
+
+    @registry.task("held")
+    async def held() -> None:
+        await release.wait()
+
+    capped = dataclasses.replace(settings, max_in_flight=10)
+    srv = await build_server(capped, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            request = flow_service_pb2.ExecuteFlowRequest(flow=chain("held"))
+            calls = [asyncio.ensure_future(stub.ExecuteFlow(request)) for _ in range(3500)]
+            try:
+                # All but the 10 running ones are answered while those are held.
+                deadline = time.monotonic() + 60
+                while sum(call.done() for call in calls) < 3490:
+                    assert time.monotonic() < deadline, sum(call.done() for call in calls)
+                    await asyncio.sleep(0.05)
+            finally:
+                release.set()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await srv.shutdown(grace=0)
+    codes = [
+        r.code() if isinstance(r, grpc.aio.AioRpcError) else grpc.StatusCode.OK for r in results
+    ]
+    assert grpc.StatusCode.CANCELLED not in codes, collections.Counter(codes)
+    assert collections.Counter(codes) == {
+        grpc.StatusCode.OK: 10,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 3490,
+    }
