@@ -567,8 +567,7 @@ async def _listen(
             # grpc cancels calls that arrive faster than the server takes them once more
             # than 1,000 (3,000 hard) are pending, with status CANCELLED, which clients
             # read as their own doing: a burst must reach --max-in-flight's check and get
-            # RESOURCE_EXHAUSTED with RetryInfo. A pending call holds no more than its
-            # stream's flow-control window (64 KiB) of request bytes.
+            # RESOURCE_EXHAUSTED with RetryInfo.
             ("grpc.server.max_pending_requests", max(10_000, 4 * settings.max_in_flight)),
             (
                 "grpc.server.max_pending_requests_hard_limit",
