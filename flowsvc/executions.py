@@ -265,6 +265,9 @@ class ExecutionManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        # Why stop_all() stopped every execution (None: it has not): one launched since,
+        # whose record was being written then, is stopped at once for the same reason.
+        self._stopped_all: str | None = None
         self.store_healthy = True
         self._probe: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -379,6 +382,7 @@ class ExecutionManager:
         await self._idle.wait()
 
     def stop_all(self, reason: str) -> None:
+        self._stopped_all = reason
         for run in list(self._live.values()):
             run.stop.request(reason)
 
@@ -519,6 +523,8 @@ class ExecutionManager:
         run.callers = callers
         self._live[flow_id] = run
         self._idle.clear()
+        if self._stopped_all is not None:  # its record was being written at stop_all()
+            run.stop.request(self._stopped_all)
         # Not named: naming a task costs more than the rest of its creation.
         run.task = asyncio.create_task(self._drive(run, plan, flow_input))
         if self._launching:

@@ -1030,6 +1030,47 @@ async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_wr
         assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
+async def test_an_execution_launched_after_the_grace_period_is_stopped_too(
+    tmp_path: Path, registry
+) -> None:
+    """An execution whose record was still being written when the grace period ended is
+    stopped as soon as it is launched, like every other: CANCELLED ("the server is
+    shutting down"), its call OK. Before, stop_all() had missed it (not running yet): its
+    task ran on, was cut off as if it ignored its cancellation, and the execution was
+    recorded INTERRUPTED, its call UNAVAILABLE. White-box: the store's thread is held."""
+    import threading
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "late.db"))
+    server = await build_server(settings, registry)
+    _, _, cancelled = gate(registry)
+    hold = threading.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            store = server.manager.store
+            held = store._submit(lambda conn: hold.wait(10), write=False)
+            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            execute = asyncio.ensure_future(
+                stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
+            )
+            await eventually(lambda: server.manager._starting == 1)  # its record waits
+            shutdown = asyncio.ensure_future(server.shutdown(grace=0.1))
+            await eventually(lambda: server.flows_stopped_at is not None)  # grace over
+            hold.set()
+            await held
+            executed = await execute
+            await shutdown
+    finally:
+        hold.set()
+        await server.shutdown(grace=0)
+    assert executed.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert "shutting down" in executed.message
+    assert cancelled == []  # stopped before its task started
+    async with serving(settings, registry) as (_, _, stub):
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=executed.flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+
 async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, registry) -> None:
     db = str(tmp_path / "shutdown.db")
     settings = Settings(listen="127.0.0.1:0", db=db)
