@@ -8,6 +8,7 @@ is called before append_nowait returns.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -176,11 +177,19 @@ class MemoryStore:
 
     async def delete_finished_before(self, cutoff: datetime, limit: int | None = None) -> int:
         self._check()
-        old = [
-            flow_id
-            for flow_id, entry in self._entries.items()
-            if entry.finished_at is not None and entry.finished_at < cutoff
-        ][:limit]
+        # Taken as found, `limit` at most: retention calls this again and again, a batch
+        # at a time, and a list of every expired one for each batch grew with their
+        # square (100,000 expired: 0.4 s, the event loop held; a million: a minute).
+        old = list(
+            itertools.islice(
+                (
+                    flow_id
+                    for flow_id, entry in self._entries.items()
+                    if entry.finished_at is not None and entry.finished_at < cutoff
+                ),
+                limit,
+            )
+        )
         for flow_id in old:
             entry = self._entries.pop(flow_id)
             if entry.new.request_id is not None:
