@@ -353,6 +353,12 @@ class ExecutionManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._launching:
+            # Records still being written (a slow or locked database): each execution is
+            # launched once its record is, and stopped below like the others. Closed
+            # first, the store took the record but none of its events: left RUNNING, it
+            # was taken at the next start for one a crash had cut off.
+            await asyncio.wait(list(self._launching.values()))
         await self.cut_off()
         with contextlib.suppress(StoreUnavailableError):
             await self._record_ends()

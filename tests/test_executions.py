@@ -1071,6 +1071,48 @@ async def test_an_execution_launched_after_the_grace_period_is_stopped_too(
         assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
 
 
+async def test_a_record_written_only_as_the_store_closes_is_not_taken_for_a_crash(
+    tmp_path: Path, registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record still being written when the server has ended its calls (its store held
+    all through the shutdown): its execution is launched and stopped before the store
+    closes, recorded CANCELLED. Before, the store closed behind the record: left RUNNING
+    with no event, the next start took it for one a crash had cut off, and a store probe
+    ran on after close. White-box: the store's thread is held."""
+    import threading
+
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "closing.db"))
+    server = await build_server(settings, registry)
+    gate(registry)
+    hold = threading.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            store = server.manager.store
+            held = store._submit(lambda conn: hold.wait(10), write=False)
+            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            execute = asyncio.ensure_future(
+                stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
+            )
+            await eventually(lambda: server.manager._starting == 1)  # its record waits
+            shutdown = asyncio.ensure_future(server.shutdown(grace=0.1))
+            await eventually(execute.done)  # the server has ended its calls
+            hold.set()
+            await held
+            await shutdown
+            assert server.manager._probe is None
+    finally:
+        hold.set()
+        await server.shutdown(grace=0)
+    assert not [r for r in caplog.records if r.getMessage() == "execution store failed"]
+    async with serving(settings, registry) as (_, _, stub):
+        (listed,) = (await stub.ListExecutions(pb.ListExecutionsRequest())).executions
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=listed.flow_id))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED
+    assert not [r for r in caplog.records if r.getMessage() == "execution interrupted by a crash"]
+
+
 async def test_shutdown_records_running_executions_cancelled(tmp_path: Path, registry) -> None:
     db = str(tmp_path / "shutdown.db")
     settings = Settings(listen="127.0.0.1:0", db=db)
