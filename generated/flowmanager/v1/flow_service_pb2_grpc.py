@@ -30,9 +30,14 @@ class FlowServiceStub:
 
     A flow that runs and whose tasks fail is not an RPC error: the call returns OK
     and the flow's status says FLOW_STATUS_FAILED. RPC errors are for bad input
-    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), oversized
-    requests (RESOURCE_EXHAUSTED), cancelled calls and server faults (INTERNAL,
-    with an error id that also appears in the server log).
+    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), an unknown
+    execution (NOT_FOUND), a request_id reused with another flow or input
+    (ALREADY_EXISTS), cancelling an execution that has ended (FAILED_PRECONDITION),
+    limits (RESOURCE_EXHAUSTED: a request or an answer too large, or too many
+    executions running), a server shutting down or a store that cannot write
+    (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
+    DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
+    appears in the server log).
     """
 
     def __init__(self, channel):
@@ -88,9 +93,14 @@ class FlowServiceServicer:
 
     A flow that runs and whose tasks fail is not an RPC error: the call returns OK
     and the flow's status says FLOW_STATUS_FAILED. RPC errors are for bad input
-    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), oversized
-    requests (RESOURCE_EXHAUSTED), cancelled calls and server faults (INTERNAL,
-    with an error id that also appears in the server log).
+    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), an unknown
+    execution (NOT_FOUND), a request_id reused with another flow or input
+    (ALREADY_EXISTS), cancelling an execution that has ended (FAILED_PRECONDITION),
+    limits (RESOURCE_EXHAUSTED: a request or an answer too large, or too many
+    executions running), a server shutting down or a store that cannot write
+    (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
+    DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
+    appears in the server log).
     """
 
     def ExecuteFlow(self, request, context):
@@ -211,9 +221,14 @@ class FlowService:
 
     A flow that runs and whose tasks fail is not an RPC error: the call returns OK
     and the flow's status says FLOW_STATUS_FAILED. RPC errors are for bad input
-    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), oversized
-    requests (RESOURCE_EXHAUSTED), cancelled calls and server faults (INTERNAL,
-    with an error id that also appears in the server log).
+    (INVALID_ARGUMENT with google.rpc.BadRequest field violations), an unknown
+    execution (NOT_FOUND), a request_id reused with another flow or input
+    (ALREADY_EXISTS), cancelling an execution that has ended (FAILED_PRECONDITION),
+    limits (RESOURCE_EXHAUSTED: a request or an answer too large, or too many
+    executions running), a server shutting down or a store that cannot write
+    (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
+    DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
+    appears in the server log).
     """
 
     @staticmethod
