@@ -27,7 +27,8 @@ WORKDIR /app/data
 VOLUME ["/app/data"]
 EXPOSE 50051
 # grpc_health_probe cannot be fetched here; the package carries its own health client. It
-# probes the port of FLOWSVC_LISTEN, so the check follows a changed listen address.
+# probes the port of FLOWSVC_LISTEN: change the address with that variable, not with
+# `serve --listen`, which the check does not see.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
     CMD ["flowsvc", "probe", "--timeout", "3"]
 STOPSIGNAL SIGTERM
