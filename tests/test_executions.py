@@ -1615,3 +1615,21 @@ async def test_list_executions_reads_no_flow_and_no_input(
         assert [e.flow_name for e in listed.executions] == ["test flow", "test flow"]
         assert listed.next_page_token
         assert decoded == []
+
+
+async def test_a_task_writing_into_its_input_does_not_change_the_stored_input(
+    stub, registry
+) -> None:
+    # ctx.input is to be read only; a task that writes into it anyway must not rewrite
+    # what the execution records (SQLite kept the JSON; the in-memory store kept the dict).
+    @registry.task("scribble")
+    def scribble(ctx: TaskContext) -> TaskResult:
+        ctx.input["added"] = True  # type: ignore[index]
+        ctx.input["order"]["id"] = 0  # type: ignore[index]
+        return TaskResult.success()
+
+    request = pb.ExecuteFlowRequest(flow=chain("scribble"))
+    request.input.update({"order": {"id": 7}})
+    done = await stub.ExecuteFlow(request)
+    got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+    assert to_dict(got.execution.input) == {"order": {"id": 7}}

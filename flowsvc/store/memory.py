@@ -8,6 +8,7 @@ is called before append_nowait returns.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import os
 from collections.abc import Callable, Collection
@@ -85,6 +86,10 @@ class MemoryStore:
         if new.request_id is not None and new.request_id in self._by_request:
             return self._entries[self._by_request[new.request_id]].record()
         self._cursor += 1
+        if new.input:
+            # Its own copy, as SQLite keeps its JSON: a task writing into ctx.input (which
+            # it should treat as read-only) must not change what GetExecution returns.
+            new = new._replace(input=copy.deepcopy(dict(new.input)))
         entry = _Entry(new, self._cursor)
         self._entries[new.flow_id] = entry
         if new.request_id is not None:
