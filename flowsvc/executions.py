@@ -449,8 +449,9 @@ class ExecutionManager:
                 return found
         if len(self._live) + self._starting >= self.settings.max_in_flight:
             raise TooManyExecutionsError(
-                f"{self.settings.max_in_flight} executions are running, the most this server "
-                "runs at once; retry later",
+                f"{self.settings.max_in_flight} execution"
+                f"{' is' if self.settings.max_in_flight == 1 else 's are'} running, the most "
+                "this server runs at once; retry later",
                 retry_after=1.0,
             )
         new = NewExecution(
