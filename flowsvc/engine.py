@@ -495,6 +495,10 @@ class FlowEngine:
                 if spec.takes_all_params
                 else {k: v for k, v in params.items() if k in spec.keyword_params}
             )
+            for name in spec.int_params:  # usually none
+                value = kwargs.get(name)
+                if type(value) is float and value.is_integer():
+                    kwargs[name] = int(value)  # 7.0 from the flow's JSON, 7 for `x: int`
         try:
             if spec.is_async:
                 # No empty *args/**kwargs to unpack for a task that takes nothing.

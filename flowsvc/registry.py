@@ -52,6 +52,9 @@ class TaskSpec:
     takes_all_params: bool = False
     #: The task's own check of its params before a flow runs (see ParamsCheck).
     check: ParamsCheck | None = None
+    #: Keyword params annotated `int`: a whole number arrives as a float (JSON over
+    #: protobuf's Struct), and the engine passes it as an int.
+    int_params: frozenset[str] = frozenset()
 
 
 _JSON_TYPES: dict[Any, str] = {
@@ -135,6 +138,11 @@ def _json_problem(value: Any, path: str) -> str | None:
     return f"{path or 'it'} is a {type(value).__name__}, not JSON"
 
 
+def _is_integer(json_type: Any) -> bool:
+    """A schema type that says integer: "integer", or a list holding it (int | None)."""
+    return json_type == "integer" or (isinstance(json_type, list) and "integer" in json_type)
+
+
 def _name_problem(name: str) -> str | None:
     """Why no flow could run or refer to a task of this name (None: it can)."""
     if name == END:
@@ -187,8 +195,14 @@ def _inspect(
     where = source or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     keyword = frozenset(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
     takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    int_params: frozenset[str] = frozenset()
     if params_schema is None and (keyword or takes_all):
         params_schema = _schema_from_signature(fn, signature)
+        int_params = frozenset(
+            name
+            for name, prop in params_schema["properties"].items()
+            if _is_integer(prop.get("type"))
+        )
     elif params_schema is None and not required:
         # Neither a context nor keyword params: no param could reach it, so a flow that
         # gives it some is told so rather than have them dropped.
@@ -204,6 +218,7 @@ def _inspect(
         keyword_params=keyword if (keyword or takes_all) else None,
         takes_all_params=takes_all,
         check=check,
+        int_params=int_params,
     )
 
 

@@ -367,6 +367,24 @@ def test_a_task_taking_no_params_refuses_those_a_flow_gives_it(registry) -> None
     engine.prepare(Flow("p", "plain", (Task("plain"),)))
 
 
+def test_a_param_annotated_int_gets_an_int(registry) -> None:
+    # JSON numbers arrive as floats: 7 in the flow, 7.0 in Python, without this.
+    seen: list[tuple[object, ...]] = []
+
+    def counted(
+        ctx: TaskContext, *, n: int, maybe: int | None = None, ratio: float = 0.0
+    ) -> TaskResult:
+        seen.append((n, maybe, ratio, ctx.params["n"]))
+        return TaskResult.success()
+
+    registry.register("counted", counted)
+    engine = FlowEngine(registry)
+    params = {"n": 7.0, "maybe": "${input.m}", "ratio": 2.0}
+    run(engine, Flow("c", "counted", (Task("counted", params=params),)), {"m": 3.0})
+    assert seen == [(7, 3, 2.0, 7.0)]
+    assert [type(v) for v in seen[0]] == [int, int, float, float]
+
+
 def test_a_task_s_own_check_refuses_params_before_the_flow_runs(registry, caplog) -> None:
     seen: list[dict[str, object]] = []
 
