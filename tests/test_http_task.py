@@ -352,6 +352,7 @@ async def test_success_statuses_must_be_http_statuses(stub, remote: Remote, stat
     field = "flow.tasks[0].params.success_statuses"
     assert set(found) == {field}, found
     assert found[field].startswith("must be HTTP statuses, whole numbers from 100 to 599, not ")
+    assert found[field].endswith(f"not {json.dumps(statuses[0])}"), found[field]  # 600, not 600.0
 
 
 @pytest.mark.parametrize("statuses", BAD_STATUSES)

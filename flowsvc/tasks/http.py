@@ -80,7 +80,7 @@ def _problems(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             yield (
                 "success_statuses",
                 "must be HTTP statuses, whole numbers from 100 to 599, not "
-                + ", ".join(map(jsonlib.dumps, bad)),
+                + ", ".join(map(jsonlib.dumps, whole_numbers(bad))),  # 600, not 600.0
             )
 
 
