@@ -70,6 +70,9 @@ def _problems(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     method = params.get("method", "GET")
     if isinstance(method, str) and not _TOKEN.fullmatch(method):
         yield "method", f"must be an HTTP method such as GET or POST, not {method!r}"
+    headers = params.get("headers")
+    if isinstance(headers, dict):
+        yield from _header_problems(headers)
     given = [params.get(name) for name in ("json", "body")]
     if not any(value is None or value is AT_RUN_TIME for value in given):
         yield "body", "give `json` or `body`, not both"
@@ -100,6 +103,7 @@ async def http(
     given = {
         "url": url,
         "method": method,
+        "headers": headers,
         "json": json,
         "body": body,
         "success_statuses": success_statuses,
@@ -127,7 +131,8 @@ async def http(
         response = await client().send(request, stream=True)
     except httpx.LocalProtocolError as exc:  # our request is malformed (a header name ...)
         return TaskResult.failure(
-            f"{method.upper()} {_shown(request.url)}: the request is not valid HTTP: {exc}",
+            f"{method.upper()} {_shown(request.url)}: the request is not valid HTTP: "
+            + _QUOTED_BYTES.sub("(not shown)", str(exc)),
             retryable=False,
         )
     except httpx.HTTPError as exc:
@@ -177,6 +182,24 @@ def _values(params: dict[str, Any] | None) -> dict[str, list[str]]:
         if texts:
             out[key] = texts
     return out
+
+
+def _header_problems(headers: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """Header names and values no request could be sent with. A value is never shown: an
+    Authorization header read with its line break at the end is a common mistake, and
+    errors are stored, returned and logged (h11's own message quoted the value)."""
+    for name, texts in _values(headers).items():
+        if not _TOKEN.fullmatch(name):
+            valid = _TOKEN.match(name)
+            shown = (valid.group() if valid else "") + "..."
+            yield "headers", f"header name {shown!r} is not an HTTP token (RFC 9110, 5.6.2)"
+        elif not all(_FIELD_VALUE.fullmatch(text) for text in texts):
+            yield (
+                "headers",
+                f"header {name!r} has a value that is not valid HTTP: it holds a line "
+                "break or another control character, a character outside ASCII, or a "
+                "space at its start or end (the value is not shown: it may be a secret)",
+            )
 
 
 def _is_status(value: Any) -> bool:
@@ -229,6 +252,10 @@ def _cut_loose(match: re.Match[str]) -> str:
 
 #: An HTTP method is a token (RFC 9110, 5.6.2): GET, POST, M-SEARCH ...
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A header value httpx and h11 send: visible ASCII, with spaces and tabs only inside.
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+#: A bytes value that h11 quotes in its errors (a header's name or value).
+_QUOTED_BYTES = re.compile(r"""b(['"]).*\1""")
 _USERINFO = re.compile(r"//[^/?#@\s]*@")
 #: What may still be user info: an "@" after an authority holding ":" (user:password, or
 #: host:port) in the same word. A password holding "/" or "#" makes the URL parse with
