@@ -79,6 +79,10 @@ RETENTION_BATCH = 500
 CUT_OFF_SECONDS = 1.0
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
 PREPARED_CACHE_SIZE = 512
+#: The most bytes of flows (their request bytes and stored JSON) the cache keeps: a
+#: prepared flow holds about twice that in memory. Counting entries only, 512 distinct
+#: flows of 3.5 MB (each retained 13 MB) could take a client's server to 7 GB.
+PREPARED_CACHE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,7 @@ class ExecutionManager:
         self._unrecorded: dict[str, str] = {}
         self._secret = b""
         self._prepared: OrderedDict[bytes, _Prepared] = OrderedDict()
+        self._prepared_bytes = 0  # len(key) + len(flow_json) of every cached flow
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -407,10 +412,17 @@ class ExecutionManager:
         plan = self.engine.prepare(flow)  # INVALID_ARGUMENT, never cached
         flow_json = dumps(flow_to_json(plan.flow))
         prepared = _Prepared(plan, flow_json, hashlib.sha256(flow_json.encode()).hexdigest())
-        if key is not None:
+        size = len(key) + len(flow_json) if key is not None else 0
+        # A flow bigger than a 16th of the cache is not kept: it would push out many.
+        if key is not None and size <= PREPARED_CACHE_BYTES // 16:
             self._prepared[key] = prepared
-            if len(self._prepared) > PREPARED_CACHE_SIZE:
-                self._prepared.popitem(last=False)
+            self._prepared_bytes += size
+            while (
+                len(self._prepared) > PREPARED_CACHE_SIZE
+                or self._prepared_bytes > PREPARED_CACHE_BYTES
+            ):
+                old_key, old = self._prepared.popitem(last=False)
+                self._prepared_bytes -= len(old_key) + len(old.flow_json)
         return prepared
 
     async def start(

@@ -1633,3 +1633,18 @@ async def test_a_task_writing_into_its_input_does_not_change_the_stored_input(
     done = await stub.ExecuteFlow(request)
     got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
     assert to_dict(got.execution.input) == {"order": {"id": 7}}
+
+
+async def test_the_prepared_flow_cache_is_bounded_by_bytes(stub, server: FlowServer) -> None:
+    # The cache kept 512 flows whatever their size: 512 distinct flows of 3.5 MB (13 MB
+    # each in memory) let one client take the server to 7 GB. 40 flows of 1 MB held 80 MB
+    # of request bytes and JSON; the bound is 32 MiB (PREPARED_CACHE_BYTES).
+    for i in range(40):
+        flow = chain("noop")
+        flow.tasks[0].description = f"{i:02d}" + "d" * 1_000_000
+        resp = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+        assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    cached = server.manager._prepared
+    held = sum(len(key) + len(prepared.flow_json) for key, prepared in cached.items())
+    assert held <= 32 * 1024 * 1024, (len(cached), held)
+    assert len(cached) >= 10  # flows of 2 MB (request and JSON) are still cached
