@@ -1648,3 +1648,24 @@ async def test_the_prepared_flow_cache_is_bounded_by_bytes(stub, server: FlowSer
     held = sum(len(key) + len(prepared.flow_json) for key, prepared in cached.items())
     assert held <= 32 * 1024 * 1024, (len(cached), held)
     assert len(cached) >= 10  # flows of 2 MB (request and JSON) are still cached
+
+
+async def test_a_new_database_is_readable_by_its_owner_only(tmp_path: Path, registry) -> None:
+    # It holds every execution's input and params (an http task's Authorization header):
+    # under the usual umask 022 it, its WAL and its lock file were created world-readable.
+    import os
+    import stat
+
+    db = tmp_path / "private.db"
+    saved = os.umask(0o022)
+    try:
+        async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            modes = {
+                name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+                for name in os.listdir(tmp_path)
+            }
+    finally:
+        os.umask(saved)
+    assert {"private.db", "private.db-wal", "private.db.lock"} <= modes.keys(), modes
+    assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}

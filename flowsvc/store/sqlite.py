@@ -24,6 +24,7 @@ Durability (journal_mode=WAL):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -384,7 +385,7 @@ class SQLiteStore:
                 f"cannot open database {self.path}: its directory {folder} does not exist"
             )
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StoreUnavailableError(f"cannot open database {self.path}: {exc}") from exc
         try:
@@ -396,6 +397,11 @@ class SQLiteStore:
                 f"{lock_path}); one server per database"
             ) from exc
         self._lock_fd = fd
+        # The database holds every execution's input and params (an http task's
+        # Authorization header ...): a new one is readable by its owner only, and SQLite
+        # gives its -wal and -shm files the same mode. An existing file keeps its mode.
+        with contextlib.suppress(OSError):  # exists, or cannot be made: sqlite3 says why
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
