@@ -253,15 +253,17 @@ class TaskRegistry:
         keyword-only parameters, which the engine then fills from the params. `check`
         checks the params further before a flow runs (see ParamsCheck).
         """
-        spec = _inspect(name, fn, source, params, check)
-        existing = self._tasks.get(name)
+        self._add(_inspect(name, fn, source, params, check))
+
+    def _add(self, spec: TaskSpec) -> None:
+        existing = self._tasks.get(spec.name)
         if existing is not None:
-            if existing.fn is fn:
+            if existing.fn is spec.fn:
                 return  # the same function again (e.g. a module imported twice)
             raise TaskRegistrationError(
-                f"task {name!r} is registered twice: by {existing.source} and by {spec.source}"
+                f"task {spec.name!r} is registered twice: by {existing.source} and by {spec.source}"
             )
-        self._tasks[name] = spec
+        self._tasks[spec.name] = spec
 
     def task(
         self,
@@ -280,10 +282,10 @@ class TaskRegistry:
 
     def merge(self, other: TaskRegistry) -> None:
         """Copy every task of `other` into this registry."""
+        # Its spec as it is: registered again with its schema, a task whose schema came
+        # from its signature would count as one declaring a schema (no int params).
         for spec in other:
-            self.register(
-                spec.name, spec.fn, source=spec.source, params=spec.params_schema, check=spec.check
-            )
+            self._add(spec)
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)

@@ -172,6 +172,22 @@ async def test_a_package_module_named_in_task_modules_brings_its_registry(
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
             names = {t.name for t in (await stub.ListTasks(pb.ListTasksRequest())).tasks}
             assert {"acme_save_customer", "acme_welcome"} <= names
+            # Merged from the package's registry, `customer_id: int` still gets an int:
+            # the 7 written in the flow arrives as 7.0.
+            welcome = json_format.ParseDict(
+                {
+                    "name": "welcome",
+                    "start_task": "acme_welcome",
+                    "tasks": [
+                        {"name": "acme_welcome", "params": {"customer_id": 7, "name": "Ada"}}
+                    ],
+                },
+                flow_pb2.Flow(),
+            )
+            response = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=welcome), timeout=30)
+            assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED, response.message
+            message = to_dict(response.execution_history[0].data)["message"]
+            assert message == "Welcome, Ada! Your customer number is 7."
         # A module that brings nothing is worth a warning, not silence.
         warned = [
             line for line in srv.log_lines() if line["msg"] == "task module registered no tasks"
