@@ -1669,3 +1669,28 @@ async def test_a_new_database_is_readable_by_its_owner_only(tmp_path: Path, regi
         os.umask(saved)
     assert {"private.db", "private.db-wal", "private.db.lock"} <= modes.keys(), modes
     assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+
+
+async def test_a_new_database_behind_a_symlink_is_readable_by_its_owner_only(
+    tmp_path: Path, registry
+) -> None:
+    # --db names a symlink to a file not made yet (a volume's path): SQLite makes the
+    # file where the link points, and it was made world-readable there.
+    import os
+    import stat
+
+    (tmp_path / "volume").mkdir()
+    link = tmp_path / "flowsvc.db"
+    link.symlink_to(tmp_path / "volume" / "real.db")
+    saved = os.umask(0o022)
+    try:
+        async with serving(Settings(listen="127.0.0.1:0", db=str(link)), registry) as (_, _, stub):
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+            modes = {
+                name: stat.S_IMODE(os.stat(tmp_path / "volume" / name).st_mode)
+                for name in os.listdir(tmp_path / "volume")
+            }
+    finally:
+        os.umask(saved)
+    assert {"real.db", "real.db-wal", "real.db.lock"} <= modes.keys(), modes
+    assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}

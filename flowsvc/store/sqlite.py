@@ -400,8 +400,10 @@ class SQLiteStore:
         # The database holds every execution's input and params (an http task's
         # Authorization header ...): a new one is readable by its owner only, and SQLite
         # gives its -wal and -shm files the same mode. An existing file keeps its mode.
+        # Made where a symlink points (O_EXCL never follows one: SQLite made the file).
+        real_path = os.path.realpath(self.path)
         with contextlib.suppress(OSError):  # exists, or cannot be made: sqlite3 says why
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(real_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
