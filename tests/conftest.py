@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,12 @@ from grpc_health.v1 import health_pb2_grpc
 from flowsvc.config import Settings
 from flowsvc.registry import TaskRegistry
 from flowsvc.server import FlowServer, build_server
+
+# The tests give each server the settings they need: a FLOWSVC_* variable of the shell
+# that runs them (a developer's FLOWSVC_LOG_LEVEL=WARNING, FLOWSVC_DB) must not reach the
+# servers they start in subprocesses, which inherit the environment.
+for _name in [name for name in os.environ if name.startswith("FLOWSVC_")]:
+    del os.environ[_name]
 
 
 @pytest.fixture
