@@ -217,10 +217,13 @@ def test_missing_task_module_is_a_clear_error(tmp_path: Path) -> None:
         (["--max-message-bytes", "99999999999"], {}, "--max-message-bytes"),
     ],
 )
-def test_bad_configuration_is_refused(args, env, needle) -> None:
+def test_bad_configuration_is_refused(tmp_path: Path, args, env, needle) -> None:
     import os
 
-    result = flowsvc("serve", "--listen", "127.0.0.1:0", *args, env={**os.environ, **env})
+    # In a folder of its own: a setting taken by mistake would open flowsvc.db there.
+    result = flowsvc(
+        "serve", "--listen", "127.0.0.1:0", *args, env={**os.environ, **env}, cwd=tmp_path
+    )
     assert result.returncode == 2
     assert needle in result.stderr
 
@@ -286,12 +289,14 @@ async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
 
 
 def test_console_script_serves(tmp_path: Path) -> None:
-    # `flowsvc serve`, the installed console script, not just `python -m flowsvc`.
+    # `flowsvc serve`, the installed console script, not just `python -m flowsvc`. In a
+    # folder of its own: its default store, flowsvc.db, is not the one of the tree.
     proc = subprocess.Popen(
         [str(BIN / "flowsvc"), "serve", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        cwd=tmp_path,
     )
     try:
         line = proc.stdout.readline()
