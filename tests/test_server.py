@@ -84,23 +84,33 @@ async def test_input_reaches_every_task(stub, registry) -> None:
     assert to_dict(response.execution_history[0].data)["params"] == {"k": "v"}
 
 
-async def test_stream_sends_each_result_as_soon_as_its_task_finishes(stub) -> None:
-    flow = chain(*[(name, {"delay_seconds": 0.3}) for name in ("task1", "task2", "task3")])
-    arrivals: list[tuple[float, flow_service_pb2.StreamFlowResponse]] = []
+async def test_stream_sends_each_result_as_soon_as_its_task_finishes(stub, registry) -> None:
+    # The second task finishes only once the client holds the first task's result: a
+    # stream that held results back until the flow ended would never get there (the
+    # call's deadline would pass). No timing margin involved.
+    seen_first = asyncio.Event()
+
+    @registry.task("after_client_saw_task1")
+    async def after_client_saw_task1() -> TaskResult:
+        await seen_first.wait()
+        return TaskResult.success()
+
+    flow = chain("task1", "after_client_saw_task1", "task3")
+    messages: list[flow_service_pb2.StreamFlowResponse] = []
     async for message in stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=flow), timeout=10):
-        arrivals.append((time.time(), message))
-    kinds = [m.WhichOneof("event") for _, m in arrivals]
+        messages.append(message)
+        if message.WhichOneof("event") == "task_result" and message.task_result.task == "task1":
+            seen_first.set()
+    kinds = [m.WhichOneof("event") for m in messages]
     assert kinds == ["started", "task_result", "task_result", "task_result", "finished"]
-    assert arrivals[0][1].started.flow_id
-    first_arrival = arrivals[1][0]
-    second = arrivals[2][1].task_result
-    second_finished = (
-        second.started_at.ToDatetime().timestamp() + second.duration.ToTimedelta().total_seconds()
-    )
-    # Unbuffered: task1's result reached the client before task2 had even finished.
-    assert first_arrival < second_finished
-    assert arrivals[-1][1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    assert arrivals[-1][1].finished.steps == 3
+    assert messages[0].started.flow_id
+    assert [m.task_result.task for m in messages[1:4]] == [
+        "task1",
+        "after_client_saw_task1",
+        "task3",
+    ]
+    assert messages[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert messages[-1].finished.steps == 3
 
 
 async def test_stream_and_execute_agree(stub) -> None:
