@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,6 +66,30 @@ async def read_all(call) -> list:
     while (message := await call.read()) is not grpc.aio.EOF:
         out.append(message)
     return out
+
+
+class StoreHold:
+    """Holds the SQLite store's one thread with a job that waits, so that the jobs after
+    it queue behind (white-box tests of what happens between two commits)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self._gate = threading.Event()
+        self._job: asyncio.Future[object] | None = None
+
+    async def hold(self) -> None:
+        self._gate.clear()
+        self._job = self.store._submit(lambda conn: self._gate.wait(10), write=False)
+        await eventually(lambda: self.store._jobs.qsize() == 0)  # the thread holds it
+
+    async def release(self) -> None:
+        self._gate.set()
+        if self._job is not None:
+            await self._job
+
+    def let_go(self) -> None:
+        """Never leave the thread held, whatever happened (a `finally`)."""
+        self._gate.set()
 
 
 def stubborn(registry) -> tuple[asyncio.Event, list[bool]]:
@@ -334,12 +359,10 @@ async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     cancel is FAILED_PRECONDITION, as for an execution that had ended. White-box: the
     store's thread is held, so that the execution's end waits for its commit while the
     cancel comes in."""
-    import threading
-
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "late.db"))
     server = await build_server(settings, registry)
     started, release, _ = gate(registry)
-    hold = threading.Event()
+    held = StoreHold(server.manager.store)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
@@ -347,15 +370,14 @@ async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
             flow_id = (await stream.read()).started.flow_id
             await started.wait()
             run = server.manager._live[flow_id]
-            held = server.manager.store._submit(lambda conn: hold.wait(10), write=False)
+            await held.hold()
             release.set()  # the task succeeds; its result and the end queue behind `held`
             await eventually(lambda: run.unpublished == 2)
             cancel = asyncio.ensure_future(
                 stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id), timeout=10)
             )
             await eventually(lambda: run.stop.reason is not None)
-            hold.set()
-            await held
+            await held.release()
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await cancel
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -363,7 +385,7 @@ async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
             messages = await read_all(stream)
             assert messages[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
     finally:
-        hold.set()
+        held.let_go()
         await server.shutdown(grace=0)
 
 
@@ -374,27 +396,24 @@ async def test_get_execution_as_its_end_commits_agrees_with_itself(
     could commit in between: RUNNING with no end time, yet last_sequence counting the
     `finished` event, so that watching from it gave an empty stream and never the end.
     White-box: the store's thread is held while the read and the end queue behind it."""
-    import threading
-
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "snapshot.db"))
     started, release, _ = gate(registry)
-    hold = threading.Event()
     async with serving(settings, registry) as (server, _, stub):
+        store = server.manager.store
+        held = StoreHold(store)
         try:
             stream = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
             flow_id = (await stream.read()).started.flow_id
             await started.wait()
-            run, store = server.manager._live[flow_id], server.manager.store
-            held = store._submit(lambda conn: hold.wait(10), write=False)
-            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            run = server.manager._live[flow_id]
+            await held.hold()
             get = asyncio.ensure_future(
                 stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id), timeout=10)
             )
             await eventually(lambda: store._jobs.qsize() == 1)  # the read waits
             release.set()  # gated's result and the end queue after the read
             await eventually(lambda: run.unpublished == 2)
-            hold.set()
-            await held
+            await held.release()
             got = (await get).execution
             watched = [
                 m.WhichOneof("event")
@@ -407,7 +426,7 @@ async def test_get_execution_as_its_end_commits_agrees_with_itself(
             assert watched[-1:] == ["finished"], (got.last_sequence, watched)
             await read_all(stream)
         finally:
-            hold.set()
+            held.let_go()
 
 
 async def test_an_execution_deleted_by_retention_while_read_is_not_found(
@@ -416,19 +435,16 @@ async def test_an_execution_deleted_by_retention_while_read_is_not_found(
     """Retention deleting an execution as it is read: GetExecution and WatchExecution
     answer it whole or NOT_FOUND, never OK with no history and no event. White-box: the
     store's thread is held while the read and the sweep queue behind it, in that order."""
-    import threading
     from datetime import UTC, datetime, timedelta
 
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "swept.db"))
     async with serving(settings, registry) as (server, _, stub):
         store = server.manager.store
-        hold = threading.Event()
+        held = StoreHold(store)
         try:
             for read in ("get", "watch"):
                 done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop", "echo")))
-                hold.clear()
-                held = store._submit(lambda conn: hold.wait(10), write=False)
-                await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+                await held.hold()
                 if read == "get":
                     call = asyncio.ensure_future(
                         stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
@@ -441,8 +457,7 @@ async def test_an_execution_deleted_by_retention_while_read_is_not_found(
                     store.delete_finished_before(datetime.now(UTC) + timedelta(seconds=1))
                 )
                 await eventually(lambda: store._jobs.qsize() == 2)  # the sweep waits behind
-                hold.set()
-                await held
+                await held.release()
                 assert await sweep >= 1
                 try:
                     answer = await call
@@ -455,7 +470,7 @@ async def test_an_execution_deleted_by_retention_while_read_is_not_found(
                 else:
                     assert [m.sequence for m in answer] == [1, 2, 3, 4], answer
         finally:
-            hold.set()
+            held.let_go()
 
 
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
@@ -995,26 +1010,21 @@ async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_wr
     counted no running flow, went on at once, and cut the call short two seconds later
     (UNAVAILABLE; recorded CANCELLED, "the caller went away"). White-box: the store's
     thread is held, so that the record waits to be written while the shutdown begins."""
-    import threading
-
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "starting.db"))
     server = await build_server(settings, registry)
     started, release, _ = gate(registry)
-    hold = threading.Event()
+    held = StoreHold(server.manager.store)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            store = server.manager.store
-            held = store._submit(lambda conn: hold.wait(10), write=False)
-            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            await held.hold()
             execute = asyncio.ensure_future(
                 stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
             )
             await eventually(lambda: server.manager._starting == 1)  # its record waits
             shutdown = asyncio.ensure_future(server.shutdown(grace=10))
             await eventually(lambda: server.manager.draining)
-            hold.set()
-            await held
+            await held.release()
             await started.wait()
             # The shutdown waits for it: it has not gone on to end the calls.
             assert not server.health._closing.is_set()
@@ -1023,7 +1033,7 @@ async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_wr
             assert executed.status == flow_pb2.FLOW_STATUS_SUCCEEDED
             await shutdown
     finally:
-        hold.set()
+        held.let_go()
         await server.shutdown(grace=0)
     async with serving(settings, registry) as (_, _, stub):
         got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=executed.flow_id))).execution
@@ -1038,30 +1048,25 @@ async def test_an_execution_launched_after_the_grace_period_is_stopped_too(
     shutting down"), its call OK. Before, stop_all() had missed it (not running yet): its
     task ran on, was cut off as if it ignored its cancellation, and the execution was
     recorded INTERRUPTED, its call UNAVAILABLE. White-box: the store's thread is held."""
-    import threading
-
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "late.db"))
     server = await build_server(settings, registry)
     _, _, cancelled = gate(registry)
-    hold = threading.Event()
+    held = StoreHold(server.manager.store)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            store = server.manager.store
-            held = store._submit(lambda conn: hold.wait(10), write=False)
-            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            await held.hold()
             execute = asyncio.ensure_future(
                 stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
             )
             await eventually(lambda: server.manager._starting == 1)  # its record waits
             shutdown = asyncio.ensure_future(server.shutdown(grace=0.1))
             await eventually(lambda: server.flows_stopped_at is not None)  # grace over
-            hold.set()
-            await held
+            await held.release()
             executed = await execute
             await shutdown
     finally:
-        hold.set()
+        held.let_go()
         await server.shutdown(grace=0)
     assert executed.status == flow_pb2.FLOW_STATUS_CANCELLED
     assert "shutting down" in executed.message
@@ -1079,31 +1084,26 @@ async def test_a_record_written_only_as_the_store_closes_is_not_taken_for_a_cras
     closes, recorded CANCELLED. Before, the store closed behind the record: left RUNNING
     with no event, the next start took it for one a crash had cut off, and a store probe
     ran on after close. White-box: the store's thread is held."""
-    import threading
-
     caplog.set_level(logging.INFO, logger="flowsvc.executions")
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "closing.db"))
     server = await build_server(settings, registry)
     gate(registry)
-    hold = threading.Event()
+    held = StoreHold(server.manager.store)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            store = server.manager.store
-            held = store._submit(lambda conn: hold.wait(10), write=False)
-            await eventually(lambda: store._jobs.qsize() == 0)  # the thread holds it
+            await held.hold()
             execute = asyncio.ensure_future(
                 stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("gated")), timeout=20)
             )
             await eventually(lambda: server.manager._starting == 1)  # its record waits
             shutdown = asyncio.ensure_future(server.shutdown(grace=0.1))
             await eventually(execute.done)  # the server has ended its calls
-            hold.set()
-            await held
+            await held.release()
             await shutdown
             assert server.manager._probe is None
     finally:
-        hold.set()
+        held.let_go()
         await server.shutdown(grace=0)
     assert not [r for r in caplog.records if r.getMessage() == "execution store failed"]
     async with serving(settings, registry) as (_, _, stub):
