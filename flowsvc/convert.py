@@ -34,6 +34,7 @@ from flowsvc.models import (
     TaskCompleted,
     TaskStatus,
 )
+from flowsvc.references import json_copy
 from flowsvc.registry import TaskSpec
 from flowsvc.store import ExecutionRecord, ExecutionSummary
 
@@ -96,15 +97,7 @@ def struct_to_pb(data: Mapping[str, Any], out: struct_pb2.Struct) -> None:
             out.update(data)
         except (TypeError, ValueError):
             out.Clear()
-            out.update(_plain(data))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+            out.update(json_copy(data))
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:

@@ -154,7 +154,7 @@ def _render(value: Any, lookup: Lookup) -> Any:
     if isinstance(value, _Whole):
         # A copy: a task changing an object it was given must not change the result
         # (or input) it came from, which is recorded and read by later references.
-        return _copied(lookup(value.ref))
+        return json_copy(lookup(value.ref))
     if isinstance(value, _Text):
         out = []
         for part in value.parts:
@@ -170,12 +170,13 @@ def _render(value: Any, lookup: Lookup) -> Any:
     return value
 
 
-def _copied(value: Any) -> Any:
-    """A JSON value with every object and list in it new (scalars are immutable)."""
+def json_copy(value: Any) -> Any:
+    """A JSON value with every object and list in it new, as plain dicts and lists
+    (read-only mappings and tuples too; scalars are immutable)."""
     if isinstance(value, Mapping):
-        return {k: _copied(v) for k, v in value.items()}
+        return {k: json_copy(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_copied(v) for v in value]
+        return [json_copy(v) for v in value]
     return value
 
 

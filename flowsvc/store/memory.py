@@ -8,7 +8,6 @@ is called before append_nowait returns.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import os
 from collections.abc import Callable, Collection
@@ -17,6 +16,7 @@ from datetime import datetime
 
 from flowsvc.errors import StoreUnavailableError
 from flowsvc.models import Event, FlowFinished, FlowStatus
+from flowsvc.references import json_copy
 from flowsvc.store import (
     ExecutionRecord,
     ExecutionSummary,
@@ -89,7 +89,7 @@ class MemoryStore:
         if new.input:
             # Its own copy, as SQLite keeps its JSON: a task writing into ctx.input (which
             # it should treat as read-only) must not change what GetExecution returns.
-            new = new._replace(input=copy.deepcopy(dict(new.input)))
+            new = new._replace(input=json_copy(new.input))
         entry = _Entry(new, self._cursor)
         self._entries[new.flow_id] = entry
         if new.request_id is not None:
