@@ -339,13 +339,13 @@ class FlowEngine:
                     break
                 current = nxt
         except asyncio.CancelledError:
-            _log_ended(flow_id, flow.name, FlowStatus.CANCELLED, len(history), started_at)
+            log_ended(flow_id, flow.name, FlowStatus.CANCELLED, len(history), started_at)
             raise
         finished_at = datetime.now(UTC)
         # The runs recorded: a run a stop cut short is not (its step number is in `message`).
         steps = len(history)
         if logging_info:
-            _log_ended(flow_id, flow.name, status, steps, started_at, finished_at)
+            log_ended(flow_id, flow.name, status, steps, started_at, finished_at)
         yield FlowFinished(flow_id, status, message, finished_at, steps)
 
     async def _attempt(
@@ -638,14 +638,17 @@ def _forget(attempt: asyncio.Future[Any]) -> None:
         attempt.exception()  # retrieved: asyncio would log it as never retrieved
 
 
-def _log_ended(
+def log_ended(
     flow_id: str,
     flow_name: str,
     status: FlowStatus,
     steps: int,
     started_at: datetime,
     finished_at: datetime | None = None,
+    **extra: Any,
 ) -> None:
+    """The one INFO line per flow, "flow ended" (also for a flow cut off at shutdown,
+    whose drive never gets here)."""
     end = finished_at or datetime.now(UTC)
     log_event(
         logger,
@@ -656,6 +659,7 @@ def _log_ended(
         status=status.value,
         steps=steps,
         duration_s=round((end - started_at).total_seconds(), 6),
+        **extra,
     )
 
 

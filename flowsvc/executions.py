@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle
+from flowsvc.engine import FlowEngine, PreparedFlow, StopHandle, log_ended
 from flowsvc.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -335,18 +335,17 @@ class ExecutionManager:
                 "cancellation; every result committed before is kept"
             )
             started = run.events[0] if run.events else None
-            log_event(
-                logger,
-                logging.INFO,
-                "flow ended",
-                flow_id=run.flow_id,
-                # The fields of the engine's "flow ended" line (its drive never got there).
-                flow=started.flow_name if isinstance(started, FlowStarted) else "",
-                status=FlowStatus.INTERRUPTED.value,
-                steps=sum(isinstance(event, TaskCompleted) for event in run.events),
-                duration_s=round((datetime.now(UTC) - started.started_at).total_seconds(), 6)
+            name, began = (
+                (started.flow_name, started.started_at)
                 if isinstance(started, FlowStarted)
-                else 0.0,
+                else ("", datetime.now(UTC))  # its start not even committed yet
+            )
+            log_ended(
+                run.flow_id,
+                name,
+                FlowStatus.INTERRUPTED,
+                sum(isinstance(event, TaskCompleted) for event in run.events),
+                began,
                 reason="its running task ignored cancellation at shutdown",
             )
             run.fail(ShuttingDownError("the server stopped while the flow's task ran"))
@@ -459,7 +458,7 @@ class ExecutionManager:
                 found = await self._by_request_id(request_id, digest)
             if found is not None:
                 return found
-        if len(self._live) + self._starting >= self.settings.max_in_flight:
+        if self.in_flight >= self.settings.max_in_flight:
             raise TooManyExecutionsError(
                 f"{self.settings.max_in_flight} execution"
                 f"{' is' if self.settings.max_in_flight == 1 else 's are'} running, the most "
