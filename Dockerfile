@@ -12,10 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Only what the package needs (see .dockerignore): the code, the generated stubs, the metadata.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY flowsvc/ flowsvc/
 COPY generated/ generated/
-RUN pip install --no-cache-dir . \
+# At the versions the tests ran with (constraints.txt), not the newest releases.
+RUN pip install --no-cache-dir -c constraints.txt . \
     && groupadd --system --gid 10001 flowsvc \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin flowsvc \
     && mkdir -p /app/data && chown flowsvc /app/data

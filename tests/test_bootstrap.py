@@ -31,6 +31,7 @@ if [ "$1" = -m ] && [ "$2" = venv ]; then
 fi
 if [ "$1" = -m ] && [ "$2" = pip ]; then
   echo "pip start $PPID" >> "$FAKE_LOG"
+  echo "${*:3}" >> "$FAKE_LOG.args"
   while [ -n "${FAKE_HOLD:-}" ] && [ ! -e "$FAKE_HOLD" ]; do sleep 0.01; done
   echo "pip end $PPID" >> "$FAKE_LOG"
   exit 0
@@ -38,13 +39,16 @@ fi
 exec "$REAL_PYTHON" "$@"
 """
 
+#: The files whose contents decide whether bootstrap installs again, in its order.
+STAMPED = ("pyproject.toml", "constraints.txt", "package.json", "package-lock.json")
+
 
 def tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A copy of what bootstrap reads, and the environment that runs it with the fake."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
     shutil.copy2(ROOT / "scripts" / "bootstrap", root / "scripts" / "bootstrap")
-    for name in ("pyproject.toml", "package.json", "package-lock.json"):
+    for name in STAMPED:
         shutil.copy2(ROOT / name, root / name)
     fake = tmp_path / "fake-python"
     fake.write_text(FAKE_PYTHON)
@@ -61,9 +65,7 @@ def tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 def stamp(root: Path, want: str) -> Path:
     """The file bootstrap leaves in .venv once `want` (runtime or dev) is installed."""
-    text = b"".join(
-        (root / n).read_bytes() for n in ("pyproject.toml", "package.json", "package-lock.json")
-    )
+    text = b"".join((root / n).read_bytes() for n in STAMPED)
     return root / ".venv" / f".installed-{want}-{hashlib.sha256(text).hexdigest()[:16]}"
 
 
@@ -96,6 +98,22 @@ def test_first_run_installs_and_the_second_does_nothing(tmp_path: Path) -> None:
     result = bootstrap(root, env)
     assert result.returncode == 0, result.stderr
     assert log(tmp_path) == []
+
+
+def test_the_package_installs_at_the_pinned_versions_and_new_pins_install_again(
+    tmp_path: Path,
+) -> None:
+    root, env = tree(tmp_path)
+    assert bootstrap(root, env).returncode == 0
+    args = tmp_path / "log.args"
+    installs = [line for line in args.read_text().splitlines() if line.endswith("-e .")]
+    assert len(installs) == 1 and "-c constraints.txt" in installs[0]
+    args.unlink()
+    with (root / "constraints.txt").open("a") as pins:
+        pins.write("example==1.0\n")  # a version moved (scripts/pin_deps.py)
+    result = bootstrap(root, env)
+    assert result.returncode == 0, result.stderr
+    assert "-c constraints.txt -e ." in args.read_text()
 
 
 def test_after_a_dev_install_runtime_needs_no_install(tmp_path: Path) -> None:

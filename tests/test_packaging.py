@@ -7,6 +7,7 @@ outside the source tree, as the image's ENTRYPOINT and HEALTHCHECK do.
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 import os
 import re
 import shutil
@@ -154,3 +155,28 @@ def test_dependencies_admit_no_runtime_the_generated_code_refuses() -> None:
         r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "flow_pb2.py").read_text()
     )
     assert _lowest(by_name["protobuf"]) >= tuple(int(p) for p in protobuf_made_by)
+
+
+def test_constraints_pin_every_installed_package_and_are_used() -> None:
+    # A fresh machine installs what the suite ran with: every package of .[dev] is pinned
+    # at the version installed here, and both installs (bootstrap, image) read the pins.
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "pin_deps.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name in ("grpcio", "protobuf", "grpcio-tools", "pytest", "httpx", "h11"):
+        assert pins[name] == metadata.version(name)
+    assert "flowsvc" not in pins
+    assert re.search(
+        r"^RUN pip install .*-c constraints\.txt \.", (ROOT / "Dockerfile").read_text(), flags=re.M
+    )
+    assert "-c constraints.txt -e" in (ROOT / "scripts" / "bootstrap").read_text()
