@@ -307,6 +307,13 @@ def flow_to_pb(flow: Flow, out: flow_pb2.Flow) -> None:
         )
 
 
+def flow_bytes(flow: Flow) -> int:
+    """The size of `flow` in an Execution message (its field, tag and length included)."""
+    out = flow_service_pb2.Execution()
+    flow_to_pb(flow, out.flow)
+    return out.ByteSize()
+
+
 def _final(events: Sequence[Event]) -> FlowFinished | None:
     last = events[-1] if events else None
     return last if isinstance(last, FlowFinished) else None

@@ -63,6 +63,9 @@ class ManagerSettings:
     retention_seconds: float = 7 * 24 * 3600.0
     #: How long to wait for a stopped execution to end before CancelExecution answers.
     cancel_wait_seconds: float = 10.0
+    #: The largest answer that carries an execution (0: no limit): a flow and input that
+    #: would not fit in one, with RECORD_RESERVE_BYTES to spare, are refused at submission.
+    max_record_bytes: int = 0
 
 
 #: Events of one execution queued for commit at most, before its engine waits.
@@ -77,6 +80,10 @@ _END_NOT_RECORDED = (
 RETENTION_BATCH = 500
 #: How long a cancelled execution may take to end at shutdown before it is cut off.
 CUT_OFF_SECONDS = 1.0
+#: What an execution's answer holds besides its flow, input, history and final message:
+#: its id, status, request_id (128 characters, 4 bytes each at most), times, last
+#: sequence and the fields' tags, with room to spare for a message cut to fit.
+RECORD_RESERVE_BYTES = 1024
 #: How many prepared flows (validated, routed, compiled) are kept, by their bytes.
 PREPARED_CACHE_SIZE = 512
 #: The most bytes of flows (their request bytes and stored JSON) the cache keeps: a
@@ -90,6 +97,7 @@ class _Prepared:
     plan: PreparedFlow
     flow_json: str
     flow_digest: str
+    flow_bytes: int  # the flow's size in an answer (0: not measured, no limit)
 
 
 def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
@@ -250,8 +258,12 @@ class ExecutionManager:
         store: ExecutionStore,
         settings: ManagerSettings | None = None,
         on_store_health: Callable[[bool], Any] | None = None,
+        flow_bytes: Callable[[Flow], int] | None = None,
     ) -> None:
+        """`flow_bytes` measures a flow as an execution's answer carries it: with
+        `settings.max_record_bytes`, what the size check at submission adds to the input's."""
         self.engine = engine
+        self._flow_bytes = flow_bytes
         self.store = store
         self.settings = settings or ManagerSettings()
         self._on_store_health = on_store_health
@@ -410,7 +422,13 @@ class ExecutionManager:
         flow = build()
         plan = self.engine.prepare(flow)  # INVALID_ARGUMENT, never cached
         flow_json = dumps(flow_to_json(plan.flow))
-        prepared = _Prepared(plan, flow_json, hashlib.sha256(flow_json.encode()).hexdigest())
+        measure = self._flow_bytes if self.settings.max_record_bytes else None
+        prepared = _Prepared(
+            plan,
+            flow_json,
+            hashlib.sha256(flow_json.encode()).hexdigest(),
+            measure(plan.flow) if measure is not None else 0,
+        )
         size = len(key) + len(flow_json) if key is not None else 0
         # A flow bigger than a 16th of the cache is not kept: it would push out many.
         if key is not None and size <= PREPARED_CACHE_BYTES // 16:
@@ -432,13 +450,15 @@ class ExecutionManager:
         request_id: str = "",
         continue_on_disconnect: bool = False,
         cache_key: bytes | None = None,
+        input_bytes: int = 0,
     ) -> Attachment:
         """Start an execution of the flow that `flow()` builds (not called on a cache hit
-        for `cache_key`)."""
+        for `cache_key`); `input_bytes` is the input's size in an answer."""
         prepared = self.prepare(flow, cache_key)  # INVALID_ARGUMENT before anything else
         plan = prepared.plan
         if flow_input and nested_too_deep(flow_input):
             raise InvalidArgumentError.one("input", too_deep())
+        self._check_record_size(prepared.flow_bytes, input_bytes)
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgumentError.one(
                 "request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}"
@@ -517,6 +537,22 @@ class ExecutionManager:
             self._launched(new.flow_id, None)
             return await self._attach_existing(existing, digest)
         return Attachment(new.flow_id, run, created=True)
+
+    def _check_record_size(self, flow_bytes: int, input_bytes: int) -> None:
+        """INVALID_ARGUMENT for a flow and input that no answer could carry back: the
+        execution would run, and GetExecution could never return them."""
+        limit = self.settings.max_record_bytes
+        if not limit or flow_bytes + input_bytes + RECORD_RESERVE_BYTES <= limit:
+            return
+        field = "input" if input_bytes >= flow_bytes else "flow"
+        raise InvalidArgumentError.one(
+            field,
+            f"the flow ({flow_bytes:,} bytes) and input ({input_bytes:,} bytes) are too large "
+            f"for GetExecution to return: together they may take at most "
+            f"{limit - RECORD_RESERVE_BYTES:,} bytes, this server's largest answer "
+            f"(--max-response-bytes, {limit:,}) less {RECORD_RESERVE_BYTES:,} for the rest "
+            "of the execution",
+        )
 
     def _written(self, request_id: str, creating: asyncio.Future[Any]) -> None:
         """The record of `request_id`'s execution is written (or failed): see _creating."""

@@ -31,6 +31,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from flowsvc import convert
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
 from flowsvc.errors import TaskModuleError
@@ -529,9 +530,12 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         engine,
         store,
         ManagerSettings(
-            max_in_flight=settings.max_in_flight, retention_seconds=settings.retention_seconds
+            max_in_flight=settings.max_in_flight,
+            retention_seconds=settings.retention_seconds,
+            max_record_bytes=settings.max_response_bytes,
         ),
         on_store_health=store_health,
+        flow_bytes=convert.flow_bytes,
     )
     recovered = await manager.open()
     try:

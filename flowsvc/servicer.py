@@ -235,6 +235,7 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             request_id=request.request_id,
             continue_on_disconnect=request.continue_on_disconnect,
             cache_key=key,
+            input_bytes=request.input.ByteSize(),
         )
 
     @unary

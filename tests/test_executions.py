@@ -751,10 +751,13 @@ async def test_an_answer_too_large_for_clients_is_a_clear_error_naming_the_execu
     async with serving(settings, registry) as (_, _, stub):
         small = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
         assert small.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-        flow = chain(("echo", {"blob": "x" * 3000}), ("echo_2", {"blob": "y" * 3000}))
+        # Each result echoes its params and the input: together over the limit.
+        flow = chain(("echo", {"blob": "x" * 500}), ("echo_2", {"blob": "y" * 500}))
         registry.register("echo_2", registry.get("echo").fn)
+        request = pb.ExecuteFlowRequest(flow=flow)
+        request.input.update({"blob": "z" * 1500})
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+            await stub.ExecuteFlow(request)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         details = info.value.details() or ""
         assert "WatchExecution" in details and "limit of 4,000" in details
@@ -1694,3 +1697,36 @@ async def test_a_new_database_behind_a_symlink_is_readable_by_its_owner_only(
         os.umask(saved)
     assert {"real.db", "real.db-wal", "real.db.lock"} <= modes.keys(), modes
     assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite"])
+async def test_an_input_too_large_to_read_back_is_refused_before_it_runs(
+    tmp_path: Path, registry, db: str
+) -> None:
+    # A request just under the receive limit was accepted and run, but its execution's
+    # record (the flow and input again, with ids and times) was over the answer limit:
+    # GetExecution said RESOURCE_EXHAUSTED, and no call could ever return its input.
+    limit = 20_000
+    path = ":memory:" if db == ":memory:" else str(tmp_path / "big.db")
+    settings = Settings(
+        listen="127.0.0.1:0", db=path, max_message_bytes=limit, max_response_bytes=limit
+    )
+    async with serving(settings, registry) as (_, _, stub):
+        request = pb.ExecuteFlowRequest(flow=chain("noop"))
+        request.input.update({"blob": "x" * (limit - 200)})
+        assert request.ByteSize() < limit
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violation_fields(info.value) == ["input"]
+        assert "--max-response-bytes" in (info.value.details() or "")
+        stream = pb.StreamFlowRequest(flow=request.flow, input=request.input)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(stub.StreamFlow(stream))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not (await stub.ListExecutions(pb.ListExecutionsRequest())).executions
+        # What is accepted can be read back whole.
+        request.input.update({"blob": "x" * (limit - 2000)})
+        done = await stub.ExecuteFlow(request)
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+        assert got.execution.input == request.input
