@@ -343,7 +343,8 @@ def _add_history(
             raise ResponseTooLargeError(
                 f"the answer for execution {flow_id} is over this server's limit of "
                 f"{max_bytes:,} bytes (--max-response-bytes; gRPC clients accept 4 MiB by "
-                "default): read its results one message each with WatchExecution"
+                "default): read it with GetExecution's view EXECUTION_VIEW_BASIC and its "
+                "results one message each with WatchExecution"
             )
 
     add = message.execution_history.add
@@ -389,6 +390,44 @@ def stored_execution_to_pb(
     """Fill an Execution message from its record and events; ResponseTooLargeError if
     the answer holding it (as its one field) would be larger than `max_bytes` (0: no
     limit)."""
+    _execution_fields(record, out)
+    out.last_sequence = len(events)
+    _add_history(record.flow_id, events, out, max_bytes, nested=True)
+
+
+#: Ends a final message cut to fit a basic view.
+_CUT_NOTE = "... (cut to fit this server's largest answer; WatchExecution has every event)"
+
+
+def basic_execution_to_pb(
+    record: ExecutionRecord, out: flow_service_pb2.Execution, max_bytes: int = 0
+) -> None:
+    """Fill an Execution message from its record, without history (EXECUTION_VIEW_BASIC).
+    A final message too long for the answer (holding it as its one field) to fit in
+    `max_bytes` is cut to fit; ResponseTooLargeError if even that is not enough (a
+    flow and input stored before the server's limit was lowered)."""
+    _execution_fields(record, out)
+    out.last_sequence = record.last_sequence
+    if not max_bytes:
+        return
+    size = out.ByteSize()
+    excess = size + 1 + _varint_size(size) - max_bytes
+    if excess <= 0:
+        return
+    message = out.message.encode()
+    keep = len(message) - excess - len(_CUT_NOTE)
+    if keep >= 0:
+        out.message = message[:keep].decode(errors="ignore") + _CUT_NOTE
+        return
+    raise ResponseTooLargeError(
+        f"execution {record.flow_id}'s flow and input are over this server's limit of "
+        f"{max_bytes:,} bytes (--max-response-bytes): no answer can carry them; the "
+        "limit was lowered after it was submitted"
+    )
+
+
+def _execution_fields(record: ExecutionRecord, out: flow_service_pb2.Execution) -> None:
+    """Every field of an Execution but its history and last_sequence."""
     out.flow_id = record.flow_id
     flow_to_pb(record.flow, out.flow)
     struct_to_pb(record.input, out.input)
@@ -399,8 +438,6 @@ def stored_execution_to_pb(
     _set_time(out.create_time, record.created_at)
     if record.finished_at is not None:
         _set_time(out.end_time, record.finished_at)
-    out.last_sequence = len(events)
-    _add_history(record.flow_id, events, out, max_bytes, nested=True)
 
 
 def summary_to_pb(record: ExecutionSummary, out: flow_service_pb2.ExecutionSummary) -> None:

@@ -768,6 +768,13 @@ class ExecutionManager:
         record, stored_events = found
         return record, [stored.event for stored in stored_events]
 
+    async def record(self, flow_id: str) -> ExecutionRecord:
+        """The execution without its events (its last_sequence says how many it has)."""
+        record: ExecutionRecord | None = await self._store(self.store.get(flow_id))
+        if record is None:
+            raise NotFoundError(f"no execution {flow_id}")
+        return record
+
     async def cancel(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
         run = await self._live_run(flow_id)
         if run is None:

@@ -278,8 +278,15 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def GetExecution(
         self, request: pb.GetExecutionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetExecutionResponse:
-        record, events = await self.manager.get(parse_flow_id(request.flow_id))
+        flow_id = parse_flow_id(request.flow_id)
         response = pb.GetExecutionResponse()
+        if request.view == pb.EXECUTION_VIEW_BASIC:
+            record = await self.manager.record(flow_id)
+            convert.basic_execution_to_pb(record, response.execution, self.max_response_bytes)
+            return response
+        if request.view not in (pb.EXECUTION_VIEW_UNSPECIFIED, pb.EXECUTION_VIEW_FULL):
+            raise InvalidArgumentError.one("view", f"{request.view} is not an ExecutionView")
+        record, events = await self.manager.get(flow_id)
         convert.stored_execution_to_pb(record, events, response.execution, self.max_response_bytes)
         return response
 

@@ -1730,3 +1730,60 @@ async def test_an_input_too_large_to_read_back_is_refused_before_it_runs(
         done = await stub.ExecuteFlow(request)
         got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
         assert got.execution.input == request.input
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite"])
+async def test_the_basic_view_reads_back_an_execution_whose_history_is_too_large(
+    tmp_path: Path, registry, db: str
+) -> None:
+    # Its whole answer is over the limit, and WatchExecution streams only its events:
+    # the flow and input it was submitted with could be read by no call at all.
+    path = ":memory:" if db == ":memory:" else str(tmp_path / "big.db")
+    settings = Settings(listen="127.0.0.1:0", db=path, max_response_bytes=4000)
+    async with serving(settings, registry) as (_, _, stub):
+        registry.register("echo_2", registry.get("echo").fn)
+        request = pb.ExecuteFlowRequest(flow=chain("echo", "echo_2"), request_id="r-1")
+        request.input.update({"blob": "z" * 2500})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = info.value.details() or ""
+        assert "EXECUTION_VIEW_BASIC" in details
+        flow_id = re.search(r"execution ([0-9a-f-]{36})", details).group(1)  # type: ignore[union-attr]
+        for view in (pb.EXECUTION_VIEW_UNSPECIFIED, pb.EXECUTION_VIEW_FULL):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id, view=view))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        got = (
+            await stub.GetExecution(
+                pb.GetExecutionRequest(flow_id=flow_id, view=pb.EXECUTION_VIEW_BASIC)
+            )
+        ).execution
+        assert got.flow == request.flow and got.input == request.input
+        assert got.request_id == "r-1" and got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert got.message.startswith("Flow executed successfully")
+        assert got.last_sequence == 4 and not got.execution_history
+        assert got.HasField("end_time")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id, view=7))  # type: ignore[arg-type]
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violation_fields(info.value) == ["view"]
+
+
+async def test_the_basic_view_cuts_a_final_message_too_long_to_fit(registry) -> None:
+    # A failing task's error (up to 65,536 characters) is also in the final message.
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", max_response_bytes=8000)
+    async with serving(settings, registry) as (_, _, stub):
+        registry.register("long_fail", lambda: TaskResult.failure("é" * 5000))
+        request = pb.ExecuteFlowRequest(flow=chain("long_fail"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request)
+        flow_id = re.search(r"execution ([0-9a-f-]{36})", info.value.details() or "").group(1)  # type: ignore[union-attr]
+        response = await stub.GetExecution(
+            pb.GetExecutionRequest(flow_id=flow_id, view=pb.EXECUTION_VIEW_BASIC)
+        )
+        assert response.ByteSize() <= 8000
+        got = response.execution
+        assert got.status == flow_pb2.FLOW_STATUS_FAILED and got.last_sequence == 3
+        assert got.message.startswith("Flow failed: task 'long_fail' (step 1) failed: éé")
+        assert "cut to fit" in got.message

@@ -4,12 +4,22 @@ from flowmanager.v1 import flow_pb2 as _flow_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExecutionView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXECUTION_VIEW_UNSPECIFIED: _ClassVar[ExecutionView]
+    EXECUTION_VIEW_BASIC: _ClassVar[ExecutionView]
+    EXECUTION_VIEW_FULL: _ClassVar[ExecutionView]
+EXECUTION_VIEW_UNSPECIFIED: ExecutionView
+EXECUTION_VIEW_BASIC: ExecutionView
+EXECUTION_VIEW_FULL: ExecutionView
 
 class ExecuteFlowRequest(_message.Message):
     __slots__ = ("flow", "input", "request_id", "continue_on_disconnect")
@@ -146,10 +156,12 @@ class ExecutionSummary(_message.Message):
     def __init__(self, flow_id: _Optional[str] = ..., flow_name: _Optional[str] = ..., status: _Optional[_Union[_flow_pb2.FlowStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetExecutionRequest(_message.Message):
-    __slots__ = ("flow_id",)
+    __slots__ = ("flow_id", "view")
     FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     flow_id: str
-    def __init__(self, flow_id: _Optional[str] = ...) -> None: ...
+    view: ExecutionView
+    def __init__(self, flow_id: _Optional[str] = ..., view: _Optional[_Union[ExecutionView, str]] = ...) -> None: ...
 
 class GetExecutionResponse(_message.Message):
     __slots__ = ("execution",)

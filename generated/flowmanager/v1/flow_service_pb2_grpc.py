@@ -133,7 +133,8 @@ class FlowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetExecution(self, request, context):
-        """Returns one execution, with its flow, input and whole history.
+        """Returns one execution, with its flow, input and whole history (or all but its
+        history: EXECUTION_VIEW_BASIC).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
