@@ -94,11 +94,20 @@ class ExecutionStore(Protocol):
     async def get_by_request_id(self, request_id: str) -> ExecutionRecord | None: ...
 
     async def execution(
-        self, flow_id: str, after: int = 0
+        self, flow_id: str, after: int = 0, limit: int | None = None
     ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
         """The execution and its events with a sequence above `after`, in order, read
         together: the record says RUNNING only if no `finished` event is among them, and
-        an execution that retention deletes is read whole or not at all."""
+        an execution that retention deletes is read whole or not at all. With `limit`,
+        only the first events (at most `limit`, fewer if they are large, at least one);
+        `events()` reads the rest, up to the record's last_sequence."""
+
+    async def events(
+        self, flow_id: str, after: int, upto: int, limit: int
+    ) -> list[StoredEvent] | None:
+        """The execution's events with a sequence above `after` and at most `upto`, in
+        order: at most `limit` of them, fewer if they are large, at least one if there is
+        one. None when the execution is gone (retention deleted it)."""
 
     async def page(
         self,

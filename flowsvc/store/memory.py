@@ -124,14 +124,27 @@ class MemoryStore:
         return self._entries[flow_id].record() if flow_id else None
 
     async def execution(
-        self, flow_id: str, after: int = 0
+        self, flow_id: str, after: int = 0, limit: int | None = None
     ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
         self._check()
         entry = self._entries.get(flow_id)
         if entry is None:
             return None
-        events = [StoredEvent(i + 1, e) for i, e in enumerate(entry.events) if i + 1 > after]
-        return entry.record(), events
+        upto = len(entry.events) if limit is None else after + limit
+        return entry.record(), self._slice(entry, after, upto)
+
+    async def events(
+        self, flow_id: str, after: int, upto: int, limit: int
+    ) -> list[StoredEvent] | None:
+        self._check()
+        entry = self._entries.get(flow_id)
+        return None if entry is None else self._slice(entry, after, min(upto, after + limit))
+
+    @staticmethod
+    def _slice(entry: _Entry, after: int, upto: int) -> list[StoredEvent]:
+        """Events after `after` up to `upto` (sequences), without a scan of those before."""
+        start = max(after, 0)
+        return [StoredEvent(start + i + 1, e) for i, e in enumerate(entry.events[start:upto])]
 
     async def page(
         self,

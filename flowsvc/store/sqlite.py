@@ -517,7 +517,7 @@ class SQLiteStore:
         return result
 
     async def execution(
-        self, flow_id: str, after: int = 0
+        self, flow_id: str, after: int = 0, limit: int | None = None
     ) -> tuple[ExecutionRecord, list[StoredEvent]] | None:
         after = min(after, _MAX_INTEGER)  # a client's uint64; no sequence is larger
 
@@ -530,18 +530,24 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return None
-            rows = conn.execute(
-                "SELECT sequence, kind, body FROM events WHERE flow_id = ? AND sequence > ?"
-                " ORDER BY sequence",
-                (flow_id, after),
-            ).fetchall()
-            return _record(row), [
-                StoredEvent(seq, event_from_json(flow_id, kind, body)) for seq, kind, body in rows
-            ]
+            return _record(row), _read_events(conn, flow_id, after, _MAX_INTEGER, limit)
 
         result: tuple[ExecutionRecord, list[StoredEvent]] | None = await self._call(
             execution, write=False
         )
+        return result
+
+    async def events(
+        self, flow_id: str, after: int, upto: int, limit: int
+    ) -> list[StoredEvent] | None:
+        def events(conn: sqlite3.Connection) -> list[StoredEvent] | None:
+            if not conn.execute(
+                "SELECT 1 FROM executions WHERE flow_id = ?", (flow_id,)
+            ).fetchone():
+                return None
+            return _read_events(conn, flow_id, after, upto, limit)
+
+        result: list[StoredEvent] | None = await self._call(events, write=False)
         return result
 
     async def page(
@@ -653,6 +659,35 @@ class SQLiteStore:
 
         result: bytes = await self._call(secret, write=True)
         return result
+
+
+#: A read of events stops once their bodies reach this many bytes (after one event at
+#: least): results of up to 1 MiB each would otherwise make a job of a few hundred
+#: events hold the store's thread, and memory, for hundreds of megabytes.
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+def _read_events(
+    conn: sqlite3.Connection, flow_id: str, after: int, upto: int, limit: int | None
+) -> list[StoredEvent]:
+    """Events of `flow_id` with after < sequence <= upto, in order: at most `limit` (None:
+    all), and no more once READ_CHUNK_BYTES of bodies are read (when `limit` is set)."""
+    cursor = conn.execute(
+        "SELECT sequence, kind, body FROM events WHERE flow_id = ? AND sequence > ?"
+        " AND sequence <= ? ORDER BY sequence LIMIT ?",
+        (flow_id, after, min(upto, _MAX_INTEGER), -1 if limit is None else limit),
+    )
+    out: list[StoredEvent] = []
+    read = 0
+    try:
+        for sequence, kind, body in cursor:
+            out.append(StoredEvent(sequence, event_from_json(flow_id, kind, body)))
+            read += len(body)
+            if limit is not None and read >= READ_CHUNK_BYTES:
+                break
+    finally:
+        cursor.close()
+    return out
 
 
 def _ts(moment: datetime) -> str:
