@@ -296,7 +296,14 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     ) -> pb.CancelExecutionResponse:
         record, events = await self.manager.cancel(parse_flow_id(request.flow_id))
         response = pb.CancelExecutionResponse()
-        convert.stored_execution_to_pb(record, events, response.execution, self.max_response_bytes)
+        try:
+            convert.stored_execution_to_pb(
+                record, events, response.execution, self.max_response_bytes
+            )
+        except ResponseTooLargeError:
+            # The cancel took effect: say so, without the history that does not fit.
+            response.execution.Clear()
+            convert.basic_execution_to_pb(record, response.execution, self.max_response_bytes)
         return response
 
     @unary

@@ -1814,3 +1814,24 @@ async def test_a_long_execution_is_read_in_bounded_jobs_of_the_store_thread(
             assert watched == list(range(after + 1, 1503)), after
             if after == 0:
                 assert store.jobs - before >= 4, store.jobs - before
+
+
+async def test_a_cancel_that_took_effect_is_ok_even_when_the_whole_execution_is_too_large(
+    registry,
+) -> None:
+    # The cancel stopped the execution, but its answer (the whole execution) was over the
+    # limit: RESOURCE_EXHAUSTED, and a retry FAILED_PRECONDITION; never told it worked.
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", max_response_bytes=8000)
+    async with serving(settings, registry) as (_, _, stub):
+        flow = chain("echo", ("sleep", {"seconds": 30}))
+        request = pb.StreamFlowRequest(flow=flow, continue_on_disconnect=True)
+        request.input.update({"blob": "x" * 5000})
+        call = stub.StreamFlow(request)
+        flow_id = (await call.read()).started.flow_id
+        await call.read()  # echo's result: the history alone is over the limit now
+        cancelled = await stub.CancelExecution(pb.CancelExecutionRequest(flow_id=flow_id))
+        got = cancelled.execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and got.input == request.input
+        assert got.last_sequence == 3 and not got.execution_history
+        assert cancelled.ByteSize() <= 8000
+        assert (await read_all(call))[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
