@@ -518,9 +518,15 @@ class FlowEngine:
                 raise
             # Nothing cancels this execution: the task's own code raised it.
             return _raised(exc, flow_id, node.name, step)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            # A task's exit() or KeyboardInterrupt is its failure, not the server's end:
-            # signals never raise them here (the server stops on SIGINT and SIGTERM).
+        except GeneratorExit as exc:
+            if exc.__traceback__ is None or exc.__traceback__.tb_next is None:
+                raise  # thrown in at our own await: this coroutine is being closed
+            return _raised(exc, flow_id, node.name, step)  # the task's code raised it
+        except BaseException as exc:
+            # Whatever the task raises is its failure, not the server's end: its exit(),
+            # KeyboardInterrupt (signals never raise them here: the server stops on SIGINT
+            # and SIGTERM), or a BaseException of its own. Let through, it would end the
+            # execution's drive, and the flow would hang RUNNING.
             return _raised(exc, flow_id, node.name, step)
         if not isinstance(out, TaskResult):
             return TaskResult.failure(

@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 
+import grpc
 import pytest
 
 import flowsvc
@@ -753,3 +754,64 @@ async def test_a_sync_task_raising_stopiteration_or_generatorexit_fails_and_the_
         response = await stub.ExecuteFlow(request, timeout=10)  # neither hangs nor INTERNAL
         assert response.status == flow_pb2.FLOW_STATUS_FAILED, name
         assert expected in response.execution_history[0].error, name
+
+
+class _TasksOwnBaseException(BaseException):
+    """A task's own exception outside Exception (as some libraries define them)."""
+
+
+async def _async_closes() -> TaskResult:
+    raise GeneratorExit
+
+
+async def _async_own_base() -> TaskResult:
+    raise _TasksOwnBaseException("mine")
+
+
+def _sync_own_base() -> TaskResult:
+    raise _TasksOwnBaseException("mine")
+
+
+def _sync_returns_closing_coroutine():  # a plain function handing back a coroutine
+    return _async_closes()
+
+
+async def test_a_task_raising_any_baseexception_fails_and_frees_its_slot(
+    settings, registry
+) -> None:
+    """GeneratorExit from an async task, or a BaseException subclass of the task's own,
+    is the task's failure (retryable, as any raise): the flow ends FAILED, its in-flight
+    slot is free again (a cap of 1 admits the next flow), and the server goes on."""
+    from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
+
+    from flowsvc.server import build_server
+    from tests.support import chain
+
+    tasks = {
+        "async_closes": (_async_closes, "GeneratorExit"),
+        "async_own_base": (_async_own_base, "_TasksOwnBaseException: mine"),
+        "sync_own_base": (_sync_own_base, "_TasksOwnBaseException: mine"),
+        "sync_closing_coroutine": (_sync_returns_closing_coroutine, "GeneratorExit"),
+    }
+    for name, (fn, _) in tasks.items():
+        registry.register(name, fn)
+    server = await build_server(dataclasses.replace(settings, max_in_flight=1), registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            for name, (_, expected) in tasks.items():
+                request = flow_service_pb2.ExecuteFlowRequest(flow=chain(name, "noop"))
+                response = await stub.ExecuteFlow(request, timeout=10)  # no hang, no INTERNAL
+                assert response.status == flow_pb2.FLOW_STATUS_FAILED, name
+                assert [r.task for r in response.execution_history] == [name]
+                assert expected in response.execution_history[0].error, name
+                got = await stub.GetExecution(
+                    flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id), timeout=10
+                )
+                assert got.execution.status == flow_pb2.FLOW_STATUS_FAILED, name
+            ok = await stub.ExecuteFlow(
+                flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")), timeout=10
+            )
+            assert ok.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        await server.shutdown(grace=0)
