@@ -43,6 +43,7 @@ from flowsvc.models import (
     FlowFinished,
     FlowStarted,
     FlowStatus,
+    FrozenDict,
     HistoryView,
     RetryPolicy,
     StepRecord,
@@ -50,6 +51,7 @@ from flowsvc.models import (
     TaskContext,
     TaskResult,
     TaskStatus,
+    frozen_json,
 )
 from flowsvc.references import (
     INPUT,
@@ -232,6 +234,9 @@ class FlowEngine:
         """
         stop = stop or StopHandle()
         flow_id = flow_id or str(uuid.uuid4())
+        # Read-only for the tasks (ctx.input): one task cannot change what later ones,
+        # and their references, read. Once per execution; most inputs are empty.
+        flow_input = frozen_json(flow_input) if flow_input else _NO_INPUT
         flow = plan.flow
         nodes = plan.nodes
         loop = asyncio.get_running_loop()
@@ -616,6 +621,8 @@ class _SyncRun:
                 self._abandon(future)  # type: ignore[arg-type]
         return self._ran
 
+
+_NO_INPUT = FrozenDict()
 
 #: Threads for sync tasks of an engine built without a pool (the server passes its own).
 DEFAULT_SYNC_WORKERS = 32

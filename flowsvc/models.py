@@ -188,10 +188,64 @@ class StepRecord(NamedTuple):
     attempt: int = 1  # 1, 2, ... when the task is retried
 
 
+_READ_ONLY = (
+    "a task's ctx.input and ctx.results are read-only: copy what you would change (copy.deepcopy)"
+)
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses changes: what a task is given of the input and of earlier
+    results. Still a dict (json.dumps, isinstance), and its copies (dict(), .copy(),
+    copy.deepcopy) are plain dicts, the task's own."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> Any:  # copy, deepcopy, pickle: a plain dict
+        return dict, (dict(self),)
+
+
+class FrozenList(list[Any]):
+    """A list that refuses changes (see FrozenDict); `+`, slices and copies are lists."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = clear = extend = insert = pop = remove = reverse = sort = _refuse
+
+    def __reduce__(self) -> Any:
+        return list, (list(self),)
+
+
+_SCALARS = frozenset((str, float, int, bool, type(None)))
+
+
+def frozen_json(value: Any) -> Any:
+    """A JSON value with every object and list in it a new FrozenDict or FrozenList."""
+    if type(value) in _SCALARS:  # most values: no ABC check to pay for
+        return value
+    if isinstance(value, Mapping):
+        return FrozenDict({k: frozen_json(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return FrozenList([frozen_json(v) for v in value])
+    return value
+
+
 class HistoryView(Sequence[StepRecord]):
     """The first `length` records of a growing history list, without copying them.
 
-    Built once per step in O(1), so a long loop does not pay for its own history.
+    Built once per step in O(1), so a long loop does not pay for its own history. A
+    record read from it has read-only data (frozen_json): that data is the execution's
+    own, which the answer and the store show. Only a task that reads its history pays
+    for that copy, when it reads.
     """
 
     __slots__ = ("_length", "_records")
@@ -209,20 +263,26 @@ class HistoryView(Sequence[StepRecord]):
     def __getitem__(self, index: slice) -> Sequence[StepRecord]: ...
     def __getitem__(self, index: int | slice) -> StepRecord | Sequence[StepRecord]:
         if isinstance(index, slice):
-            return self._records[: self._length][index]
+            return [_read_only(r) for r in self._records[: self._length][index]]
         if index < 0:
             index += self._length
         if not 0 <= index < self._length:
             raise IndexError("history index out of range")
-        return self._records[index]
+        return _read_only(self._records[index])
 
     def __repr__(self) -> str:
         return f"HistoryView({list(self)!r})"
 
 
+def _read_only(record: StepRecord) -> StepRecord:
+    return record._replace(data=frozen_json(record.data))
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
-    """What a one-argument task receives. Treat every mapping as read-only."""
+    """What a one-argument task receives. `input` and the data in `results` refuse
+    changes (TypeError): they are the execution's own, which the answer, the store and
+    later tasks read."""
 
     flow_id: str
     flow_name: str
@@ -230,7 +290,8 @@ class TaskContext:
     step: int
     input: Mapping[str, Any]
     params: Mapping[str, Any]
-    #: The runs before this one, oldest first (a read-only view: no copy per step).
+    #: The runs before this one, oldest first (a read-only view: no copy per step; each
+    #: record read has read-only data).
     results: Sequence[StepRecord]
 
 

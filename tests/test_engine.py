@@ -815,3 +815,67 @@ async def test_a_task_raising_any_baseexception_fails_and_frees_its_slot(
             assert ok.status == flow_pb2.FLOW_STATUS_SUCCEEDED
     finally:
         await server.shutdown(grace=0)
+
+
+def _produce() -> TaskResult:
+    return TaskResult.success({"items": [1], "who": "produce"})
+
+
+def _meddle(ctx: TaskContext) -> TaskResult:
+    """Tries to change what it was given; data: which tries were refused."""
+    import copy
+    import json
+
+    tries = {
+        "result": lambda: ctx.results[0].data.__setitem__("who", "meddle"),
+        "result_list": lambda: ctx.results[0].data["items"].append(99),
+        "result_by_slice": lambda: ctx.results[:1][0].data.pop("who"),
+        "input": lambda: ctx.input.__setitem__("injected", True),
+        "input_nested": lambda: ctx.input["nested"].update(k="changed"),
+        "input_list": lambda: ctx.input["list"].extend([2, 3]),
+    }
+    refused = {}
+    for name, attempt in tries.items():
+        try:
+            attempt()
+            refused[name] = False
+        except TypeError:
+            refused[name] = True
+    mine = copy.deepcopy(ctx.input)  # a copy is the task's own, to change at will
+    mine["nested"]["k"] = "in my copy"
+    return TaskResult.success(
+        {"refused": refused, "as_json": json.loads(json.dumps(ctx.input)), "copy": mine}
+    )
+
+
+def _look(ctx: TaskContext) -> TaskResult:
+    return TaskResult.success({"input": dict(ctx.input), "first": dict(ctx.results[0].data)})
+
+
+async def test_a_task_cannot_change_the_input_or_earlier_results_it_is_given(
+    stub, registry
+) -> None:
+    """ctx.input and ctx.results are read-only: a task that writes into them is refused
+    (TypeError), and neither the answer, the store nor a later task sees a change."""
+    from flowmanager.v1 import flow_service_pb2
+
+    from tests.support import chain, to_dict
+
+    registry.register("produce", _produce)
+    registry.register("meddle", _meddle)
+    registry.register("look", _look)
+    flow_input = {"nested": {"k": "orig"}, "list": [1.0]}
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain("produce", "meddle", "look"))
+    request.input.update(flow_input)
+    response = await stub.ExecuteFlow(request, timeout=10)
+    got = await stub.GetExecution(
+        flow_service_pb2.GetExecutionRequest(flow_id=response.flow_id), timeout=10
+    )
+    for history in (response.execution_history, got.execution.execution_history):
+        produce, meddle, look = (to_dict(r).get("data") for r in history)
+        assert produce == {"items": [1.0], "who": "produce"}
+        assert all(meddle["refused"].values()), meddle["refused"]
+        assert meddle["as_json"] == flow_input
+        assert meddle["copy"] == {**flow_input, "nested": {"k": "in my copy"}}
+        assert look == {"input": flow_input, "first": produce}
+    assert to_dict(got.execution)["input"] == flow_input
