@@ -451,7 +451,9 @@ class FlowEngine:
         if done:
             return attempt.result()
         attempt.cancel()
-        if sync is not None:
+        # A sync task whose thread has returned a coroutine (see _invoke): what runs now
+        # is that coroutine, on the loop, cancelled as an async task's is.
+        if sync is not None and not (sync.future is not None and sync.future.done()):
             abandoned = (
                 " (a sync task's thread cannot be stopped: abandoned)"
                 if sync.give_up()

@@ -115,6 +115,32 @@ def test_async_task_ignoring_its_cancellation_is_abandoned_at_its_timeout(regist
     assert [r.task for r in execution.history] == ["stubborn", "noop"]
 
 
+def test_a_coroutine_from_a_sync_task_is_cancelled_at_its_timeout_not_abandoned(
+    registry,
+) -> None:
+    """A plain function that returns a coroutine: its thread has returned, and what runs
+    past the timeout is the coroutine, on the loop. It is cancelled like an async task's
+    (and waited for), and the error does not say a thread was abandoned."""
+    cancelled = []
+
+    async def slow() -> TaskResult:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return TaskResult.success()
+
+    def hands_back_a_coroutine():
+        return slow()
+
+    registry.register("hands_back", hands_back_a_coroutine)
+    execution = run(registry, timed_then_noop("hands_back"))
+    assert execution.history[0].error == "timed out after 0.2s"
+    assert cancelled == [True]  # by the time the attempt failed
+    assert [r.task for r in execution.history] == ["hands_back", "noop"]
+
+
 def test_sync_task_past_its_timeout_is_abandoned_and_the_flow_moves_on(registry) -> None:
     release = threading.Event()
 
