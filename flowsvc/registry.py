@@ -177,6 +177,11 @@ def _inspect(
         problem = _json_problem(params_schema, "")
         if problem:  # ListTasks could not send it, for any task
             raise TaskRegistrationError(f"task {name!r}: its params schema is not JSON: {problem}")
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise TaskRegistrationError(
+            f"task {name!r}: {fn!r} is a generator function: called, it returns a "
+            "generator, not a TaskResult (use def or async def, and return)"
+        )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:

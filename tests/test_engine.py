@@ -438,6 +438,20 @@ def test_registry_refuses_tasks_with_two_required_arguments() -> None:
         TaskRegistry().register("bad", lambda a, b: None)
 
 
+def test_registry_refuses_generator_functions() -> None:
+    # Called, a generator function returns a generator, never a TaskResult: registered,
+    # every run of it would fail ("task returned async_generator").
+    async def streams(ctx: TaskContext):
+        yield TaskResult.success()
+
+    def yields():
+        yield TaskResult.success()
+
+    for fn in (streams, yields):
+        with pytest.raises(TaskRegistrationError, match="generator function"):
+            TaskRegistry().register("gen", fn)
+
+
 def test_routing_cost_is_flat_structure(registry: TaskRegistry) -> None:
     # Routing is a table built once: a 10,000-step loop runs every step.
     engine = FlowEngine(registry, Limits(max_steps_cap=20_000))
