@@ -542,11 +542,14 @@ class FlowEngine:
         data = out.data
         if type(data) is dict and not data:  # the common case: nothing to check
             return out
-        problem = (
-            _json_problem(data, "data")
-            if isinstance(data, Mapping)
-            else f"data is a {type(data).__name__}, not a mapping"
-        )
+        try:
+            problem = (
+                _json_problem(data, "data")
+                if isinstance(data, Mapping)
+                else f"data is a {type(data).__name__}, not a mapping"
+            )
+        except Exception as exc:  # a mapping that raises as it is read (a closed shelf)
+            return TaskResult.failure(f"task returned data that cannot be read: {_text(exc)}")
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
         return out
@@ -563,11 +566,16 @@ def _raised(exc: BaseException, flow_id: str, task: str, step: int) -> TaskResul
         step=step,
         exc_info=exc,
     )
+    return TaskResult.failure(_text(exc))
+
+
+def _text(exc: BaseException) -> str:
+    """The text of an exception a task raised, as 'Type: text' (never raising)."""
     try:
         text = str(exc)
     except Exception as err:  # the task's own __str__ is broken: its failure still stands
         text = f"(its text cannot be shown: str() raised {type(err).__name__})"
-    return TaskResult.failure(f"{type(exc).__name__}: {text}")
+    return f"{type(exc).__name__}: {text}"
 
 
 #: A task's wrong return value, as its failure shows it: short, and never raising.

@@ -210,6 +210,24 @@ def test_bad_return_value_is_a_failure(registry: TaskRegistry, returned, expecte
     assert expected in execution.history[0].error
 
 
+def test_data_that_cannot_be_read_is_the_tasks_failure(registry: TaskRegistry) -> None:
+    """A mapping that raises as it is read (here: a shelf closed before the engine reads
+    it) fails the task; it used to escape the engine and end the call INTERNAL."""
+    import shelve
+    import tempfile
+
+    def hands_back_a_closed_shelf() -> TaskResult:
+        with tempfile.TemporaryDirectory() as tmp, shelve.open(f"{tmp}/s") as shelf:
+            shelf["a"] = 1
+        return TaskResult(status="success", data=shelf)
+
+    registry.register("closed", hands_back_a_closed_shelf)
+    execution = run(FlowEngine(registry), linear("closed", "noop", fail_route="noop"))
+    error = execution.history[0].error
+    assert error.startswith("task returned data that cannot be read: ValueError"), error
+    assert [r.task for r in execution.history] == ["closed", "noop"]
+
+
 def test_an_error_that_is_not_text_is_kept_as_its_text(registry: TaskRegistry) -> None:
     registry.register("number", lambda: TaskResult(status="failure", error=123))  # type: ignore[arg-type]
     registry.register("exc", lambda: TaskResult.failure(TimeoutError("upstream slow")))  # type: ignore[arg-type]
