@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -46,8 +47,21 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 T = TypeVar("T")
 
 
+def _version() -> str:
+    """The installed package's version, as its metadata (pyproject's) gives it."""
+    try:
+        return importlib.metadata.version("flowsvc")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree never installed
+        return "unknown (not installed)"
+
+
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"flowsvc {_version()}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowsvc", description="A flow manager over gRPC.")
+    _add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server")
@@ -70,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--service", default="", help="service name to check ('' = server)")
     probe.add_argument("--timeout", type=float, default=3.0)
+    for command in (serve, run, validate, probe):
+        _add_version(command)
     return parser
 
 

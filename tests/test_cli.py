@@ -810,3 +810,13 @@ def test_a_damaged_database_is_refused_at_start(tmp_path: Path) -> None:
         proc.wait(30)
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["serve", "--version"], ["run", "--version"]])
+def test_version_prints_the_installed_package_version(tmp_path: Path, args: list[str]) -> None:
+    from importlib.metadata import version
+
+    result = flowsvc(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"flowsvc {version('flowsvc')}"
+    assert not list(tmp_path.iterdir())  # it opened no database: it served nothing
