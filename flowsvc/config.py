@@ -117,10 +117,25 @@ def _event_loop(text: str) -> str:
     return value
 
 
+#: The log levels, and the other names operators write for them (Python's logging takes
+#: WARN and FATAL too), in any case.
+LOG_LEVELS = {
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARNING": "WARNING",
+    "WARN": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+    "FATAL": "CRITICAL",
+}
+
+
 def _log_level(text: str) -> str:
-    level = text.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    level = LOG_LEVELS.get(text.strip().upper())
+    if level is None:
+        raise ValueError(
+            "must be one of DEBUG, INFO, WARNING (or WARN), ERROR, CRITICAL (or FATAL), in any case"
+        )
     return level
 
 
@@ -290,7 +305,7 @@ def from_sources(
 _FIELD_DOCS = {
     "listen": "address to listen on, host:port (port 0 picks a free one)",
     "task_modules": "comma-separated Python modules to import for their tasks",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_level": "DEBUG, INFO, WARNING (or WARN), ERROR or CRITICAL (or FATAL); any case",
     "default_max_steps": "max_steps for flows that leave it at 0",
     "max_steps_cap": "largest max_steps a flow may ask for",
     "max_tasks": "most tasks one flow may declare",

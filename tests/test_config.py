@@ -46,3 +46,27 @@ def test_flag_wins_over_environment_which_wins_over_default() -> None:
 def test_bad_values_name_their_variable(environ: dict[str, str], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         from_sources({}, environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("text", "level"),
+    [
+        ("warn", "WARNING"),
+        ("WARN", "WARNING"),
+        ("Warning", "WARNING"),
+        ("debug", "DEBUG"),
+        ("info", "INFO"),
+        ("error", "ERROR"),
+        ("fatal", "CRITICAL"),
+        ("critical", "CRITICAL"),
+        (" info ", "INFO"),
+    ],
+)
+def test_log_level_takes_the_common_names_in_any_case(text: str, level: str) -> None:
+    settings = from_sources({}, environ={"FLOWSVC_LOG_LEVEL": text})
+    assert settings.log_level == level
+
+
+def test_a_log_level_that_is_no_level_names_the_accepted_ones() -> None:
+    with pytest.raises(ValueError, match=r"FLOWSVC_LOG_LEVEL='loud'.*DEBUG, INFO, WARNING"):
+        from_sources({}, environ={"FLOWSVC_LOG_LEVEL": "loud"})
