@@ -11,8 +11,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FLOWSVC_GRACE_SECONDS=8
 
 WORKDIR /app
-# Only what the package needs (see .dockerignore): the code, the generated stubs, the metadata.
-COPY pyproject.toml README.md constraints.txt ./
+# Only what the package needs (see .dockerignore): the code, the generated stubs, the metadata,
+# the pins and the license (pyproject names it: the build fails without it).
+COPY pyproject.toml README.md constraints.txt LICENSE ./
 COPY flowsvc/ flowsvc/
 COPY generated/ generated/
 # At the versions the tests ran with (constraints.txt), not the newest releases.

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -75,6 +76,14 @@ def test_wheel_installs_and_serves_outside_the_tree(tmp_path: Path) -> None:
     ):
         assert required in names
     assert not [n for n in names if n.startswith("tests/")]
+    # pyproject says MIT: the license's text goes with the wheel, and its metadata says so.
+    info = next(n for n in names if n.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]
+    assert f"{info}/licenses/LICENSE" in names
+    license_text = zipfile.ZipFile(wheel).read(f"{info}/licenses/LICENSE").decode()
+    assert license_text == (ROOT / "LICENSE").read_text()
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: MIT" in metadata
+    assert "License-File: LICENSE" in metadata
 
     site = tmp_path / "site"
     subprocess.run(
@@ -180,3 +189,26 @@ def test_constraints_pin_every_installed_package_and_are_used() -> None:
         r"^RUN pip install .*-c constraints\.txt \.", (ROOT / "Dockerfile").read_text(), flags=re.M
     )
     assert "-c constraints.txt -e" in (ROOT / "scripts" / "bootstrap").read_text()
+
+
+def test_the_license_is_mit_and_goes_with_the_sdist(tmp_path: Path) -> None:
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n")
+    assert "Copyright (c) 2026 the flowsvc authors" in license_text
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    context = _docker_context(tmp_path / "context")
+    dist = tmp_path / "dist"
+    build = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", build, str(dist)], cwd=context, check=True, timeout=300)
+    (sdist,) = dist.glob("flowsvc-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        assert "LICENSE" in names
+        assert (
+            "License-Expression: MIT"
+            in archive.extractfile(
+                next(m for m in archive.getmembers() if m.name.endswith("/PKG-INFO"))
+            )
+            .read()
+            .decode()
+        )
