@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from flowsvc.errors import FlowsvcError, FlowValidationError, InvalidArgumentErr
 from flowsvc.executions import CUT_OFF_SECONDS
 from flowsvc.models import Event, FlowFinished, FlowStatus
 from flowsvc.registry import TaskRegistry
-from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules
+from flowsvc.server import TASK_THREAD_PREFIX, build_server, load_task_modules, package_version
 from flowsvc.threads import TaskThreads
 from flowsvc.validation import nested_too_deep, too_deep
 
@@ -47,16 +46,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 T = TypeVar("T")
 
 
-def _version() -> str:
-    """The installed package's version, as its metadata (pyproject's) gives it."""
-    try:
-        return importlib.metadata.version("flowsvc")
-    except importlib.metadata.PackageNotFoundError:  # run from a tree never installed
-        return "unknown (not installed)"
-
-
 def _add_version(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", action="version", version=f"flowsvc {_version()}")
+    parser.add_argument("--version", action="version", version=f"flowsvc {package_version()}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -69,6 +70,14 @@ SERVER_KEEPALIVE_TIME_MS = 60_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 #: Names of the threads that run sync tasks.
 TASK_THREAD_PREFIX = "flowsvc-task"
+
+
+def package_version() -> str:
+    """The installed package's version, as its metadata (pyproject's) gives it."""
+    try:
+        return importlib.metadata.version("flowsvc")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree never installed
+        return "unknown (not installed)"
 
 
 #: The entry-point group through which installed packages add tasks.
@@ -552,6 +561,13 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         db=settings.db,
         interrupted_by_crash=len(recovered),
         tasks=registry.names(),
+        # What this server runs with, whichever of flag, variable or default gave it: the
+        # settings hold addresses, paths and limits, no secrets.
+        settings=dataclasses.asdict(settings),
+        event_loop="uvloop"
+        if "uvloop" in type(asyncio.get_running_loop()).__module__
+        else "asyncio",
+        version=package_version(),
     )
     return FlowServer(server, port, manager, health_servicer, executor, settings)
 
