@@ -378,7 +378,9 @@ class FlowEngine:
         except MissingReferenceError as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
-            call = self._invoke(node, flow_id, flow_name, step, params, flow_input, history, sync)
+            call = self._invoke(
+                node, flow_id, flow_name, step, attempt, params, flow_input, history, sync
+            )
             if node.timeout_s is None and deadline is None:
                 result = await call  # the common case: no timer at all
             else:
@@ -475,6 +477,7 @@ class FlowEngine:
         flow_id: str,
         flow_name: str,
         step: int,
+        attempt: int,
         params: Mapping[str, Any],
         flow_input: Mapping[str, Any],
         history: list[StepRecord],
@@ -524,17 +527,18 @@ class FlowEngine:
                     sync.give_up()  # not started yet: it never will be
                 raise
             # Nothing cancels this execution: the task's own code raised it.
-            return _raised(exc, flow_id, node.name, step)
+            return _raised(exc, flow_id, flow_name, node.name, step, attempt)
         except GeneratorExit as exc:
             if exc.__traceback__ is None or exc.__traceback__.tb_next is None:
                 raise  # thrown in at our own await: this coroutine is being closed
-            return _raised(exc, flow_id, node.name, step)  # the task's code raised it
+            # The task's code raised it:
+            return _raised(exc, flow_id, flow_name, node.name, step, attempt)
         except BaseException as exc:
             # Whatever the task raises is its failure, not the server's end: its exit(),
             # KeyboardInterrupt (signals never raise them here: the server stops on SIGINT
             # and SIGTERM), or a BaseException of its own. Let through, it would end the
             # execution's drive, and the flow would hang RUNNING.
-            return _raised(exc, flow_id, node.name, step)
+            return _raised(exc, flow_id, flow_name, node.name, step, attempt)
         if not isinstance(out, TaskResult):
             return TaskResult.failure(
                 f"task returned {type(out).__name__}, not a TaskResult: {_shown(out)}"
@@ -555,15 +559,20 @@ class FlowEngine:
         return out
 
 
-def _raised(exc: BaseException, flow_id: str, task: str, step: int) -> TaskResult:
-    """The failure of a task that raised `exc` (logged with its traceback)."""
+def _raised(
+    exc: BaseException, flow_id: str, flow_name: str, task: str, step: int, attempt: int
+) -> TaskResult:
+    """The failure of a task that raised `exc` (logged with its traceback, and what
+    tells one of its runs from another: the flow, the step and the attempt)."""
     log_event(
         logger,
         logging.WARNING,
         "task raised",
         flow_id=flow_id,
+        flow=flow_name,
         task=task,
         step=step,
+        attempt=attempt,
         exc_info=exc,
     )
     return TaskResult.failure(_text(exc))

@@ -3,10 +3,14 @@ or a flow was cancelled, and refusals at the in-flight cap."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from tests.support import server_process, wait_until
+import grpc
+from flowmanager.v1 import flow_service_pb2, flow_service_pb2_grpc
+
+from tests.support import chain, server_process, wait_until
 
 
 def lines_with(srv: Any, msg: str, count: int = 1) -> list[dict[str, Any]]:
@@ -34,3 +38,33 @@ def test_the_start_line_shows_the_effective_settings(tmp_path: Path) -> None:
     assert settings["log_level"] == "INFO"
     assert settings["retention_seconds"] == 604800.0
     assert line["event_loop"] in {"uvloop", "asyncio"}
+
+
+RAISING_TASK = """
+    from flowsvc import register_task
+
+    @register_task("explodes")
+    def explodes():
+        raise RuntimeError("kaboom")
+    """
+
+
+async def test_a_task_that_raised_is_logged_with_its_attempt_and_flow(tmp_path: Path) -> None:
+    (tmp_path / "exploding.py").write_text(textwrap.dedent(RAISING_TASK))
+    env = {"PYTHONPATH": str(tmp_path)}
+    with server_process(tmp_path, "--task-modules", "exploding", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            flow = chain("explodes")
+            flow.name = "nightly export"
+            flow.tasks[0].retry.max_attempts = 2
+            flow.tasks[0].retry.initial_backoff.FromMilliseconds(1)
+            response = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=flow))
+        raised = lines_with(srv, "task raised", 2)
+    assert [(r["task"], r["attempt"], r["step"]) for r in raised] == [
+        ("explodes", 1, 1),
+        ("explodes", 2, 2),
+    ]
+    assert {r["flow"] for r in raised} == {"nightly export"}
+    assert {r["flow_id"] for r in raised} == {response.flow_id}
+    assert "RuntimeError: kaboom" in raised[0]["traceback"]
