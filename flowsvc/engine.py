@@ -344,13 +344,21 @@ class FlowEngine:
                     break
                 current = nxt
         except asyncio.CancelledError:
-            log_ended(flow_id, flow.name, FlowStatus.CANCELLED, len(history), started_at)
+            reason = stop.reason or "its run was cancelled"
+            log_ended(
+                flow_id, flow.name, FlowStatus.CANCELLED, len(history), started_at, reason=reason
+            )
             raise
         finished_at = datetime.now(UTC)
         # The runs recorded: a run a stop cut short is not (its step number is in `message`).
         steps = len(history)
         if logging_info:
-            log_ended(flow_id, flow.name, status, steps, started_at, finished_at)
+            if status is FlowStatus.SUCCEEDED:
+                log_ended(flow_id, flow.name, status, steps, started_at, finished_at)
+            else:  # why it did not succeed: who stopped it, which task failed, its timeout
+                log_ended(
+                    flow_id, flow.name, status, steps, started_at, finished_at, reason=message
+                )
         yield FlowFinished(flow_id, status, message, finished_at, steps)
 
     async def _attempt(

@@ -655,8 +655,15 @@ class ExecutionManager:
         )
         return Attachment(record.flow_id, run, created=False)
 
-    def release(self, attachment: Attachment, *, completed: bool) -> None:
-        """The caller is done (`completed`) or went away; the latter may cancel the run."""
+    def release(
+        self,
+        attachment: Attachment,
+        *,
+        completed: bool,
+        gone: str = "cancelled, deadline passed or disconnected",
+    ) -> None:
+        """The caller is done (`completed`) or went away (`gone` says how, for the
+        execution's message and the log); the latter may cancel the run."""
         run = attachment.run
         if run is None:
             return
@@ -667,7 +674,7 @@ class ExecutionManager:
             and not run.finished
             and not run.continue_on_disconnect
         ):
-            run.stop.request("the caller went away (cancelled, deadline passed or disconnected)")
+            run.stop.request(f"the caller went away ({gone})")
 
     def follow(self, flow_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
         """(sequence, event) after `after`, until the end: the live run's own iterator

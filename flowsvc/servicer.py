@@ -214,6 +214,21 @@ def streaming(
     return wrapper
 
 
+#: A call that ends this close to its deadline ended by its deadline. The client ends it
+#: when its own deadline passes; the server's copy of the deadline counts from when the
+#: request arrived, a few milliseconds (a network's latency) later.
+DEADLINE_SLACK_SECONDS = 0.5
+
+
+def _gone(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """How a caller that did not take its answer went away, as far as the server can tell
+    (gRPC shows a client's cancel and a lost connection alike)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+        return "its deadline passed"
+    return "it cancelled the call or disconnected"
+
+
 class FlowServicer(pb_grpc.FlowServiceServicer):
     """flowmanager.v1.FlowService: convert, call the manager or engine, convert back."""
 
@@ -248,7 +263,10 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             events = await self.manager.drain(attachment)
             completed = True
         finally:
-            self.manager.release(attachment, completed=completed)
+            if completed:
+                self.manager.release(attachment, completed=True)
+            else:
+                self.manager.release(attachment, completed=False, gone=_gone(context))
         return convert.execute_response_from_events(
             attachment.flow_id, events, self.max_response_bytes
         )
@@ -264,7 +282,10 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
                 yield convert.event_to_pb(event, sequence, pb.StreamFlowResponse)
             completed = True
         finally:
-            self.manager.release(attachment, completed=completed)
+            if completed:
+                self.manager.release(attachment, completed=True)
+            else:
+                self.manager.release(attachment, completed=False, gone=_gone(context))
 
     @streaming
     async def WatchExecution(

@@ -68,3 +68,39 @@ async def test_a_task_that_raised_is_logged_with_its_attempt_and_flow(tmp_path: 
     assert {r["flow"] for r in raised} == {"nightly export"}
     assert {r["flow_id"] for r in raised} == {response.flow_id}
     assert "RuntimeError: kaboom" in raised[0]["traceback"]
+
+
+async def test_a_cancelled_flow_is_logged_with_why(tmp_path: Path) -> None:
+    with server_process(tmp_path, "--db", ":memory:") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            slow = chain(("sleep", {"seconds": 30}))
+            # The client's deadline passes.
+            try:
+                await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=slow), timeout=0.5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The client cancels its stream.
+            call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=slow))
+            started = await call.read()
+            call.cancel()
+            # CancelExecution.
+            call2 = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=slow))
+            cancelled = await call2.read()
+            await stub.CancelExecution(
+                flow_service_pb2.CancelExecutionRequest(flow_id=cancelled.started.flow_id)
+            )
+            ended = lines_with(srv, "flow ended", 3)
+            by_id = {line["flow_id"]: line for line in ended}
+            stream = by_id.pop(started.started.flow_id)
+            by_cancel = by_id.pop(cancelled.started.flow_id)
+            (by_deadline,) = by_id.values()
+            got = await stub.GetExecution(
+                flow_service_pb2.GetExecutionRequest(flow_id=by_deadline["flow_id"])
+            )
+    assert {line["status"] for line in ended} == {"cancelled"}
+    assert "the caller went away (its deadline passed)" in by_deadline["reason"]
+    assert "the caller went away (it cancelled the call or disconnected)" in stream["reason"]
+    assert "cancelled by CancelExecution" in by_cancel["reason"]
+    # The execution's record says the same.
+    assert got.execution.message.endswith("the caller went away (its deadline passed)")
