@@ -42,6 +42,7 @@ from flowsvc.errors import (
     StoreUnavailableError,
     TooManyExecutionsError,
 )
+from flowsvc.logs import Tally
 from flowsvc.logs import event as log_event
 from flowsvc.models import Event, Flow, FlowFinished, FlowStarted, FlowStatus, TaskCompleted
 from flowsvc.store import (
@@ -99,6 +100,8 @@ PREPARED_CACHE_SIZE = 512
 #: prepared flow holds about twice that in memory. Counting entries only, 512 distinct
 #: flows of 3.5 MB (each retained 13 MB) could take a client's server to 7 GB.
 PREPARED_CACHE_BYTES = 32 * 1024 * 1024
+#: At most one line per this many seconds for the calls refused at --max-in-flight.
+REFUSALS_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,14 @@ class ExecutionManager:
         self._secret = b""
         self._prepared: OrderedDict[bytes, _Prepared] = OrderedDict()
         self._prepared_bytes = 0  # len(key) + len(flow_json) of every cached flow
+        # Calls refused at the cap: logged, but counted, as a burst can bring thousands.
+        self._refusals = Tally(
+            logger,
+            logging.WARNING,
+            "executions refused: the in-flight cap is reached",
+            "refused",
+            every=REFUSALS_LOG_SECONDS,
+        )
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -385,6 +396,7 @@ class ExecutionManager:
             # was taken at the next start for one a crash had cut off.
             await asyncio.wait(list(self._launching.values()))
         await self.cut_off()
+        self._refusals.close()
         with contextlib.suppress(StoreUnavailableError):
             await self._record_ends()
         await self.store.close()
@@ -488,6 +500,7 @@ class ExecutionManager:
             if found is not None:
                 return found
         if self.in_flight >= self.settings.max_in_flight:
+            self._refusals.add(max_in_flight=self.settings.max_in_flight)
             raise TooManyExecutionsError(
                 f"{self.settings.max_in_flight} execution"
                 f"{' is' if self.settings.max_in_flight == 1 else 's are'} running, the most "

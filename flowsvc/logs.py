@@ -7,6 +7,7 @@ batches (`BatchedStreamHandler`): one write per batch, not one per line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -149,3 +150,48 @@ def event(
     """Log `msg` with structured `fields`, skipping all work when the level is off."""
     if logger.isEnabledFor(level):
         logger.log(level, msg, exc_info=exc_info, extra=fields)
+
+
+class Tally:
+    """One log line for many of an event that comes in bursts (refusals when the server is
+    full): the first is logged at once, the later ones are counted and logged as one line
+    `every` seconds later, and so on while they keep coming. Each line's `count_field`
+    says how many it stands for, so a burst of thousands writes two lines, not thousands,
+    and none is lost: close() logs what is still counted. Used on the event loop only."""
+
+    def __init__(
+        self, logger: logging.Logger, level: int, msg: str, count_field: str, every: float
+    ) -> None:
+        self._logger, self._level, self._msg = logger, level, msg
+        self._count_field, self._every = count_field, every
+        self._count = 0
+        self._fields: dict[str, Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, **fields: Any) -> None:
+        """One more; `fields` (the latest given) go on the line that counts it."""
+        self._count += 1
+        self._fields = fields
+        if self._timer is None:  # the first for `every` seconds: logged now
+            self._write()
+            self._timer = asyncio.get_running_loop().call_later(self._every, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._count:
+            self._write()
+            self._timer = asyncio.get_running_loop().call_later(self._every, self._tick)
+
+    def _write(self) -> None:
+        if self._logger.isEnabledFor(self._level):
+            fields = {self._count_field: self._count, **self._fields}
+            self._logger.log(self._level, self._msg, extra=fields)
+        self._count = 0
+
+    def close(self) -> None:
+        """Log what is counted and not yet logged; stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._count:
+            self._write()

@@ -3,6 +3,8 @@ or a flow was cancelled, and refusals at the in-flight cap."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,39 @@ async def test_a_cancelled_flow_is_logged_with_why(tmp_path: Path) -> None:
     assert "cancelled by CancelExecution" in by_cancel["reason"]
     # The execution's record says the same.
     assert got.execution.message.endswith("the caller went away (its deadline passed)")
+
+
+async def test_refusals_at_the_in_flight_cap_are_logged_counted_not_one_line_each(
+    tmp_path: Path,
+) -> None:
+    args = ("--db", ":memory:", "--max-in-flight", "1", "--grace-seconds", "0")
+    with server_process(tmp_path, *args) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            slow = chain(("sleep", {"seconds": 30}))
+            holder = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=slow))
+            await holder.read()  # the one slot is taken
+            burst = await asyncio.gather(
+                *(
+                    stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")))
+                    for _ in range(40)
+                ),
+                return_exceptions=True,
+            )
+            codes = {exc.code() for exc in burst if isinstance(exc, grpc.aio.AioRpcError)}
+            assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED} and len(burst) == 40
+            # The first refusal is in the log at once, as a warning.
+            (first,) = lines_with(srv, "executions refused: the in-flight cap is reached")
+            assert first["level"] == "warning" and first["refused"] == 1
+            assert first["max_in_flight"] == 1
+            holder.cancel()
+        # The rest are counted, and logged at the latest when the server stops.
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0
+    refusals = [
+        line
+        for line in srv.log_lines()
+        if line["msg"] == "executions refused: the in-flight cap is reached"
+    ]
+    assert len(refusals) == 2  # not 40
+    assert sum(line["refused"] for line in refusals) == 40
