@@ -23,52 +23,56 @@ def _modules(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, not {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # float() takes "nan" and "inf" too
-        raise ValueError(f"must be a finite number, not {text.strip()!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if not value > 0:
-        raise ValueError(f"must be positive, not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise ValueError(f"must not be negative, not {value}")
-    return value
-
-
 #: Bounds beyond which a value breaks what it is handed to (a C int in gRPC's channel
-#: options or SQLite's pragmas, a date before year 1, an event loop's timer).
+#: options or SQLite's pragmas, a date before year 1, an event loop's timer), or past
+#: which it cannot matter (a flow's max_steps and max_attempts are uint32 fields).
 C_INT_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
 MAX_SECONDS = 1e9  # about 31 years
 MAX_RETENTION_SECONDS = 100 * 365.25 * 86400.0  # 100 years
 MAX_IN_FLIGHT = 1_000_000
+#: Each is an OS thread, and as many spares again may be started (see threads.py): 20,000
+#: threads stay under the smallest common pid_max (32,768).
+MAX_SYNC_TASK_WORKERS = 10_000
+#: SQLite's largest database: 4,294,967,294 pages of 64 KiB (about 281 TB).
+MAX_DB_BYTES = 4_294_967_294 * 65_536
 
 
-def _at_most(parse: Callable[[str], Any], most: float) -> Callable[[str], Any]:
-    """`parse`, refusing values over `most`."""
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    """A parser of whole numbers from `low` to `high`; its error states the range."""
 
-    def parse_bounded(text: str) -> Any:
-        value = parse(text)
-        if value > most:
-            raise ValueError(f"must be at most {most:,.0f}, not {value:,}")
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise ValueError(
+                f"must be an integer at least {low:,} and at most {high:,}, not {text.strip()!r}"
+            )
         return value
 
-    return parse_bounded
+    return parse
+
+
+def _seconds(high: float, *, zero: bool) -> Callable[[str], float]:
+    """A parser of seconds up to `high`, from 0 (`zero`) or above it; its error states the
+    range."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # float() takes "nan" and "inf" too: neither is in any range.
+        if not ((value >= 0 if zero else value > 0) and value <= high):
+            least = "at least 0" if zero else "above 0"
+            raise ValueError(
+                f"must be a number of seconds {least} and at most {high:,.0f}, not {text.strip()!r}"
+            )
+        return value
+
+    return parse
 
 
 def _listen(text: str) -> str:
@@ -88,13 +92,6 @@ def _listen(text: str) -> str:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"the port must be a number from 0 to 65535, not {port!r}")
     return text
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must not be negative, not {value}")
-    return value
 
 
 def _non_empty(text: str) -> str:
@@ -204,24 +201,24 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "task_modules": _modules,
     "log_level": _log_level,
-    "default_max_steps": _positive_int,
-    "max_steps_cap": _positive_int,
-    "max_tasks": _positive_int,
-    "grace_seconds": _at_most(_non_negative_float, MAX_SECONDS),
-    "max_message_bytes": _at_most(_positive_int, C_INT_MAX),
-    "max_response_bytes": _non_negative_int,
-    "sync_task_workers": _positive_int,
+    "default_max_steps": _integer(1, UINT32_MAX),
+    "max_steps_cap": _integer(1, UINT32_MAX),
+    "max_tasks": _integer(1, C_INT_MAX),
+    "grace_seconds": _seconds(MAX_SECONDS, zero=True),
+    "max_message_bytes": _integer(1, C_INT_MAX),
+    "max_response_bytes": _integer(0, C_INT_MAX),
+    "sync_task_workers": _integer(1, MAX_SYNC_TASK_WORKERS),
     "event_loop": _event_loop,
-    "max_task_timeout_seconds": _at_most(_positive_float, MAX_SECONDS),
-    "max_flow_timeout_seconds": _at_most(_positive_float, MAX_SECONDS),
-    "max_attempts": _positive_int,
-    "max_backoff_seconds": _at_most(_non_negative_float, MAX_SECONDS),
+    "max_task_timeout_seconds": _seconds(MAX_SECONDS, zero=False),
+    "max_flow_timeout_seconds": _seconds(MAX_SECONDS, zero=False),
+    "max_attempts": _integer(1, UINT32_MAX),
+    "max_backoff_seconds": _seconds(MAX_SECONDS, zero=True),
     "db": _non_empty,
     "db_synchronous": _synchronous,
-    "db_busy_timeout_ms": _at_most(_non_negative_int, C_INT_MAX),
-    "db_max_bytes": _non_negative_int,
-    "max_in_flight": _at_most(_positive_int, MAX_IN_FLIGHT),
-    "retention_seconds": _at_most(_non_negative_float, MAX_RETENTION_SECONDS),
+    "db_busy_timeout_ms": _integer(0, C_INT_MAX),
+    "db_max_bytes": _integer(0, MAX_DB_BYTES),
+    "max_in_flight": _integer(1, MAX_IN_FLIGHT),
+    "retention_seconds": _seconds(MAX_RETENTION_SECONDS, zero=True),
 }
 
 

@@ -820,3 +820,29 @@ def test_version_prints_the_installed_package_version(tmp_path: Path, args: list
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"flowsvc {version('flowsvc')}"
     assert not list(tmp_path.iterdir())  # it opened no database: it served nothing
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "range_text"),
+    [
+        ("sync_task_workers", str(10**9), "at least 1 and at most 10,000"),
+        ("retention_seconds", "-1", "at least 0 and at most 3,155,760,000"),
+        ("max_attempts", "0", "at least 1 and at most 4,294,967,295"),
+        ("db_max_bytes", str(10**30), "at least 0 and at most 281,474,976,579,584"),
+        ("max_tasks", "1e3", "at least 1 and at most 2,147,483,647"),
+    ],
+)
+@pytest.mark.parametrize("through", ["flag", "env"])
+def test_a_number_out_of_range_is_one_line_naming_the_setting_and_its_range(
+    tmp_path: Path, name: str, value: str, range_text: str, through: str
+) -> None:
+    flag, variable = "--" + name.replace("_", "-"), "FLOWSVC_" + name.upper()
+    args = [f"{flag}={value}"] if through == "flag" else []
+    env = {**os.environ, variable: value} if through == "env" else None
+    result = flowsvc("serve", "--listen", "127.0.0.1:0", *args, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    named = flag if through == "flag" else variable
+    assert line.startswith(f"flowsvc: bad configuration: {named}={value!r}: must be "), line
+    assert range_text in line, line
+    assert not list(tmp_path.iterdir())  # refused before opening a database

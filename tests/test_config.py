@@ -70,3 +70,69 @@ def test_log_level_takes_the_common_names_in_any_case(text: str, level: str) -> 
 def test_a_log_level_that_is_no_level_names_the_accepted_ones() -> None:
     with pytest.raises(ValueError, match=r"FLOWSVC_LOG_LEVEL='loud'.*DEBUG, INFO, WARNING"):
         from_sources({}, environ={"FLOWSVC_LOG_LEVEL": "loud"})
+
+
+#: Every numeric setting: its least and its largest value, as its error message says them.
+RANGES = {
+    "default_max_steps": ("1", "4,294,967,295"),
+    "max_steps_cap": ("1", "4,294,967,295"),
+    "max_tasks": ("1", "2,147,483,647"),
+    "grace_seconds": ("0", "1,000,000,000"),
+    "max_message_bytes": ("1", "2,147,483,647"),
+    "max_response_bytes": ("0", "2,147,483,647"),
+    "sync_task_workers": ("1", "10,000"),
+    "max_task_timeout_seconds": ("0", "1,000,000,000"),
+    "max_flow_timeout_seconds": ("0", "1,000,000,000"),
+    "max_attempts": ("1", "4,294,967,295"),
+    "max_backoff_seconds": ("0", "1,000,000,000"),
+    "db_busy_timeout_ms": ("0", "2,147,483,647"),
+    "db_max_bytes": ("0", "281,474,976,579,584"),
+    "max_in_flight": ("1", "1,000,000"),
+    "retention_seconds": ("0", "3,155,760,000"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+@pytest.mark.parametrize("value", ["-1", "10" * 12, "1e400", "lots", "", "nan"])
+def test_a_number_out_of_range_names_the_variable_and_the_range(name: str, value: str) -> None:
+    if name == "default_max_steps" and value == "10" * 12:
+        pytest.skip("checked against --max-steps-cap first")  # over its cap: named as such
+    low, high = RANGES[name]
+    variable = "FLOWSVC_" + name.upper()
+    with pytest.raises(ValueError) as caught:
+        from_sources({}, environ={variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}={value!r}: must be "), message
+    assert f" {low} " in message and f"at most {high}, not " in message, message
+    assert "\n" not in message and "literal" not in message and "convert" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("sync_task_workers", 10**9),
+        ("max_steps_cap", 10**12),
+        ("max_tasks", 10**12),
+        ("max_attempts", 10**12),
+        ("max_response_bytes", 10**12),
+        ("db_max_bytes", 10**18),
+        ("default_max_steps", 0),
+        ("grace_seconds", -1),
+    ],
+)
+def test_absurd_numbers_are_refused(name: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"FLOWSVC_{name.upper()}.*at most"):
+        from_sources({}, environ={f"FLOWSVC_{name.upper()}": str(value)})
+
+
+def test_the_largest_allowed_values_are_taken() -> None:
+    environ = {
+        "FLOWSVC_SYNC_TASK_WORKERS": "10000",
+        "FLOWSVC_MAX_STEPS_CAP": "4294967295",
+        "FLOWSVC_DB_MAX_BYTES": "281474976579584",
+        "FLOWSVC_MAX_TASK_TIMEOUT_SECONDS": "1e9",
+    }
+    settings = from_sources({}, environ=environ)
+    assert settings.sync_task_workers == 10_000
+    assert settings.max_steps_cap == 2**32 - 1
+    assert settings.db_max_bytes == 4294967294 * 65536
