@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,6 +47,25 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 T = TypeVar("T")
 
 
+#: The longest a probe waits: an hour is past any health check's own timeout.
+MAX_PROBE_TIMEOUT = 3600.0
+
+
+def _probe_timeout(text: str) -> float:
+    """`probe --timeout`: seconds gRPC can wait (given NaN, inf, a negative or a huge
+    number, it failed at once with DEADLINE_EXCEEDED: a healthy server seemed down)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_PROBE_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_PROBE_TIMEOUT:,.0f}, "
+            f"not {text!r}"
+        )
+    return value
+
+
 def _add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"flowsvc {package_version()}")
 
@@ -74,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT (default: the port of FLOWSVC_LISTEN, or 50051, on 127.0.0.1)",
     )
     probe.add_argument("--service", default="", help="service name to check ('' = server)")
-    probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument(
+        "--timeout",
+        type=_probe_timeout,
+        default=3.0,
+        help=f"seconds to wait for the answer (above 0, at most {MAX_PROBE_TIMEOUT:,.0f})",
+    )
     for command in (serve, run, validate, probe):
         _add_version(command)
     return parser

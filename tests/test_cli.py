@@ -846,3 +846,14 @@ def test_a_number_out_of_range_is_one_line_naming_the_setting_and_its_range(
     assert line.startswith(f"flowsvc: bad configuration: {named}={value!r}: must be "), line
     assert range_text in line, line
     assert not list(tmp_path.iterdir())  # refused before opening a database
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e300", "soon"])
+def test_probe_refuses_a_timeout_it_cannot_wait(tmp_path: Path, value: str) -> None:
+    # These reached gRPC, whose DEADLINE_EXCEEDED at once (exit 1) called a healthy
+    # server unhealthy.
+    result = flowsvc("probe", "--address", "127.0.0.1:1", f"--timeout={value}", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "--timeout" in result.stderr
+    assert "above 0 and at most 3,600" in result.stderr
+    assert "Traceback" not in result.stderr
