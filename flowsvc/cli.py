@@ -365,6 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowsvc: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_level if args.command == "serve" else "WARNING")
+    if args.command == "serve" and (unknown := config.unknown_variables()):
+        # Names only: a value may be a secret meant for something else.
+        logs.event(
+            logger,
+            logging.WARNING,
+            "unknown FLOWSVC_ variables ignored",
+            variables=list(unknown),
+            did_you_mean={name: like for name, like in unknown.items() if like},
+        )
     try:
         if args.command == "serve":
             exit_by = _run_loop(_serve(settings), settings.event_loop)

@@ -8,6 +8,7 @@ the variable over the default.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -261,6 +262,20 @@ def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None
             metavar=f.name.upper(),
             help=f"{doc} (env {env_name(f.name)}, default {f.default!r})",
         )
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The FLOWSVC_* variables that name no setting (a typo is otherwise silently ignored),
+    each with the setting's variable it most looks like, if any."""
+    environ = os.environ if environ is None else environ
+    known = {f.name.upper(): env_name(f.name) for f in fields(Settings)}
+    unknown: dict[str, str | None] = {}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known.values():
+            # Compared without the prefix, which every name shares and would make alike.
+            like = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.8)
+            unknown[name] = known[like[0]] if like else None
+    return unknown
 
 
 def from_sources(

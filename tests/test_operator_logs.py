@@ -142,3 +142,13 @@ async def test_refusals_at_the_in_flight_cap_are_logged_counted_not_one_line_eac
     ]
     assert len(refusals) == 2  # not 40
     assert sum(line["refused"] for line in refusals) == 40
+
+
+def test_a_misspelled_flowsvc_variable_is_warned_about_not_ignored(tmp_path: Path) -> None:
+    env = {"FLOWSVC_MAX_INFLIGHT": "5", "FLOWSVC_NOT_A_SETTING": "secret-value"}
+    with server_process(tmp_path, "--db", ":memory:", env=env) as srv:
+        (line,) = lines_with(srv, "unknown FLOWSVC_ variables ignored")
+    assert line["level"] == "warning"
+    assert line["variables"] == ["FLOWSVC_MAX_INFLIGHT", "FLOWSVC_NOT_A_SETTING"]
+    assert line["did_you_mean"] == {"FLOWSVC_MAX_INFLIGHT": "FLOWSVC_MAX_IN_FLIGHT"}
+    assert "secret-value" not in srv.log_path.read_text()  # names only, never values
