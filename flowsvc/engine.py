@@ -100,10 +100,13 @@ class PreparedFlow:
 class StopHandle:
     """Lets another coroutine stop a running execution (CancelExecution, shutdown)."""
 
-    __slots__ = ("_running", "reason")
+    __slots__ = ("_running", "began", "reason")
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        #: True once the execution's first task attempt has begun: a stop before then
+        #: ran nothing (no task, no side effect).
+        self.began = False
         # The asyncio task running the execution while one of its tasks runs, else None.
         self._running: asyncio.Task[Any] | None = None
 
@@ -278,6 +281,7 @@ class FlowEngine:
                         break
                     step += 1
                     attempt += 1
+                    stop.began = True
                     stop._running = me
                     try:
                         record, retryable = await self._attempt(

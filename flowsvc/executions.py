@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -88,6 +89,23 @@ _END_NOT_RECORDED = (
 #: Expired executions deleted per transaction by retention: a sweep of many takes turns
 #: with the flows' own writes instead of holding the store for seconds.
 RETENTION_BATCH = 500
+#: Why an execution whose every caller went away is stopped (without continue_on_disconnect):
+#: CALLER_LEFT, then how it went in brackets (see release); CALLER_LEFT_EARLY when it went
+#: while the execution's record was being written.
+CALLER_LEFT = "the caller went away"
+CALLER_LEFT_EARLY = f"{CALLER_LEFT} before the execution started"
+#: How the message of an execution stopped that way ends (the engine puts the reason last).
+_ENDS_AS_CALLER_LEFT = re.compile(
+    f": {re.escape(CALLER_LEFT)}( \\([^()]*\\)| before the execution started)$"
+)
+#: What a retry of one of those, stopped after a task had begun, is told.
+_RETRY_OF_LEFT = (
+    "request_id {request_id!r}: its execution {flow_id} was cancelled because its caller "
+    "went away (deadline passed, cancelled or disconnected) after a task had begun, so it "
+    "is not run again under this request_id. Send a new request_id to run the flow again "
+    "(continue_on_disconnect keeps an execution running when its caller leaves); "
+    "GetExecution reads the cancelled one ({where})"
+)
 #: How long a cancelled execution may take to end at shutdown before it is cut off.
 CUT_OFF_SECONDS = 1.0
 #: What an execution's answer holds besides its flow, input, history and final message:
@@ -234,6 +252,19 @@ class Attachment(NamedTuple):
     flow_id: str
     run: Run | None  # None: the execution had already ended
     created: bool
+
+
+def _cancelled_as_caller_left(record: ExecutionRecord) -> bool:
+    """The execution was cancelled because every caller went away (its message ends with
+    the reason the engine was given: see release)."""
+    return record.status is FlowStatus.CANCELLED and bool(
+        _ENDS_AS_CALLER_LEFT.search(record.message)
+    )
+
+
+def _caller_left(reason: str | None) -> bool:
+    """The execution is being stopped because every caller went away (see release)."""
+    return reason is not None and reason.startswith(CALLER_LEFT)
 
 
 def new_flow_id() -> str:
@@ -476,7 +507,6 @@ class ExecutionManager:
         """Start an execution of the flow that `flow()` builds (not called on a cache hit
         for `cache_key`); `input_bytes` is the input's size in an answer."""
         prepared = self.prepare(flow, cache_key)  # INVALID_ARGUMENT before anything else
-        plan = prepared.plan
         if flow_input and nested_too_deep(flow_input):
             raise InvalidArgumentError.one("input", too_deep())
         self._check_record_size(prepared.flow_bytes, input_bytes)
@@ -489,6 +519,27 @@ class ExecutionManager:
         digest = ""
         if request_id:  # what a retry must match: only needed with a request_id
             digest = request_hash(prepared.flow_digest, flow_input)
+        while True:
+            attachment = await self._attach_or_create(
+                prepared, flow_input, request_id, digest, continue_on_disconnect
+            )
+            if attachment is not None:
+                return attachment
+            # A concurrent retry created its execution first, which then gave up its
+            # request_id (its caller had left before anything ran): start it anew.
+
+    async def _attach_or_create(
+        self,
+        prepared: _Prepared,
+        flow_input: Mapping[str, Any],
+        request_id: str,
+        digest: str,
+        continue_on_disconnect: bool,
+    ) -> Attachment | None:
+        """The execution of `request_id`, or a new one; None if the execution found for
+        `request_id` gave it up meanwhile."""
+        plan = prepared.plan
+        if request_id:
             found = await self._by_request_id(request_id, digest)
             if found is None and (writing := self._creating.get(request_id)) is not None:
                 # Its first call is writing the record: the execution to attach to, even
@@ -557,7 +608,7 @@ class ExecutionManager:
                 self._started()
         if existing is not None:  # a concurrent retry created it first
             self._launched(new.flow_id, None)
-            return await self._attach_existing(existing, digest)
+            return await self._attach_existing(existing, digest)  # None: start anew
         return Attachment(new.flow_id, run, created=True)
 
     def _check_record_size(self, flow_bytes: int, input_bytes: int) -> None:
@@ -640,7 +691,7 @@ class ExecutionManager:
                 return
             run = self._launch(flow_id, plan, flow_input, continue_on_disconnect, callers=0)
             if not continue_on_disconnect:
-                run.stop.request("the caller went away before the execution started")
+                run.stop.request(CALLER_LEFT_EARLY)
         finally:
             self._started()
 
@@ -650,13 +701,39 @@ class ExecutionManager:
         record = await self._store(self.store.get_by_request_id(request_id))
         return None if record is None else await self._attach_existing(record, digest)
 
-    async def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment:
+    async def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment | None:
+        """Attach to the execution a request_id made; None if it gave up its request_id
+        (the retry starts the flow anew)."""
         if record.request_hash != digest:
             raise AlreadyExistsError(
                 f"request_id {record.request_id!r} was already used for execution "
                 f"{record.flow_id} with a different flow or input"
             )
         run = await self._live_run(record.flow_id)
+        if run is not None and _caller_left(run.stop.reason):
+            # Stopping because its callers went away: attached, this retry would only be
+            # told CANCELLED. How it ends decides what the retry gets (see _drive).
+            log_event(
+                logger,
+                logging.INFO,
+                "retry waits for the end of an execution its caller left",
+                flow_id=record.flow_id,
+                request_id=record.request_id,
+            )
+            if run.task is not None:
+                await asyncio.wait([run.task])  # not cancelled if this caller leaves
+            found = await self._store(self.store.get(record.flow_id))
+            if found is None or found.request_id is None:
+                return None
+            record, run = found, None
+        if run is None and _cancelled_as_caller_left(record):
+            raise FailedPreconditionError(
+                _RETRY_OF_LEFT.format(
+                    request_id=record.request_id,
+                    flow_id=record.flow_id,
+                    where=record.message.split(": ", 1)[0],  # "Flow cancelled during step 1 ..."
+                )
+            )
         if run is not None:
             run.callers += 1
         log_event(
@@ -687,7 +764,7 @@ class ExecutionManager:
             and not run.finished
             and not run.continue_on_disconnect
         ):
-            run.stop.request(f"the caller went away ({gone})")
+            run.stop.request(f"{CALLER_LEFT} ({gone})")
 
     def follow(self, flow_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
         """(sequence, event) after `after`, until the end: the live run's own iterator
@@ -757,6 +834,12 @@ class ExecutionManager:
                 await run.commits_down_to(0)
             if run.error is not None:
                 raise run.error
+            if _caller_left(run.stop.reason) and not run.stop.began:
+                # Nobody waits for it, and it ran nothing: a retry of its request (a
+                # first call whose deadline was too short) runs the flow, as this
+                # execution would have, instead of being told CANCELLED for ever.
+                with contextlib.suppress(StoreUnavailableError):
+                    await self._store(self.store.forget_request_id(flow_id))
         except StoreUnavailableError as exc:
             # The event could not be committed, so it is not sent. Its end is recorded
             # once the store can write again (see _probe_store).

@@ -679,6 +679,125 @@ async def test_simultaneous_retries_all_get_the_one_execution(settings, registry
         await server.shutdown(grace=0)
 
 
+async def test_a_retry_runs_the_flow_when_its_first_caller_left_before_anything_ran(
+    tmp_path: Path, registry, monkeypatch
+) -> None:
+    """A first call that goes away (a 1 ms deadline) while its record is written leaves an
+    execution that is cancelled before any task starts. Its request_id is freed: a retry
+    runs the flow, instead of being answered that CANCELLED execution on every retry, for
+    ever. White-box: the store's thread is held once the request_id has been looked up,
+    so that the caller leaves while the record waits to be written."""
+    marker = tmp_path / "side-effects.txt"
+    counting_task(registry, marker)
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "left.db"))
+    async with serving(settings, registry) as (server, _, stub):
+        store = server.manager.store
+        gate_open = threading.Event()
+        create = store.create_nowait
+
+        watchers: list[object] = []  # callbacks on the write of the first call's record
+
+        class Watched(asyncio.Future):
+            def add_done_callback(self, fn, *, context=None) -> None:
+                watchers.append(fn)
+                super().add_done_callback(fn, context=context)
+
+        def create_held(new):
+            monkeypatch.undo()  # the retries' records are written at once
+            store._submit(lambda conn: gate_open.wait(10), write=False)
+            written, watched = create(new), Watched()
+            written.add_done_callback(lambda done: watched.set_result(done.result()))
+            return watched
+
+        monkeypatch.setattr(store, "create_nowait", create_held)
+        request = pb.ExecuteFlowRequest(flow=chain("side_effect"), request_id="order-7")
+        try:
+            first = stub.ExecuteFlow(request, timeout=20)
+            await eventually(lambda: server.manager._starting == 1)  # its record waits
+            callbacks = len(watchers)
+            first.cancel()
+            # The server has seen the caller go away: it will launch the execution itself.
+            await eventually(lambda: len(watchers) > callbacks)
+        finally:
+            gate_open.set()
+
+        async def cancelled() -> list[str]:
+            page = await stub.ListExecutions(pb.ListExecutionsRequest())
+            return [
+                e.flow_id for e in page.executions if e.status == flow_pb2.FLOW_STATUS_CANCELLED
+            ]
+
+        [left] = await eventually(cancelled)
+        await eventually(lambda: server.manager.in_flight == 0)
+        retry = await stub.ExecuteFlow(request, timeout=20)
+        assert retry.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert retry.flow_id != left
+        assert (await stub.ExecuteFlow(request, timeout=20)).flow_id == retry.flow_id
+        assert marker.read_text() == "ran\n"
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=left))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and got.request_id == ""
+
+
+async def test_a_retry_after_its_first_caller_left_during_a_task_is_failed_precondition(
+    stub, registry
+) -> None:
+    """A first call that goes away while a task runs cancels the execution (no
+    continue_on_disconnect). The task may have done part of its work, so a retry does not
+    run the flow again; nor is it answered OK with that CANCELLED execution, as if
+    someone had cancelled it: FAILED_PRECONDITION says what happened and what to do."""
+    started, _, cancelled = gate(registry)
+    flow = chain("gated")
+    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-8"))
+    flow_id = (await first.read()).started.flow_id
+    await started.wait()
+    first.cancel()
+    await eventually(lambda: cancelled)
+
+    async def ended() -> bool:
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        return got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+    await eventually(ended)
+    retries = [
+        stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="order-8"), timeout=10),
+        read_all(stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-8"))),
+    ]
+    for retry in retries:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await retry
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = info.value.details() or ""
+        assert flow_id in details and "caller went away" in details
+        assert "new request_id" in details and "continue_on_disconnect" in details
+    assert len(cancelled) == 1  # not run again
+
+
+async def test_a_retry_while_the_left_execution_still_stops_waits_for_its_end(
+    stub, registry, caplog
+) -> None:
+    """A retry that comes while an execution its caller left is still stopping (its task
+    ignores the cancellation) is not attached to it, to be answered OK and CANCELLED: it
+    waits for its end, then gets what a later retry gets."""
+    release, ignored = stubborn(registry)
+    flow = chain("stubborn")
+    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-9"))
+    flow_id = (await first.read()).started.flow_id
+    first.cancel()
+    await eventually(lambda: ignored)
+    retry = stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="order-9"), timeout=10)
+    retry_task = asyncio.ensure_future(retry)
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    # Released once the server has found the execution for the retry.
+    await eventually(
+        lambda: any(getattr(r, "request_id", None) == "order-9" for r in caplog.records)
+    )
+    release.set()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await retry_task
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert flow_id in (info.value.details() or "")
+
+
 # -- limits -----------------------------------------------------------------------------
 
 

@@ -131,6 +131,10 @@ class ExecutionStore(Protocol):
         """Delete executions that ended before `cutoff`, at most `limit` of them (the
         ones that ended first); returns how many."""
 
+    async def forget_request_id(self, flow_id: str) -> None:
+        """Free the execution's request_id, for a new execution to take (the execution
+        stays, without one)."""
+
     async def check_writable(self) -> None:
         """Raise StoreUnavailableError unless a write can be committed now."""
 

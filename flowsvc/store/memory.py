@@ -214,6 +214,13 @@ class MemoryStore:
                 self._by_request.pop(entry.new.request_id, None)
         return len(old)
 
+    async def forget_request_id(self, flow_id: str) -> None:
+        self._check()
+        entry = self._entries.get(flow_id)
+        if entry is not None and entry.new.request_id is not None:
+            self._by_request.pop(entry.new.request_id, None)
+            entry.new = entry.new._replace(request_id=None)
+
     async def check_writable(self) -> None:
         self._check()
 

@@ -630,6 +630,12 @@ class SQLiteStore:
         result: int = await self._call(delete, write=True)
         return result
 
+    async def forget_request_id(self, flow_id: str) -> None:
+        def forget(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE executions SET request_id = NULL WHERE flow_id = ?", (flow_id,))
+
+        await self._call(forget, write=True)
+
     async def check_writable(self) -> None:
         def touch(conn: sqlite3.Connection) -> None:
             # Room for a flow's record, not just for this row rewritten in place (which
