@@ -227,6 +227,17 @@ class _DocumentedReflection(reflection.aio.ReflectionServicer):  # type: ignore[
         super().__init__(service_names)
         self._comments = _comments()
 
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        """The file declaring a symbol, a method included: reflection's symbols are
+        `<package>.<service>[.<method>]` or `<package>.<type>`, but the descriptor pool's
+        lookup knows no methods, so `grpcurl describe pkg.Service.Method` was NOT_FOUND."""
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            found = self._pool.FindServiceByName(service).methods_by_name[method]
+        except KeyError:
+            return super()._file_containing_symbol(request, fully_qualified_name)
+        return super()._file_containing_symbol(request, found.containing_service.full_name)
+
     async def ServerReflectionInfo(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:

@@ -26,6 +26,7 @@ GRPCURL = BIN / "grpcurl"
 LIST = "grpcurl -plaintext HOST:PORT list"
 DESCRIBE_SERVICE = "grpcurl -plaintext HOST:PORT describe flowmanager.v1.FlowService"
 DESCRIBE_FLOW = "grpcurl -plaintext HOST:PORT describe flowmanager.v1.Flow"
+DESCRIBE_METHOD = "grpcurl -plaintext HOST:PORT describe flowmanager.v1.FlowService.ExecuteFlow"
 LIST_TASKS = "grpcurl -plaintext HOST:PORT flowmanager.v1.FlowService/ListTasks"
 EXECUTE_SAMPLE = "grpcurl -plaintext -d @ HOST:PORT flowmanager.v1.FlowService/ExecuteFlow"
 STREAM_SAMPLE = "grpcurl -plaintext -d @ HOST:PORT flowmanager.v1.FlowService/StreamFlow"
@@ -159,6 +160,18 @@ def test_describe_shows_the_proto_comments(grpcurl_server: ServerProcess) -> Non
     assert "// Required. The name of the task that runs first" in flow
     service = output(grpcurl(grpcurl_server, DESCRIBE_SERVICE))
     assert "// Runs a flow to completion and returns its whole execution history." in service
+
+
+def test_describe_method(grpcurl_server: ServerProcess) -> None:
+    # Reflection looks symbols up as "<package>.<service>[.<method>]"; a method used to be
+    # NOT_FOUND ("Symbol not found"), as the descriptor pool's lookup knows no methods.
+    text = output(grpcurl(grpcurl_server, DESCRIBE_METHOD))
+    assert "flowmanager.v1.FlowService.ExecuteFlow is a method" in text
+    assert "rpc ExecuteFlow ( .flowmanager.v1.ExecuteFlowRequest )" in text
+    health = output(
+        grpcurl(grpcurl_server, "grpcurl -plaintext HOST:PORT describe grpc.health.v1.Health.Check")
+    )
+    assert "grpc.health.v1.Health.Check is a method" in health
 
 
 def test_list_tasks(grpcurl_server: ServerProcess) -> None:
