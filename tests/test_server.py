@@ -296,6 +296,38 @@ async def test_list_tasks_describes_the_registry(stub, registry) -> None:
     assert by_name["task1"].source == "flowsvc.tasks.builtin:fetch_data"
 
 
+async def test_reflection_serves_the_options_other_languages_generate_with(server) -> None:
+    # A client may generate its SDK from what reflection serves (grpcurl -protoset-out,
+    # buf). Without go_package protoc-gen-go refused the files; without
+    # java_multiple_files every Java class was nested in FlowOuterClass; without a prefix
+    # Objective-C's classes were a bare Flow, Task ... in its one global namespace.
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="flowmanager.v1.FlowService"
+        )
+        (answer,) = [r async for r in info(iter([request]))]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in answer.file_descriptor_response.file_descriptor_proto
+    ]
+    ours = {f.name: f.options for f in files if f.package == "flowmanager.v1"}
+    assert set(ours) == {"flowmanager/v1/flow.proto", "flowmanager/v1/flow_service.proto"}
+    for name, options in ours.items():
+        assert options.go_package.endswith("/flowmanager/v1;flowmanagerv1"), name
+        assert options.java_multiple_files, name
+        assert options.java_package == "flowmanager.v1", name
+        assert options.java_outer_classname.endswith("Proto"), name
+        assert options.objc_class_prefix == "FXX", name
+
+
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 async def test_reflection_answers_as_v1_and_v1alpha(server, version: str) -> None:
     # grpcurl 1.8 asks v1alpha; newer tools ask v1 first. Same messages on the wire.
