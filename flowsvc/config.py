@@ -39,41 +39,47 @@ MAX_SYNC_TASK_WORKERS = 10_000
 MAX_DB_BYTES = 4_294_967_294 * 65_536
 
 
-def _integer(low: int, high: int) -> Callable[[str], int]:
-    """A parser of whole numbers from `low` to `high`; its error states the range."""
+class _Integer:
+    """A parser of whole numbers from `low` to `high`; its error and --help state the range."""
 
-    def parse(text: str) -> int:
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self.range = f"{low:,} to {high:,}"
+
+    def __call__(self, text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or not low <= value <= high:
+        if value is None or not self.low <= value <= self.high:
             raise ValueError(
-                f"must be an integer at least {low:,} and at most {high:,}, not {text.strip()!r}"
+                f"must be an integer at least {self.low:,} and at most {self.high:,}, "
+                f"not {text.strip()!r}"
             )
         return value
 
-    return parse
 
+class _Seconds:
+    """A parser of seconds up to `high`, from 0 (`zero`) or above it; its error and
+    --help state the range."""
 
-def _seconds(high: float, *, zero: bool) -> Callable[[str], float]:
-    """A parser of seconds up to `high`, from 0 (`zero`) or above it; its error states the
-    range."""
+    def __init__(self, high: float, *, zero: bool) -> None:
+        self.high, self.zero = high, zero
+        self.range = f"{'0' if zero else 'above 0,'} to {high:,.0f} seconds"
 
-    def parse(text: str) -> float:
+    def __call__(self, text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
         # float() takes "nan" and "inf" too: neither is in any range.
-        if not ((value >= 0 if zero else value > 0) and value <= high):
-            least = "at least 0" if zero else "above 0"
+        if not ((value >= 0 if self.zero else value > 0) and value <= self.high):
+            least = "at least 0" if self.zero else "above 0"
             raise ValueError(
-                f"must be a number of seconds {least} and at most {high:,.0f}, not {text.strip()!r}"
+                f"must be a number of seconds {least} and at most {self.high:,.0f}, "
+                f"not {text.strip()!r}"
             )
         return value
-
-    return parse
 
 
 def _listen(text: str) -> str:
@@ -202,24 +208,24 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "task_modules": _modules,
     "log_level": _log_level,
-    "default_max_steps": _integer(1, UINT32_MAX),
-    "max_steps_cap": _integer(1, UINT32_MAX),
-    "max_tasks": _integer(1, C_INT_MAX),
-    "grace_seconds": _seconds(MAX_SECONDS, zero=True),
-    "max_message_bytes": _integer(1, C_INT_MAX),
-    "max_response_bytes": _integer(0, C_INT_MAX),
-    "sync_task_workers": _integer(1, MAX_SYNC_TASK_WORKERS),
+    "default_max_steps": _Integer(1, UINT32_MAX),
+    "max_steps_cap": _Integer(1, UINT32_MAX),
+    "max_tasks": _Integer(1, C_INT_MAX),
+    "grace_seconds": _Seconds(MAX_SECONDS, zero=True),
+    "max_message_bytes": _Integer(1, C_INT_MAX),
+    "max_response_bytes": _Integer(0, C_INT_MAX),
+    "sync_task_workers": _Integer(1, MAX_SYNC_TASK_WORKERS),
     "event_loop": _event_loop,
-    "max_task_timeout_seconds": _seconds(MAX_SECONDS, zero=False),
-    "max_flow_timeout_seconds": _seconds(MAX_SECONDS, zero=False),
-    "max_attempts": _integer(1, UINT32_MAX),
-    "max_backoff_seconds": _seconds(MAX_SECONDS, zero=True),
+    "max_task_timeout_seconds": _Seconds(MAX_SECONDS, zero=False),
+    "max_flow_timeout_seconds": _Seconds(MAX_SECONDS, zero=False),
+    "max_attempts": _Integer(1, UINT32_MAX),
+    "max_backoff_seconds": _Seconds(MAX_SECONDS, zero=True),
     "db": _non_empty,
     "db_synchronous": _synchronous,
-    "db_busy_timeout_ms": _integer(0, C_INT_MAX),
-    "db_max_bytes": _integer(0, MAX_DB_BYTES),
-    "max_in_flight": _integer(1, MAX_IN_FLIGHT),
-    "retention_seconds": _seconds(MAX_RETENTION_SECONDS, zero=True),
+    "db_busy_timeout_ms": _Integer(0, C_INT_MAX),
+    "db_max_bytes": _Integer(0, MAX_DB_BYTES),
+    "max_in_flight": _Integer(1, MAX_IN_FLIGHT),
+    "retention_seconds": _Seconds(MAX_RETENTION_SECONDS, zero=True),
 }
 
 
@@ -255,12 +261,18 @@ def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None
         if names is not None and f.name not in names:
             continue
         doc = _FIELD_DOCS.get(f.name, "")
+        # A list setting's default as its variable would be written; "none" when empty.
+        default = (
+            (",".join(f.default) or "none") if isinstance(f.default, tuple) else repr(f.default)
+        )
+        parse = _PARSERS[f.name]
+        bounds = f"; {parse.range}" if isinstance(parse, _Integer | _Seconds) else ""
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{doc} (env {env_name(f.name)}, default {f.default!r})",
+            help=f"{doc} (env {env_name(f.name)}, default {default}{bounds})",
         )
 
 

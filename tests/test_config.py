@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from flowsvc.config import Settings, from_sources
+from flowsvc.config import Settings, add_arguments, from_sources
 
 
 def test_defaults() -> None:
@@ -136,3 +138,18 @@ def test_the_largest_allowed_values_are_taken() -> None:
     assert settings.sync_task_workers == 10_000
     assert settings.max_steps_cap == 2**32 - 1
     assert settings.db_max_bytes == 4294967294 * 65536
+
+
+def test_help_states_each_numeric_range_and_readable_defaults() -> None:
+    # --help said "default ()" for --task-modules (a Python tuple) and named no range,
+    # so an operator learnt a number's bounds only by being refused at start.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help or "" for a in parser._actions}
+    assert "default ()" not in helps["task_modules"]
+    assert "default none" in helps["task_modules"]
+    assert "1 to 1,000,000" in helps["max_in_flight"]
+    assert "0 to 3,155,760,000" in helps["retention_seconds"]
+    assert "above 0, to 1,000,000,000" in helps["max_task_timeout_seconds"]
+    assert "0 to 281,474,976,579,584" in helps["db_max_bytes"]
+    assert "1 to 4,294,967,295" in helps["default_max_steps"]
