@@ -8,7 +8,8 @@ suite last ran against, so that a fresh machine (CI, `scripts/bootstrap`, the im
     .venv/bin/python scripts/pin_deps.py --check  # fails if constraints.txt is stale
 
 The versions are read from the environment it runs in (.venv after scripts/bootstrap
-dev): first install what you want, run the tests, then pin.
+dev): first install what you want, then pin, then run scripts/test (which fails while the
+pins disagree with .venv), and commit constraints.txt with pyproject.toml.
 """
 
 from __future__ import annotations
