@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from flowsvc.executions import RECORD_RESERVE_BYTES
 from flowsvc.validation import Limits
 
 ENV_PREFIX = "FLOWSVC_"
@@ -37,23 +38,29 @@ MAX_IN_FLIGHT = 1_000_000
 MAX_SYNC_TASK_WORKERS = 10_000
 #: SQLite's largest database: 4,294,967,294 pages of 64 KiB (about 281 TB).
 MAX_DB_BYTES = 4_294_967_294 * 65_536
+#: The least --max-response-bytes but 0 (no limit): an answer keeps RECORD_RESERVE_BYTES
+#: (1 KiB) for the execution's own fields, so under twice that hardly a flow fits, and at
+#: 1 KiB or less none: the server would start and refuse every flow.
+MIN_RESPONSE_BYTES = 2 * RECORD_RESERVE_BYTES
 
 
 class _Integer:
-    """A parser of whole numbers from `low` to `high`; its error and --help state the range."""
+    """A parser of whole numbers from `low` to `high`, or 0 too (`or_zero`: "no limit");
+    its error and --help state the range."""
 
-    def __init__(self, low: int, high: int) -> None:
-        self.low, self.high = low, high
-        self.range = f"{low:,} to {high:,}"
+    def __init__(self, low: int, high: int, *, or_zero: bool = False) -> None:
+        self.low, self.high, self.or_zero = low, high, or_zero
+        self.range = f"{'0, or ' if or_zero else ''}{low:,} to {high:,}"
 
     def __call__(self, text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or not self.low <= value <= self.high:
+        if value is None or not (self.low <= value <= self.high or (self.or_zero and value == 0)):
+            zero = "0 or " if self.or_zero else ""
             raise ValueError(
-                f"must be an integer at least {self.low:,} and at most {self.high:,}, "
+                f"must be {zero}an integer at least {self.low:,} and at most {self.high:,}, "
                 f"not {text.strip()!r}"
             )
         return value
@@ -213,7 +220,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_tasks": _Integer(1, C_INT_MAX),
     "grace_seconds": _Seconds(MAX_SECONDS, zero=True),
     "max_message_bytes": _Integer(1, C_INT_MAX),
-    "max_response_bytes": _Integer(0, C_INT_MAX),
+    "max_response_bytes": _Integer(MIN_RESPONSE_BYTES, C_INT_MAX, or_zero=True),
     "sync_task_workers": _Integer(1, MAX_SYNC_TASK_WORKERS),
     "event_loop": _event_loop,
     "max_task_timeout_seconds": _Seconds(MAX_SECONDS, zero=False),

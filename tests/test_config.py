@@ -81,7 +81,7 @@ RANGES = {
     "max_tasks": ("1", "2,147,483,647"),
     "grace_seconds": ("0", "1,000,000,000"),
     "max_message_bytes": ("1", "2,147,483,647"),
-    "max_response_bytes": ("0", "2,147,483,647"),
+    "max_response_bytes": ("0 or an integer at least 2,048", "2,147,483,647"),
     "sync_task_workers": ("1", "10,000"),
     "max_task_timeout_seconds": ("0", "1,000,000,000"),
     "max_flow_timeout_seconds": ("0", "1,000,000,000"),
@@ -153,3 +153,18 @@ def test_help_states_each_numeric_range_and_readable_defaults() -> None:
     assert "above 0, to 1,000,000,000" in helps["max_task_timeout_seconds"]
     assert "0 to 281,474,976,579,584" in helps["db_max_bytes"]
     assert "1 to 4,294,967,295" in helps["default_max_steps"]
+
+
+@pytest.mark.parametrize("value", ["1", "500", "1024", "2047"])
+def test_a_response_limit_no_execution_fits_in_is_refused(value: str) -> None:
+    # Each answer keeps 1 KiB for an execution's own fields: at --max-response-bytes 500
+    # the server started, then refused every flow, "together they may take at most -524
+    # bytes", while ValidateFlow called the same flows valid.
+    with pytest.raises(ValueError, match=r"FLOWSVC_MAX_RESPONSE_BYTES='\d+': must be 0 .*2,048"):
+        from_sources({}, environ={"FLOWSVC_MAX_RESPONSE_BYTES": value})
+
+
+@pytest.mark.parametrize("value", ["0", "2048", "4194304"])
+def test_a_response_limit_of_0_or_room_for_a_flow_is_taken(value: str) -> None:
+    settings = from_sources({}, environ={"FLOWSVC_MAX_RESPONSE_BYTES": value})
+    assert settings.max_response_bytes == int(value)
