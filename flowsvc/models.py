@@ -196,7 +196,8 @@ _READ_ONLY = (
 class FrozenDict(dict[str, Any]):
     """A dict that refuses changes: what a task is given of the input and of earlier
     results. Still a dict (json.dumps, isinstance), and its copies (dict(), .copy(),
-    copy.deepcopy) are plain dicts, the task's own."""
+    copy.deepcopy) are plain dicts, the task's own; only copy.deepcopy copies what is
+    inside too (dict() and .copy() keep the same read-only objects and lists)."""
 
     __slots__ = ()
 
