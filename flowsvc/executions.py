@@ -540,14 +540,14 @@ class ExecutionManager:
         `request_id` gave it up meanwhile."""
         plan = prepared.plan
         if request_id:
-            found = await self._by_request_id(request_id, digest)
+            found = await self._by_request_id(request_id, digest, continue_on_disconnect)
             if found is None and (writing := self._creating.get(request_id)) is not None:
                 # Its first call is writing the record: the execution to attach to, even
                 # if that call took the last free slot. (Its failure is that call's to
                 # report; this one then starts the execution itself.)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(writing)
-                found = await self._by_request_id(request_id, digest)
+                found = await self._by_request_id(request_id, digest, continue_on_disconnect)
             if found is not None:
                 return found
         if self.in_flight >= self.settings.max_in_flight:
@@ -608,7 +608,7 @@ class ExecutionManager:
                 self._started()
         if existing is not None:  # a concurrent retry created it first
             self._launched(new.flow_id, None)
-            return await self._attach_existing(existing, digest)  # None: start anew
+            return await self._attach_existing(existing, digest, continue_on_disconnect)
         return Attachment(new.flow_id, run, created=True)
 
     def _check_record_size(self, flow_bytes: int, input_bytes: int) -> None:
@@ -695,13 +695,19 @@ class ExecutionManager:
         finally:
             self._started()
 
-    async def _by_request_id(self, request_id: str, digest: str) -> Attachment | None:
+    async def _by_request_id(
+        self, request_id: str, digest: str, continue_on_disconnect: bool
+    ) -> Attachment | None:
         # Looked up before the in-flight cap: a retry of a running execution attaches to
         # it even when the server is full. create() settles races between two retries.
         record = await self._store(self.store.get_by_request_id(request_id))
-        return None if record is None else await self._attach_existing(record, digest)
+        if record is None:
+            return None
+        return await self._attach_existing(record, digest, continue_on_disconnect)
 
-    async def _attach_existing(self, record: ExecutionRecord, digest: str) -> Attachment | None:
+    async def _attach_existing(
+        self, record: ExecutionRecord, digest: str, continue_on_disconnect: bool
+    ) -> Attachment | None:
         """Attach to the execution a request_id made; None if it gave up its request_id
         (the retry starts the flow anew)."""
         if record.request_hash != digest:
@@ -736,6 +742,10 @@ class ExecutionManager:
             )
         if run is not None:
             run.callers += 1
+            if continue_on_disconnect:
+                # A retry for a client that will reattach: its going away, or its first
+                # call's, must not cancel the execution either.
+                run.continue_on_disconnect = True
         log_event(
             logger,
             logging.INFO,

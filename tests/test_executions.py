@@ -654,6 +654,38 @@ async def test_retry_while_the_first_still_runs_attaches_to_it(
     assert marker.read_text() == "ran\n"
 
 
+async def test_a_retry_asking_to_continue_on_disconnect_keeps_the_execution_running(
+    registry,
+) -> None:
+    # The first call did not ask for continue_on_disconnect; its retry did, for a client
+    # that will reattach. The retry attached, and once both calls had gone away the
+    # execution was cancelled all the same: the retry's continue_on_disconnect was ignored.
+    settings = Settings(listen="127.0.0.1:0", db=":memory:")
+    started, release, cancelled = gate(registry)
+    flow = chain("gated", "noop")
+    async with serving(settings, registry) as served:
+        first = served.stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="r-cod"))
+        flow_id = (await first.read()).started.flow_id
+        await started.wait()
+        run = served.server.manager._live[flow_id]
+        retry = served.stub.StreamFlow(
+            pb.StreamFlowRequest(flow=flow, request_id="r-cod", continue_on_disconnect=True)
+        )
+        await eventually(lambda: run.callers == 2)  # the retry attached
+        first.cancel()
+        retry.cancel()
+        await eventually(lambda: run.callers == 0)  # both are gone, as the server sees it
+        release.set()
+
+        async def ended() -> pb.Execution | None:
+            got = await served.stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+            return got.execution if got.execution.HasField("end_time") else None
+
+        execution = await eventually(ended)
+        assert execution.status == flow_pb2.FLOW_STATUS_SUCCEEDED, execution.message
+        assert cancelled == []
+
+
 async def test_simultaneous_retries_all_get_the_one_execution(settings, registry) -> None:
     """Retries that arrive together, while the first call's record is being written, all
     attach to the one execution: none is told the store failed (the store answers a
