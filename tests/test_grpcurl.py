@@ -176,10 +176,12 @@ def test_describe_method(grpcurl_server: ServerProcess) -> None:
 
 def test_list_tasks(grpcurl_server: ServerProcess) -> None:
     tasks = json_output(grpcurl(grpcurl_server, LIST_TASKS))["tasks"]
-    assert [t["name"] for t in tasks] == BUILTIN_TASKS
+    # Only the built-ins: a task package installed in this Python (the README's
+    # acme-flow-tasks, say) adds its tasks to every server, this one too.
+    builtins = [t for t in tasks if t["source"].startswith("flowsvc.tasks.")]
+    assert [t["name"] for t in builtins] == BUILTIN_TASKS
     for task in tasks:
         assert task["description"], task
-        assert task["source"].startswith("flowsvc.tasks."), task
 
 
 def test_execute_sample_flow(grpcurl_server: ServerProcess) -> None:
