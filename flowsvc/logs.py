@@ -19,6 +19,11 @@ from typing import Any
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 #: One encoder for every line (json.dumps with options builds one per call).
 _encode = json.JSONEncoder(default=str).encode
+#: The most characters of a traceback a line keeps: its start (where it was raised from)
+#: and its end (the exception's type and text), without what lies between. A task may
+#: raise an exception whose text is megabytes long; its line must stay a line.
+MAX_TRACEBACK_CHARS = 16_384
+_TRACEBACK_HEAD = 4_096
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,8 +53,17 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value
         if record.exc_info:
-            out["traceback"] = self.formatException(record.exc_info)
+            out["traceback"] = _bounded(self.formatException(record.exc_info))
         return _encode(out)
+
+
+def _bounded(text: str) -> str:
+    """`text`, or its start and end with a note of how much was cut between them."""
+    if len(text) <= MAX_TRACEBACK_CHARS:
+        return text
+    tail = MAX_TRACEBACK_CHARS - _TRACEBACK_HEAD
+    cut = len(text) - _TRACEBACK_HEAD - tail
+    return f"{text[:_TRACEBACK_HEAD]}\n... ({cut:,} characters cut) ...\n{text[-tail:]}"
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

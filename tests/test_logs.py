@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flowsvc.logs import BatchedStreamHandler, JsonFormatter
+from flowsvc.logs import MAX_TRACEBACK_CHARS, BatchedStreamHandler, JsonFormatter
 
 
 @pytest.fixture
@@ -107,3 +107,33 @@ def test_a_broken_stream_is_logging_s_problem_not_the_caller_s(monkeypatch) -> N
         assert len(handler._lines) < handler.BATCH_LINES  # what failed is not kept
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_huge_exception_text_is_cut_in_its_line_keeping_where_and_what(logged) -> None:
+    # A task raising ValueError("x" * 100_000) logged a 100 kB line ("task raised"); one of
+    # megabytes would have gone to the log whole.
+    logger, stream, _ = logged
+
+    def deep() -> None:
+        raise ValueError("start " + "x" * 100_000 + " end")
+
+    try:
+        deep()
+    except ValueError:
+        logger.warning("task raised", exc_info=True, extra={"task": "t"})
+    (line,) = lines(stream)
+    text = line["traceback"]
+    assert len(text) < MAX_TRACEBACK_CHARS + 100
+    assert text.startswith("Traceback (most recent call last)") and "in deep" in text
+    assert "characters cut" in text and text.endswith(" end")
+    assert len(stream.getvalue()) < MAX_TRACEBACK_CHARS + 1000
+
+
+def test_a_short_traceback_is_kept_whole(logged) -> None:
+    logger, stream, _ = logged
+    try:
+        raise ValueError("short")
+    except ValueError:
+        logger.warning("task raised", exc_info=True)
+    (line,) = lines(stream)
+    assert line["traceback"].endswith("ValueError: short") and "cut" not in line["traceback"]
