@@ -26,7 +26,6 @@ import logging
 import math
 import reprlib
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from flowsvc.models import (
     TaskResult,
     TaskStatus,
     frozen_json,
+    new_flow_id,
 )
 from flowsvc.references import (
     INPUT,
@@ -236,7 +236,7 @@ class FlowEngine:
         at once by cancelling the attempt that runs (whose result is then not recorded).
         """
         stop = stop or StopHandle()
-        flow_id = flow_id or str(uuid.uuid4())
+        flow_id = flow_id or new_flow_id()
         # Read-only for the tasks (ctx.input): one task cannot change what later ones,
         # and their references, read. Once per execution; most inputs are empty.
         flow_input = frozen_json(flow_input) if flow_input else _NO_INPUT

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -911,3 +912,10 @@ async def test_a_task_cannot_change_the_input_or_earlier_results_it_is_given(
         assert meddle["copy"] == {**flow_input, "nested": {"k": "in my copy"}}
         assert look == {"input": flow_input, "first": produce}
     assert to_dict(got.execution)["input"] == flow_input
+
+
+def test_an_execution_run_without_an_id_gets_a_version_7_one(registry: TaskRegistry) -> None:
+    # `flowsvc run` runs the engine without a manager: its id is made as the server's are
+    # (it was a version 4 UUID there, version 7 everywhere else).
+    execution = run(FlowEngine(registry), linear("echo"))
+    assert uuid.UUID(execution.flow_id).version == 7

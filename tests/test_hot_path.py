@@ -11,8 +11,7 @@ from flowmanager.v1 import flow_service_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from flowsvc import convert
-from flowsvc.executions import new_flow_id
-from flowsvc.models import FlowFinished, FlowStarted, FlowStatus
+from flowsvc.models import FlowFinished, FlowStarted, FlowStatus, new_flow_id
 
 
 def test_new_flow_ids_are_canonical_version_7_uuids_in_time_order() -> None:
