@@ -104,6 +104,9 @@ CALLER_LEFT_EARLY = f"{CALLER_LEFT} before the execution started"
 _ENDS_AS_CALLER_LEFT = re.compile(
     f": {re.escape(CALLER_LEFT)}( \\([^()]*\\)| before the execution started)$"
 )
+#: The message of an execution stopped before its first task began (the engine's
+#: "Flow cancelled before step 1 ('task'): <reason>"): it ran nothing.
+_RAN_NOTHING = re.compile(r"^Flow cancelled before step 1 \(")
 #: What a retry of one of those, stopped after a task had begun, is told.
 _RETRY_OF_LEFT = (
     "request_id {request_id!r}: its execution {flow_id} was cancelled because its caller "
@@ -725,6 +728,12 @@ class ExecutionManager:
                 return None
             record, run = found, None
         if run is None and _cancelled_as_caller_left(record):
+            if _RAN_NOTHING.match(record.message):
+                # It ran nothing, yet holds its request_id: it gives it up in a commit of
+                # its own after its end's (see _drive), which a crash or a store failure
+                # between the two lost. Given up now: the retry runs the flow.
+                await self._store(self.store.forget_request_id(record.flow_id))
+                return None
             raise FailedPreconditionError(
                 _RETRY_OF_LEFT.format(
                     request_id=record.request_id,

@@ -711,56 +711,94 @@ async def test_simultaneous_retries_all_get_the_one_execution(settings, registry
         await server.shutdown(grace=0)
 
 
+async def leave_while_the_record_is_written(server: FlowServer, stub, request, monkeypatch) -> str:
+    """Send `request`, its caller going away (a 1 ms deadline) while its execution's
+    record is written, so that the execution is cancelled before any task starts; return
+    its flow_id once it has ended. White-box: the store's thread is held once the
+    request_id has been looked up, so that the caller leaves while the record waits."""
+    store = server.manager.store
+    gate_open = threading.Event()
+    create = store.create_nowait
+
+    watchers: list[object] = []  # callbacks on the write of the first call's record
+
+    class Watched(asyncio.Future):
+        def add_done_callback(self, fn, *, context=None) -> None:
+            watchers.append(fn)
+            super().add_done_callback(fn, context=context)
+
+    def create_held(new):
+        monkeypatch.setattr(store, "create_nowait", create)  # the retries' at once
+        store._submit(lambda conn: gate_open.wait(10), write=False)
+        written, watched = create(new), Watched()
+        written.add_done_callback(lambda done: watched.set_result(done.result()))
+        return watched
+
+    monkeypatch.setattr(store, "create_nowait", create_held)
+    try:
+        first = stub.ExecuteFlow(request, timeout=20)
+        await eventually(lambda: server.manager._starting == 1)  # its record waits
+        callbacks = len(watchers)
+        first.cancel()
+        # The server has seen the caller go away: it will launch the execution itself.
+        await eventually(lambda: len(watchers) > callbacks)
+    finally:
+        gate_open.set()
+
+    async def cancelled() -> list[str]:
+        page = await stub.ListExecutions(pb.ListExecutionsRequest())
+        return [e.flow_id for e in page.executions if e.status == flow_pb2.FLOW_STATUS_CANCELLED]
+
+    [left] = await eventually(cancelled)
+    await eventually(lambda: server.manager.in_flight == 0)
+    return left
+
+
 async def test_a_retry_runs_the_flow_when_its_first_caller_left_before_anything_ran(
     tmp_path: Path, registry, monkeypatch
 ) -> None:
     """A first call that goes away (a 1 ms deadline) while its record is written leaves an
     execution that is cancelled before any task starts. Its request_id is freed: a retry
     runs the flow, instead of being answered that CANCELLED execution on every retry, for
-    ever. White-box: the store's thread is held once the request_id has been looked up,
-    so that the caller leaves while the record waits to be written."""
+    ever."""
     marker = tmp_path / "side-effects.txt"
     counting_task(registry, marker)
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "left.db"))
     async with serving(settings, registry) as (server, _, stub):
-        store = server.manager.store
-        gate_open = threading.Event()
-        create = store.create_nowait
-
-        watchers: list[object] = []  # callbacks on the write of the first call's record
-
-        class Watched(asyncio.Future):
-            def add_done_callback(self, fn, *, context=None) -> None:
-                watchers.append(fn)
-                super().add_done_callback(fn, context=context)
-
-        def create_held(new):
-            monkeypatch.undo()  # the retries' records are written at once
-            store._submit(lambda conn: gate_open.wait(10), write=False)
-            written, watched = create(new), Watched()
-            written.add_done_callback(lambda done: watched.set_result(done.result()))
-            return watched
-
-        monkeypatch.setattr(store, "create_nowait", create_held)
         request = pb.ExecuteFlowRequest(flow=chain("side_effect"), request_id="order-7")
-        try:
-            first = stub.ExecuteFlow(request, timeout=20)
-            await eventually(lambda: server.manager._starting == 1)  # its record waits
-            callbacks = len(watchers)
-            first.cancel()
-            # The server has seen the caller go away: it will launch the execution itself.
-            await eventually(lambda: len(watchers) > callbacks)
-        finally:
-            gate_open.set()
+        left = await leave_while_the_record_is_written(server, stub, request, monkeypatch)
+        retry = await stub.ExecuteFlow(request, timeout=20)
+        assert retry.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert retry.flow_id != left
+        assert (await stub.ExecuteFlow(request, timeout=20)).flow_id == retry.flow_id
+        assert marker.read_text() == "ran\n"
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=left))).execution
+        assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and got.request_id == ""
 
-        async def cancelled() -> list[str]:
-            page = await stub.ListExecutions(pb.ListExecutionsRequest())
-            return [
-                e.flow_id for e in page.executions if e.status == flow_pb2.FLOW_STATUS_CANCELLED
-            ]
 
-        [left] = await eventually(cancelled)
-        await eventually(lambda: server.manager.in_flight == 0)
+async def test_a_retry_runs_the_flow_when_a_crash_kept_the_request_id_of_one_that_ran_nothing(
+    tmp_path: Path, registry, monkeypatch
+) -> None:
+    """The execution that ran nothing gives up its request_id in a commit of its own,
+    after its `finished` one: a crash (or a store failure) between the two left the
+    request_id with it, and every retry, after the restart too, was told
+    FAILED_PRECONDITION, "after a task had begun", though none had. A retry now sees from
+    the record that nothing ran, frees the request_id and runs the flow. White-box: the
+    second commit is lost, as in a kill -9 between the two."""
+    marker = tmp_path / "side-effects.txt"
+    counting_task(registry, marker)
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "crash.db"))
+    request = pb.ExecuteFlowRequest(flow=chain("side_effect"), request_id="order-7c")
+    async with serving(settings, registry) as (server, _, stub):
+
+        async def lost(flow_id: str) -> None:
+            """The server died before this commit."""
+
+        monkeypatch.setattr(server.manager.store, "forget_request_id", lost)
+        left = await leave_while_the_record_is_written(server, stub, request, monkeypatch)
+        got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=left))).execution
+        assert got.request_id == "order-7c"  # what the crash left
+    async with serving(settings, registry) as (server, _, stub):  # restarted
         retry = await stub.ExecuteFlow(request, timeout=20)
         assert retry.status == flow_pb2.FLOW_STATUS_SUCCEEDED
         assert retry.flow_id != left
