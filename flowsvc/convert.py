@@ -314,6 +314,14 @@ def flow_bytes(flow: Flow) -> int:
     return out.ByteSize()
 
 
+def input_bytes(data: Mapping[str, Any]) -> int:
+    """The size of an input (or any Struct) as an answer carries it back from `data`,
+    what the store keeps, without its field's tag and length."""
+    out = struct_pb2.Struct()
+    struct_to_pb(data, out)
+    return out.ByteSize()
+
+
 def _final(events: Sequence[Event]) -> FlowFinished | None:
     last = events[-1] if events else None
     return last if isinstance(last, FlowFinished) else None

@@ -556,6 +556,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         ),
         on_store_health=store_health,
         flow_bytes=convert.flow_bytes,
+        input_bytes=convert.input_bytes,
     )
     recovered = await manager.open()
     try:

@@ -1921,6 +1921,34 @@ async def test_an_input_too_large_to_read_back_is_refused_before_it_runs(
         assert got.execution.input == request.input
 
 
+async def test_an_input_that_grows_when_stored_is_measured_as_it_is_read_back(
+    registry,
+) -> None:
+    # A Value with no kind set takes 2 bytes in a request's list, and comes back as
+    # null_value, 4 bytes: the size check measured the request's input, so an input half
+    # the limit was accepted and run, and no view of GetExecution could ever return it.
+    limit = 20_000
+    settings = Settings(
+        listen="127.0.0.1:0", db=":memory:", max_message_bytes=limit, max_response_bytes=limit
+    )
+    async with serving(settings, registry) as (_, _, stub):
+        request = pb.ExecuteFlowRequest(flow=chain("noop"))
+        values = request.input.fields["x"].list_value.values
+        for _ in range(8000):
+            values.add()  # no kind: read as null
+        assert request.input.ByteSize() < limit - 2000
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violation_fields(info.value) == ["input"]
+        assert not (await stub.ListExecutions(pb.ListExecutionsRequest())).executions
+        # Half as many fit, and are read back whole (as nulls).
+        del values[4000:]
+        done = await stub.ExecuteFlow(request)
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+        assert len(got.execution.input.fields["x"].list_value.values) == 4000
+
+
 @pytest.mark.parametrize("db", [":memory:", "sqlite"])
 async def test_the_basic_view_reads_back_an_execution_whose_history_is_too_large(
     tmp_path: Path, registry, db: str
