@@ -512,8 +512,6 @@ class ExecutionManager:
             raise InvalidArgumentError.one(
                 "request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}"
             )
-        if self.draining:
-            raise ShuttingDownError("the server is shutting down; retry on another instance")
         digest = ""
         if request_id:  # what a retry must match: only needed with a request_id
             digest = request_hash(prepared.flow_digest, flow_input)
@@ -548,6 +546,11 @@ class ExecutionManager:
                 found = await self._by_request_id(request_id, digest, continue_on_disconnect)
             if found is not None:
                 return found
+        # After the request_id's look-up: a retry of an execution running here attaches
+        # to it while the server drains (another instance, with its own store, would run
+        # the flow a second time); only new executions are refused.
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another instance")
         if self.in_flight >= self.settings.max_in_flight:
             self._refusals.add(max_in_flight=self.settings.max_in_flight)
             raise TooManyExecutionsError(

@@ -2052,3 +2052,40 @@ async def test_a_cancel_that_took_effect_is_ok_even_when_the_whole_execution_is_
         assert got.last_sequence == 3 and not got.execution_history
         assert cancelled.ByteSize() <= 8000
         assert (await read_all(call))[-1].finished.status == flow_pb2.FLOW_STATUS_CANCELLED
+
+
+@pytest.mark.parametrize("db", [":memory:", "file"])
+async def test_a_retry_attaches_to_its_running_execution_while_the_server_drains(
+    tmp_path: Path, registry, db: str
+) -> None:
+    """A shutdown refuses new executions (UNAVAILABLE, "retry on another instance"), and it
+    refused a retry of one still running here too: sent elsewhere, with another store, it
+    would have run the flow a second time. The retry now attaches and gets its result."""
+    started, release, _ = gate(registry)
+    settings = Settings(
+        listen="127.0.0.1:0", db=db if db == ":memory:" else str(tmp_path / "drain.db")
+    )
+    server = await build_server(settings, registry)
+    stopping = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            request = pb.ExecuteFlowRequest(flow=chain("gated"), request_id="drain-1")
+            first = stub.ExecuteFlow(request, timeout=30)
+            await asyncio.wait_for(started.wait(), 10)
+            stopping = asyncio.ensure_future(server.shutdown(grace=20))
+            await eventually(lambda: server.manager.draining)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            retry = stub.ExecuteFlow(request, timeout=30)
+            # Attached: the execution now has two callers.
+            await eventually(lambda: next(iter(server.manager._live.values())).callers == 2)
+            release.set()
+            done, again = await first, await retry
+            assert done.status == again.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            assert done.flow_id == again.flow_id
+            await stopping
+    finally:
+        release.set()
+        await (server.shutdown(grace=0) if stopping is None else stopping)
