@@ -2092,11 +2092,11 @@ async def test_a_retry_attaches_to_its_running_execution_while_the_server_drains
 
 
 async def test_a_watch_that_retention_overtakes_between_its_reads_ends_not_found(
-    tmp_path: Path, registry
+    tmp_path: Path, registry, monkeypatch
 ) -> None:
     """A long execution is read in several store jobs: retention deleting it between two
     of them ends the stream NOT_FOUND after the events it sent, never OK with a part of
-    them. White-box: the store's thread is held while a read job and the sweep queue."""
+    them. White-box: the stream's second read waits until the sweep has deleted it."""
     from datetime import UTC, datetime, timedelta
 
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "overtaken.db"))
@@ -2104,24 +2104,30 @@ async def test_a_watch_that_retention_overtakes_between_its_reads_ends_not_found
         store = server.manager.store
         flow = flow_pb(["noop"], {"noop": ("noop", "end")}, max_steps=2000)
         done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
-        held = StoreHold(store)
+        asked, swept = asyncio.Event(), asyncio.Event()
+        read_on = store.events
+
+        async def events_after_the_sweep(*args):
+            asked.set()
+            await swept.wait()
+            return await read_on(*args)
+
+        monkeypatch.setattr(store, "events", events_after_the_sweep)
+        stream = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=done.flow_id))
+        sequences: list[int] = []
+
+        async def watch() -> None:
+            while (message := await stream.read()) is not grpc.aio.EOF:
+                sequences.append(message.sequence)
+
+        watching = asyncio.ensure_future(watch())
         try:
-            stream = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=done.flow_id))
-            first = await stream.read()  # its first job was read: the next ones follow
-            await held.hold()
-            await eventually(lambda: store._jobs.qsize() == 1)  # a later read waits
-            sweep = asyncio.ensure_future(
-                store.delete_finished_before(datetime.now(UTC) + timedelta(seconds=1))
-            )
-            await eventually(lambda: store._jobs.qsize() == 2)  # the sweep waits behind it
-            await held.release()
-            assert await sweep == 1
-            sequences = [first.sequence]
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                while (message := await stream.read()) is not grpc.aio.EOF:
-                    sequences.append(message.sequence)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert sequences == list(range(1, len(sequences) + 1))
-            assert 256 <= len(sequences) < 2002
+            await asyncio.wait_for(asked.wait(), 10)  # the first job's events are sent
+            cutoff = datetime.now(UTC) + timedelta(seconds=1)
+            assert await store.delete_finished_before(cutoff) == 1
         finally:
-            held.let_go()
+            swept.set()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watching
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert sequences == list(range(1, 257))  # the first job's, and no more
