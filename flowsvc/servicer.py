@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -175,6 +176,7 @@ def unary(
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
+        self.last_call = time.monotonic()
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -197,6 +199,7 @@ def streaming(
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> AsyncGenerator[Resp, None]:
+        self.last_call = time.monotonic()
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -237,6 +240,9 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self.engine = manager.engine
         #: The largest answer carrying a whole execution (0: no limit).
         self.max_response_bytes = max_response_bytes
+        #: When (monotonic) the last call reached a method: a draining server waits for
+        #: the calls still coming to stop before it stops listening (see FlowServer).
+        self.last_call = 0.0
 
     async def _start(self, request: pb.ExecuteFlowRequest | pb.StreamFlowRequest) -> Attachment:
         # The flow's bytes key the manager's cache of validated flows: a flow sent before

@@ -364,3 +364,39 @@ async def test_reflection_answers_as_v1_and_v1alpha(server, version: str) -> Non
     v1 = descriptor_pb2.FileDescriptorProto.FromString(raw)
     assert v1.package == "grpc.reflection.v1"
     assert v1.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+
+
+async def test_a_draining_server_answers_the_calls_still_coming_before_it_stops(
+    server, stub, monkeypatch
+) -> None:
+    # gRPC cancels the calls it holds unanswered when the server stops listening: a burst
+    # at SIGTERM had calls end CANCELLED (which clients do not retry) instead of
+    # UNAVAILABLE. A draining server now answers the calls still coming, and stops only
+    # once none has come for SETTLE_QUIET_SECONDS.
+    from flowsvc.server import SETTLE_QUIET_SECONDS
+
+    stops: list[float] = []
+    stop = server.server.stop
+
+    async def recorded_stop(grace):
+        stops.append(time.monotonic())
+        return await stop(grace)
+
+    monkeypatch.setattr(server.server, "stop", recorded_stop)
+    noop = flow_service_pb2.ExecuteFlowRequest(flow=chain("noop"))
+    assert (await stub.ExecuteFlow(noop)).status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    shutting_down = asyncio.ensure_future(server.shutdown(grace=5))
+    deadline = time.monotonic() + 10
+    while not server.manager.draining:  # health says NOT_SERVING first
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    codes = []
+    for _ in range(5):  # still coming: answered, not cut off
+        try:
+            await stub.ExecuteFlow(noop, timeout=10)
+        except grpc.aio.AioRpcError as err:
+            codes.append(err.code())
+    await shutting_down
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 5
+    (stopped,) = stops
+    assert stopped - server._servicer.last_call >= SETTLE_QUIET_SECONDS
