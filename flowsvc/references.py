@@ -271,7 +271,8 @@ def follow_path(value: Any, path: tuple[str, ...], ref: Ref, walked: tuple[str, 
                 raise MissingReferenceError(f"${{{text}}}: {where} has no key {clip(key)!r}")
             value = value[key]
         elif isinstance(value, list):
-            if not key.isdigit() or int(key) >= len(value):
+            # ASCII digits only: str.isdigit() is also true for "²", which int() refuses.
+            if not (key.isascii() and key.isdigit()) or int(key) >= len(value):
                 raise MissingReferenceError(
                     f"${{{text}}}: {where} is a list of {len(value)}; no index {clip(key)!r}"
                 )

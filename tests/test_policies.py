@@ -551,6 +551,27 @@ def test_a_long_missing_reference_fails_its_task_with_a_short_error(registry) ->
     assert "has no key 'a'" in (record.error or "") and len(record.error or "") < 300
 
 
+@pytest.mark.parametrize(
+    "index", ["\u00b2", "\u0661", "\u0663"], ids=["superscript-2", "arabic-1", "arabic-3"]
+)
+async def test_a_list_index_that_is_not_ascii_digits_fails_the_task_not_the_rpc(
+    stub, index: str
+) -> None:
+    # str.isdigit() is true for a superscript two and an Arabic-Indic one, which int()
+    # then refused (the superscript) or read as a number (the Arabic-Indic one as 1): the
+    # first ended the call INTERNAL and the execution INTERRUPTED.
+    flow = chain(("echo", {"x": "${input.items." + index + "}"}))
+    request = pb.ExecuteFlowRequest(flow=flow)
+    request.input.update({"items": [10, 20, 30, 40]})
+    done = await stub.ExecuteFlow(request, timeout=10)
+    assert done.status == flow_pb2.FLOW_STATUS_FAILED
+    (attempt,) = done.execution_history
+    assert attempt.error == (
+        f"cannot resolve params: ${{input.items.{index}}}: input.items is a list of 4; "
+        f"no index {index!r}"
+    )
+
+
 async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
     # A typo would otherwise be ignored: `secs` would sleep the default second.
     flow = chain(
