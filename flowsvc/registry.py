@@ -111,8 +111,11 @@ def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature)
 
 def _json_problem(value: Any, path: str) -> str | None:
     """Where `value` stops being JSON that ListTasks can send (protobuf's Struct: str
-    keys, finite numbers within a double's range), None when it all is."""
-    if value is None or isinstance(value, str | bool):
+    keys, text without lone surrogates, finite numbers within a double's range), None
+    when it all is."""
+    if isinstance(value, str):
+        return f"{path or 'it'} holds a lone surrogate" if _lone_surrogate(value) else None
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         try:
@@ -125,6 +128,8 @@ def _json_problem(value: Any, path: str) -> str | None:
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path or 'it'} has a key that is not a string: {key!r:.40}"
+            if _lone_surrogate(key):
+                return f"{path or 'it'} has a key with a lone surrogate: {key!r:.40}"
             problem = _json_problem(item, f"{path}.{key}" if path else key)
             if problem:
                 return problem
@@ -143,8 +148,21 @@ def _is_integer(json_type: Any) -> bool:
     return json_type == "integer" or (isinstance(json_type, list) and "integer" in json_type)
 
 
+def _lone_surrogate(text: str) -> bool:
+    """True for a str no protobuf message can carry: it holds a lone surrogate."""
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _name_problem(name: str) -> str | None:
     """Why no flow could run or refer to a task of this name (None: it can)."""
+    if _lone_surrogate(name):
+        return "holds a lone surrogate, which no request or answer can carry"
     if name == END:
         return "is reserved: a route to it ends the flow"
     if name == INPUT:
@@ -155,6 +173,14 @@ def _name_problem(name: str) -> str | None:
         if bad in name:
             return f"holds {bad!r}, which would cut ${{{name}.data...}} short"
     return None
+
+
+def _description(fn: Callable[..., Any]) -> str:
+    """The task's docstring, as ListTasks shows it (a lone surrogate escaped: \\udc80)."""
+    text = inspect.cleandoc(fn.__doc__ or "").strip()
+    if _lone_surrogate(text):
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _inspect(
@@ -215,7 +241,7 @@ def _inspect(
     return TaskSpec(
         name=name,
         fn=fn,
-        description=inspect.cleandoc(fn.__doc__ or "").strip(),
+        description=_description(fn),
         source=where,
         is_async=inspect.iscoroutinefunction(fn),
         takes_context=len(required) == 1,

@@ -758,6 +758,29 @@ async def test_list_tasks_survives_a_task_whose_schema_is_not_json(stub, registr
     assert properties["s"]["default"] == "x"
 
 
+async def test_list_tasks_survives_a_task_module_text_with_a_lone_surrogate(stub, registry) -> None:
+    # No protobuf message can carry a lone surrogate: registered, such a name, schema or
+    # docstring made every ListTasks call INTERNAL for as long as the server ran.
+    from flowmanager.v1 import flow_service_pb2
+
+    def odd(*, s: str = "bad \udc80 default") -> TaskResult:
+        """A docstring with a lone surrogate \ud800 in it."""
+        return TaskResult.success()
+
+    registry.register("odd", odd)  # a default no message can carry: left out
+    with pytest.raises(TaskRegistrationError, match="no flow could use it"):
+        registry.register("bad\ud800name", noop_task)
+    with pytest.raises(TaskRegistrationError, match=r"params schema is not JSON"):
+        registry.register("odd_schema", noop_task, params={"properties": {"k\udc80": {}}})
+    with pytest.raises(TaskRegistrationError, match=r"params schema is not JSON"):
+        registry.register("odd_value", noop_task, params={"description": "v\udc80"})
+    listed = await stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=10)
+    (info,) = [t for t in listed.tasks if t.name == "odd"]
+    assert info.description == "A docstring with a lone surrogate \\ud800 in it."
+    assert "default" not in info.params_schema["properties"]["s"]
+    assert {"bad\ud800name", "odd_schema", "odd_value"}.isdisjoint(registry.names())
+
+
 def noop_task(ctx: TaskContext) -> TaskResult:
     return TaskResult.success()
 
