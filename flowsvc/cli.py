@@ -126,7 +126,14 @@ def _json(text: str, what: object) -> Any:
 
 def _read_request(path: Path, input_json: str | None) -> pb.ExecuteFlowRequest:
     """The file as an ExecuteFlowRequest, through the same JSON mapping grpcurl uses."""
-    document = _json(path.read_text(encoding="utf-8"), path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:  # UTF-16 (PowerShell's `>`), Latin-1 ...
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start:,}); save it as UTF-8"
+        ) from None
+    document = _json(text, path)
     if not isinstance(document, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if "flow" not in document:

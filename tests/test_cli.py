@@ -545,6 +545,23 @@ def test_a_file_nested_too_deep_to_read_is_one_line_and_exit_2(
     assert result.stderr.startswith(f"flowsvc: {path}: not JSON: "), result.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_file_not_in_utf8_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, command: str, encoding: str
+) -> None:
+    # PowerShell's `>` writes UTF-16, older editors Latin-1: the error was only Python's
+    # "'utf-8' codec can't decode byte 0xff in position 0", naming neither file nor fix.
+    path = tmp_path / "flow.json"
+    path.write_text(SAMPLE_FLOW.read_text(encoding="utf-8").replace("Data", "D\u00e4ta"), encoding)
+    result = flowsvc(command, str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"flowsvc: {path}: not UTF-8 text (byte 0x"), result.stderr
+    assert result.stderr.rstrip().endswith("save it as UTF-8"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_run_input_nested_too_deep_to_read_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = flowsvc("run", str(SAMPLE_FLOW), "--input", "[" * 20_000 + "]" * 20_000)
     assert result.returncode == 2, result.stderr
