@@ -780,6 +780,8 @@ def _json_problem(
             return f"data {too_large()}"
         return f"{path} is a string with a lone surrogate" if _not_unicode(value) else None
     room[0] -= 8
+    if room[0] < 0:  # numbers and keys count too, not only strings
+        return f"data {too_large()}"
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is {value}, not a JSON number"
     if isinstance(value, int) and value.bit_length() >= _FLOAT_BITS and _overflows(value):
@@ -796,7 +798,7 @@ def _json_problem(
                 return f"{path} has a non-string key {key!r}"
             if _not_unicode(key):
                 return f"{path} has a key with a lone surrogate: {clean_text(key)!r}"
-            room[0] -= len(key)
+            room[0] -= len(key) if key.isascii() else len(key.encode())  # UTF-8, as strings
             problem = _json_problem(item, f"{path}.{key}", levels - 1, room)
             if problem:
                 return problem

@@ -774,10 +774,16 @@ def test_validation_refuses_params_nested_too_deep(registry) -> None:
         ({"x": [nested(31)]}, "data.x.0.a"),  # lists count as levels too
         ({"blob": "x" * (1024 * 1024)}, "data holds more than 1,048,576 bytes"),
         ({"a": "é" * 300_000, "b": "é" * 300_000}, "data holds more than 1,048,576 bytes"),
+        # Only a string's own bytes could tip the count over: a long key, or many numbers,
+        # passed whatever their size (a 5 MB result then reached no client, StreamFlow and
+        # WatchExecution included); and keys were counted in characters, not UTF-8.
+        ({"k" * (2 * 1024 * 1024): None}, "data holds more than 1,048,576 bytes"),
+        ({"n": [1.0] * 200_000}, "data holds more than 1,048,576 bytes"),
+        ({"\U0001f680" * 300_000: None}, "data holds more than 1,048,576 bytes"),
         ({"x": float("nan")}, "data.x is nan, not a JSON number"),
         ({"x": [float("inf")]}, "data.x.0 is inf, not a JSON number"),
     ],
-    ids=["33", "2000", "list", "1MiB", "1MiB-utf8", "nan", "inf"],
+    ids=["33", "2000", "list", "1MiB", "1MiB-utf8", "key", "numbers", "utf8-key", "nan", "inf"],
 )
 async def test_task_data_no_client_could_read_fails_that_task(
     stub, registry, data: dict, problem: str
