@@ -246,13 +246,29 @@ class Run:
                 raise self.error
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            finally:
+                self._unwait(self._waiters, waiter)
 
     async def wait_done(self) -> None:
         while not self.finished and self.error is None:
             waiter = asyncio.get_running_loop().create_future()
             self._done_waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            finally:
+                self._unwait(self._done_waiters, waiter)
+
+    @staticmethod
+    def _unwait(waiters: list[asyncio.Future[None]], waiter: asyncio.Future[None]) -> None:
+        """A waiter that was not woken (its caller went away: cancelled, or its stream
+        closed) leaves the list: kept until the next event, the futures of a long task's
+        watchers and retries piled up one a call, for hours."""
+        if not waiter.done() or waiter.cancelled():
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
 
 
 class Attachment(NamedTuple):

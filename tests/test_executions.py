@@ -584,6 +584,37 @@ async def test_continue_on_disconnect_keeps_running_after_a_deadline(stub, regis
     assert cancelled == []
 
 
+async def test_callers_that_leave_a_long_task_leave_nothing_behind(server, stub, registry) -> None:
+    """Watchers and retries that go away while an execution waits on a long task keep no
+    waiter of theirs on it: one that polls it for hours grew its lists by one a call."""
+    started, release, _ = gate(registry)
+    request = pb.ExecuteFlowRequest(
+        flow=chain("gated", "noop"), request_id="long", continue_on_disconnect=True
+    )
+    stream = stub.StreamFlow(
+        pb.StreamFlowRequest(flow=request.flow, request_id="long", continue_on_disconnect=True)
+    )
+    flow_id = (await stream.read()).started.flow_id
+    await started.wait()
+    stream.cancel()
+    run = server.manager._live[flow_id]
+    await eventually(lambda: not run._waiters)
+    for _ in range(100):
+        watch = stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+        await watch.read()
+        await eventually(lambda: run._waiters)  # it waits for the next event
+        watch.cancel()
+        retry = stub.ExecuteFlow(request)
+        await eventually(lambda: run._done_waiters)  # attached: it waits for the end
+        retry.cancel()
+        await eventually(lambda: not run._waiters and not run._done_waiters)
+    assert run.callers == 0
+    release.set()
+    got = await stub.ExecuteFlow(request)  # the same execution, run to its end
+    assert got.flow_id == flow_id
+    assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 # -- idempotency -------------------------------------------------------------------------
 
 
