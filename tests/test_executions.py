@@ -1512,6 +1512,51 @@ async def test_store_failure_mid_run_ends_the_stream_and_records_interrupted(
         await server.shutdown(grace=0)
 
 
+async def test_executions_a_store_failure_stopped_are_forgotten_once_recorded(
+    tmp_path: Path, registry
+) -> None:
+    """The store keeps the executions an event failed to commit for (no later event of
+    theirs may commit) only until their end is recorded: it kept them for ever, a set that
+    grew with every store failure of a server that runs for weeks."""
+    db = tmp_path / "forgotten.db"
+    started, release, _ = gate(registry)
+    registry.register("noop_2", registry.get("noop").fn)
+    server = await build_server(
+        Settings(listen="127.0.0.1:0", db=str(db), db_busy_timeout_ms=200), registry
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            flow = chain("noop", "gated", "noop_2")
+            calls = [stub.StreamFlow(pb.StreamFlowRequest(flow=flow)) for _ in range(20)]
+            ids = [(await call.read()).started.flow_id for call in calls]
+            await started.wait()
+            locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                release.set()  # their results cannot be committed
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await read_all(call)
+                    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert server.manager.store._broken
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+
+            async def interrupted() -> bool:
+                for flow_id in ids:
+                    got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+                    if got.execution.status != flow_pb2.FLOW_STATUS_INTERRUPTED:
+                        return False
+                return True
+
+            await eventually(interrupted)
+            assert not server.manager.store._broken
+    finally:
+        await server.shutdown(grace=0)
+
+
 async def test_a_cancel_whose_end_cannot_be_committed_is_unavailable(
     tmp_path: Path, registry
 ) -> None:

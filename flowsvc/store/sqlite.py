@@ -612,6 +612,10 @@ class SQLiteStore:
                 kind, body = event_to_json(final)
                 _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
                 done.append(record.flow_id)
+            # Their drives have ended, and every event they queued was taken before this
+            # job: nothing more of theirs comes to be refused. Kept, they piled up with
+            # every store failure of a server that runs for weeks.
+            self._broken.difference_update(done if only is None else only)
             return done
 
         result: list[str] = await self._call(finish, write=True)
