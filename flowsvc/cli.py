@@ -214,13 +214,17 @@ def _cmd_validate(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 async def _serve(settings: config.Settings) -> float | None:
-    """Serve until SIGTERM or SIGINT, then shut down. Returns the time (monotonic) by which
-    what still runs has had its chance to stop, if the grace period ran out."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then shut down. Returns the time (monotonic)
+    by which what still runs has had its chance to stop, if the grace period ran out."""
     # Signals are handled from the start, so one that arrives while starting still
-    # gets a clean shutdown.
+    # gets a clean shutdown. SIGHUP (its terminal closed) too: by default it ended the
+    # process at once, its running flows left to be marked interrupted at the next
+    # start; unless it is ignored (nohup), which stays so.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig is signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
         loop.add_signal_handler(sig, stop.set)
     server = await build_server(settings)
     _tune_gc()

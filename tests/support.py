@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +108,19 @@ class ServerProcess:
 
 @contextmanager
 def server_process(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Run `python -m flowsvc serve --listen 127.0.0.1:0 ARGS` until the block ends."""
+    """Run `python -m flowsvc serve --listen 127.0.0.1:0 ARGS` until the block ends
+    (started by `wrapper`, such as `nohup`, when given)."""
     log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0", *args],
+            [*wrapper, sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,

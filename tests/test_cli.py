@@ -68,6 +68,31 @@ STUCK_TASKS = """
     """
 
 
+async def test_sighup_drains_like_sigterm_unless_it_is_ignored(tmp_path: Path) -> None:
+    # A closed terminal's SIGHUP ended the server at once (exit 129): no grace for its
+    # flows, left RUNNING until the next start marked them interrupted.
+    with server_process(tmp_path, "--grace-seconds", "30") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(
+                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 0.5})))
+            )
+            assert (await call.read()).WhichOneof("event") == "started"
+            srv.proc.send_signal(signal.SIGHUP)
+            rest = await read_all(call)
+            assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert await asyncio.to_thread(srv.proc.wait, 30) == 0
+        assert "shutting down" in [line["msg"] for line in srv.log_lines()]
+    # Started under nohup (SIGHUP ignored), it stays so: the server serves on.
+    with server_process(tmp_path, wrapper=["nohup"]) as srv:
+        srv.proc.send_signal(signal.SIGHUP)
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            done = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")))
+            assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert srv.proc.poll() is None
+
+
 async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
     with server_process(tmp_path, "--grace-seconds", "30") as srv:
         async with grpc.aio.insecure_channel(srv.address) as channel:
