@@ -68,16 +68,22 @@ STUCK_TASKS = """
     """
 
 
+async def sleeping(stub, seconds: float):
+    """A StreamFlow of one `sleep` task, once its `started` event has come."""
+    call = stub.StreamFlow(
+        flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": seconds})))
+    )
+    assert (await call.read()).WhichOneof("event") == "started"
+    return call
+
+
 async def test_sighup_drains_like_sigterm_unless_it_is_ignored(tmp_path: Path) -> None:
     # A closed terminal's SIGHUP ended the server at once (exit 129): no grace for its
     # flows, left RUNNING until the next start marked them interrupted.
     with server_process(tmp_path, "--grace-seconds", "30") as srv:
         async with grpc.aio.insecure_channel(srv.address) as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            call = stub.StreamFlow(
-                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 0.5})))
-            )
-            assert (await call.read()).WhichOneof("event") == "started"
+            call = await sleeping(stub, 0.5)
             srv.proc.send_signal(signal.SIGHUP)
             rest = await read_all(call)
             assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
@@ -100,10 +106,7 @@ async def test_sigterm_drains_running_flow_then_exits(tmp_path: Path) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            call = stub.StreamFlow(
-                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 1.0})))
-            )
-            assert (await call.read()).WhichOneof("event") == "started"
+            call = await sleeping(stub, 1.0)
             srv.proc.send_signal(signal.SIGTERM)
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             rest = await read_all(call)
@@ -135,10 +138,7 @@ async def test_grace_period_over_cancels_the_flow(tmp_path: Path) -> None:
     with server_process(tmp_path, env={"FLOWSVC_GRACE_SECONDS": "0.2"}) as srv:
         async with grpc.aio.insecure_channel(srv.address) as channel:
             stub = flow_service_pb2_grpc.FlowServiceStub(channel)
-            call = stub.StreamFlow(
-                flow_service_pb2.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60})))
-            )
-            assert (await call.read()).WhichOneof("event") == "started"
+            call = await sleeping(stub, 60)
             srv.proc.send_signal(signal.SIGTERM)
             # Past the grace period the flow is stopped: the stream still ends with its
             # `finished` event, CANCELLED, and the call with OK.
