@@ -40,6 +40,7 @@ from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSetting
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import FlowServicer, MalformedRequest, abort_malformed, safe_deserializer
+from flowsvc.stalls import StallWatch
 from flowsvc.store import ExecutionStore
 from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
@@ -459,6 +460,9 @@ class FlowServer:
         self.server = server
         self.port = port
         self._servicer = servicer
+        #: Reports an event loop that a task blocks (see flowsvc.stalls).
+        self._stalls = StallWatch()
+        self._stalls.start()
         self.manager = manager
         self.health = health_servicer
         self._executor = executor
@@ -518,6 +522,7 @@ class FlowServer:
         await self.manager.close()
         await http_task.aclose_clients()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stalls.stop()
         log_event(logger, logging.INFO, "stopped")
 
     async def _settle(self, stop_by: float) -> None:

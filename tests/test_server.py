@@ -400,3 +400,34 @@ async def test_a_draining_server_answers_the_calls_still_coming_before_it_stops(
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 5
     (stopped,) = stops
     assert stopped - server._servicer.last_call >= SETTLE_QUIET_SECONDS
+
+
+async def test_a_task_that_blocks_the_event_loop_is_reported_with_where_it_blocks(
+    server, stub, registry, caplog
+) -> None:
+    # An async task calling time.sleep stalls every flow and health check; nothing in the
+    # log said so, nor which task it was. A thread now reports the loop blocked, with the
+    # loop thread's stack at that moment, and the loop reports how long once it runs.
+    caplog.set_level(logging.WARNING, logger="flowsvc.stalls")
+
+    @registry.task("blocks_the_loop")
+    async def blocks_the_loop() -> TaskResult:
+        time.sleep(1.0)  # noqa: ASYNC251 (the mistake reported: no await)
+        return TaskResult.success()
+
+    done = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_the_loop")), timeout=30
+    )
+    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+    def lines(msg: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == msg]
+
+    deadline = time.monotonic() + 10
+    while not lines("event loop unblocked"):  # at the loop's next tick
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    (blocked,) = [r for r in lines("event loop blocked") if "blocks_the_loop" in r.stack]
+    assert "time.sleep(1.0)" in blocked.stack
+    assert blocked.blocked_for_s >= 0.5 and "plain def" in blocked.hint
+    assert any(0.5 <= r.blocked_for_s <= 30 for r in lines("event loop unblocked"))
