@@ -364,16 +364,9 @@ class ExecutionManager:
     async def open(self) -> list[str]:
         """Open the store and close what a crash left RUNNING; returns those ids."""
         await self.store.open()
-        if self.settings.retention_seconds > 0:
-            # First: a database that filled up must get back the room that retention
-            # frees, or the server could never start again. No flow runs yet: one
-            # transaction, three times as quick as batches.
-            await self._sweep(batch=None)
-        # A store that opens but cannot write (a read-only file, a full database) refuses
-        # to start, rather than serving with every execution failing UNAVAILABLE.
-        await self.store.check_writable()
-        self._secret = await self.store.secret()
-
+        # First, with the room the store keeps for it: a database full of executions a
+        # crash (or a store failure) cut off must record their ends, so that retention
+        # can free their room, or the server could never start again.
         recovered = await self.store.finish_running(
             _interrupted(
                 "Flow interrupted: the server stopped abruptly while it ran; every result "
@@ -382,6 +375,14 @@ class ExecutionManager:
         )
         for flow_id in recovered:
             log_event(logger, logging.WARNING, "execution interrupted by a crash", flow_id=flow_id)
+        if self.settings.retention_seconds > 0:
+            # A database that filled up must get back the room that retention frees. No
+            # flow runs yet: one transaction, three times as quick as batches.
+            await self._sweep(batch=None)
+        # A store that opens but cannot write (a read-only file, a full database) refuses
+        # to start, rather than serving with every execution failing UNAVAILABLE.
+        await self.store.check_writable()
+        self._secret = await self.store.secret()
         if self.settings.retention_seconds > 0:
             self._retention = asyncio.create_task(self._retention_loop())
         return recovered
@@ -1065,8 +1066,11 @@ class ExecutionManager:
         while True:
             await asyncio.sleep(0.25)
             try:
-                await self.store.check_writable()
+                # The ends first: the store keeps room for them, and a database full of
+                # executions whose end is not recorded frees none (retention deletes
+                # only executions that ended), so the write check would never pass.
                 await self._record_ends()
+                await self.store.check_writable()
             except StoreUnavailableError:
                 continue
             self._set_store_health(True)

@@ -1205,6 +1205,106 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
         assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
+async def _fill_with_ends_not_recorded(stub, registry) -> list[str]:
+    """Fill a capped database with RUNNING executions only, then fail every one's next
+    event for lack of room (a task result of 20 KB): a store that retention cannot free
+    (nothing has ended) and whose executions' ends are not recorded. Returns their ids."""
+    release = asyncio.Event()
+
+    async def held(ctx: TaskContext) -> TaskResult:
+        await release.wait()
+        return TaskResult.success({"blob": "x" * 20_000})
+
+    registry.register("held", held)
+    calls, ids, size = [], [], 8000
+    while size:  # started until not even the smallest fits
+        call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain(("held", {"pad": "x" * size}))))
+        try:
+            ids.append((await call.read()).started.flow_id)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            size //= 2
+            continue
+        calls.append(call)
+    release.set()
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(call)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "full" in (info.value.details() or "")
+    return ids
+
+
+async def test_a_database_full_of_executions_whose_end_was_not_written_recovers(
+    tmp_path: Path, registry
+) -> None:
+    # A database full of executions a store failure stopped stayed NOT_SERVING for
+    # good: their ends (INTERRUPTED) could not be written for lack of room, retention
+    # deletes only ended executions, so nothing ever freed room, and the write check
+    # (which came before recording the ends) failed every 0.25 s. Ends are now written
+    # with the store's reserve; retention then frees their room, and the store is back.
+    db = tmp_path / "full.db"
+    cap = 256 * 1024
+    settings = Settings(listen="127.0.0.1:0", db=str(db), db_max_bytes=cap, retention_seconds=1)
+    async with serving(settings, registry) as (server, _, stub):
+        ids = await _fill_with_ends_not_recorded(stub, registry)
+        assert len(ids) > 10
+        assert not server.manager.store_healthy
+
+        async def ended_or_gone() -> bool:
+            for flow_id in ids:
+                try:
+                    got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND  # retention took it
+                    continue
+                if got.execution.status != flow_pb2.FLOW_STATUS_INTERRUPTED:
+                    return False
+            return True
+
+        await eventually(ended_or_gone)
+        await eventually(lambda: server.manager.store_healthy)
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert db.stat().st_size <= cap  # the reserve sits within the cap
+
+
+async def test_a_server_restarted_on_a_database_full_of_running_executions_starts(
+    tmp_path: Path, registry
+) -> None:
+    # The same database as a crash leaves it (a snapshot taken while full): a restart at
+    # the same cap failed, "database or disk is full", every time: the write check came
+    # before crash recovery, which needs room to record the ends it writes.
+    from flowsvc.errors import StoreUnavailableError
+
+    db, snapshot = tmp_path / "full.db", tmp_path / "crashed.db"
+    cap = 256 * 1024
+    settings = Settings(listen="127.0.0.1:0", db=str(db), db_max_bytes=cap)
+    async with serving(settings, registry) as (_, _, stub):
+        ids = await _fill_with_ends_not_recorded(stub, registry)
+        with sqlite3.connect(db) as source, sqlite3.connect(snapshot) as target:
+            source.backup(target)
+        source.close()
+        target.close()
+    with sqlite3.connect(snapshot) as conn:
+        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
+        assert running.fetchone()[0] == len(ids)
+    conn.close()
+    restarted = dataclasses.replace(settings, db=str(snapshot), retention_seconds=0.001)
+    try:  # their ends are recorded first; retention frees their room once they are old
+        await (await build_server(restarted, registry)).shutdown(grace=0)
+    except StoreUnavailableError as exc:  # not old enough yet (1 ms): the next start
+        assert "full" in str(exc)
+    with sqlite3.connect(snapshot) as conn:
+        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
+        assert running.fetchone()[0] == 0
+    conn.close()
+    async with serving(restarted, registry) as (_, _, stub):
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert snapshot.stat().st_size <= cap
+
+
 async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
     settings = Settings(listen="127.0.0.1:0", db=":memory:", retention_seconds=0.5)
     server = await build_server(settings, registry)

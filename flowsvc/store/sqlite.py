@@ -32,7 +32,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -135,6 +135,14 @@ WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 #: The room the write check asks for: a few pages, about what a small flow's record takes.
 _ROOM_CHECK_BYTES = 16 * 1024
+#: Room kept, as one row of the meta table, for recording the ends of executions a store
+#: failure stopped (their `finished` event, and their record rewritten, which SQLite
+#: copies whole): given up only for that, so that a database full of such executions
+#: still records them, and retention can then free their room. With a cap, an eighth of
+#: it at most. The write check puts it back when there is room for it.
+END_RESERVE_BYTES = 64 * 1024
+#: Room for an end's event and index entries, beyond its record.
+_END_ROOM_BYTES = 16 * 1024
 
 _STOP = object()
 #: SQLite's largest INTEGER (a signed 64-bit one).
@@ -173,6 +181,11 @@ class SQLiteStore:
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._max_bytes = max_bytes
+        self._reserve_bytes = (
+            min(END_RESERVE_BYTES, max_bytes // 8) if max_bytes else END_RESERVE_BYTES
+        )
+        #: max_page_count as --db-max-bytes sets it (0: no cap), once the file is open.
+        self._cap_pages = 0
         self._max_batch = max_batch
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         # Executions one of whose events failed to commit (touched by the store thread only).
@@ -199,8 +212,56 @@ class SQLiteStore:
         conn.execute("PRAGMA foreign_keys = ON")
         if self._max_bytes:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page_size)}")
+            self._cap_pages = max(1, self._max_bytes // page_size)
+            conn.execute(f"PRAGMA max_page_count = {self._cap_pages}")
         return conn
+
+    def _has_room(self, conn: sqlite3.Connection, size: int) -> bool:
+        """Whether the cap leaves room for `size` bytes of new rows (with pages to spare):
+        a write that finds none fails, and SQLite rolls back its whole transaction."""
+        if not self._cap_pages:
+            return True  # the disk's room is known only by writing
+        page_size, pages, free = (
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_size", "page_count", "freelist_count")
+        )
+        return bool(free + max(0, self._cap_pages - pages) >= -(-size // page_size) + 4)
+
+    def _restore_reserve(self, conn: sqlite3.Connection, spare: int) -> None:
+        """Put back the reserve for recording ends (given up since, or never made) if
+        the cap leaves room for it and `spare` bytes more: a small cap may have none."""
+        if not conn.execute(
+            "SELECT 1 FROM meta WHERE key = 'end_reserve'"
+        ).fetchone() and self._has_room(conn, self._reserve_bytes + spare):
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('end_reserve', zeroblob(?))",
+                (self._reserve_bytes,),
+            )
+
+    @contextlib.contextmanager
+    def _room_for_ends(self, conn: sqlite3.Connection, record_bytes: int) -> Iterator[None]:
+        """Inside a job: room to record ends whose largest record holds `record_bytes`.
+
+        The reserve row is given up first (its pages are the ones SQLite takes first).
+        With a cap, the cap is lifted for these writes only, by the room one end needs:
+        the file grows past the cap only if the reserve and the free pages do not hold
+        it (a record larger than the reserve), and then by one record and
+        _END_ROOM_BYTES at most. The write check puts the reserve back later."""
+        conn.execute("DELETE FROM meta WHERE key = 'end_reserve'")
+        if not self._cap_pages:
+            yield
+            return
+        page_size, pages = (
+            conn.execute("PRAGMA page_size").fetchone()[0],
+            conn.execute("PRAGMA page_count").fetchone()[0],
+        )
+        extra = -(-(record_bytes + _END_ROOM_BYTES) // page_size)
+        conn.execute(f"PRAGMA max_page_count = {max(self._cap_pages, pages) + extra}")
+        try:
+            yield
+        finally:
+            # SQLite keeps it at the file's size if the file grew past the cap.
+            conn.execute(f"PRAGMA max_page_count = {self._cap_pages}")
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         while True:
@@ -603,15 +664,17 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM executions WHERE status = ?", (FlowStatus.RUNNING.value,)
             ).fetchall()
+            rows = [row for row in rows if only is None or row[1] in only]
             done = []
-            for row in rows:
-                record = _record(row)
-                if only is not None and record.flow_id not in only:
-                    continue
-                final = make_final(record)
-                kind, body = event_to_json(final)
-                _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
-                done.append(record.flow_id)
+            # The store may be full: these ends are what the reserve is kept for.
+            largest = max((len(row[2].encode()) + len(row[3].encode()) for row in rows), default=0)
+            with self._room_for_ends(conn, largest) if rows else contextlib.nullcontext():
+                for row in rows:
+                    record = _record(row)
+                    final = make_final(record)
+                    kind, body = event_to_json(final)
+                    _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
+                    done.append(record.flow_id)
             # Their drives have ended, and every event they queued was taken before this
             # job: nothing more of theirs comes to be refused. Kept, they piled up with
             # every store failure of a server that runs for weeks.
@@ -629,6 +692,8 @@ class SQLiteStore:
                 " LIMIT ?)",
                 (_ts(cutoff), -1 if limit is None else limit),
             )
+            if cur.rowcount:
+                self._restore_reserve(conn, _ROOM_CHECK_BYTES)  # the room freed goes first
             return cur.rowcount
 
         result: int = await self._call(delete, write=True)
@@ -642,6 +707,7 @@ class SQLiteStore:
 
     async def check_writable(self) -> None:
         def touch(conn: sqlite3.Connection) -> None:
+            self._restore_reserve(conn, _ROOM_CHECK_BYTES)
             # Room for a flow's record, not just for this row rewritten in place (which
             # a full database still takes): pages taken, then given back in the same
             # transaction.
