@@ -1305,6 +1305,57 @@ async def test_a_server_restarted_on_a_database_full_of_running_executions_start
     assert snapshot.stat().st_size <= cap
 
 
+async def test_a_restart_records_the_ends_of_many_small_executions_a_full_database_holds(
+    tmp_path: Path, registry
+) -> None:
+    # Crash recovery lifted the cap by one record and 16 KiB: a full database of a few
+    # hundred small RUNNING executions needs more for their ends' events, so recording
+    # them failed "database or disk is full" at every restart, and nothing ever ended
+    # for retention to free. The room now counts every end.
+    from flowsvc.errors import StoreUnavailableError
+
+    db, snapshot = tmp_path / "full.db", tmp_path / "crashed.db"
+    settings = Settings(
+        listen="127.0.0.1:0", db=str(db), db_max_bytes=256 * 1024, max_in_flight=10_000
+    )
+    release = asyncio.Event()
+
+    async def held(ctx: TaskContext) -> TaskResult:
+        await release.wait()
+        return TaskResult.success()
+
+    registry.register("held", held)
+    async with serving(settings, registry) as (_, _, stub):
+        while True:  # small executions started until the database is full
+            call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("held")))
+            try:
+                await call.read()
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                break
+        with sqlite3.connect(db) as source, sqlite3.connect(snapshot) as target:
+            source.backup(target)
+        source.close()
+        target.close()
+        release.set()
+    with sqlite3.connect(snapshot) as conn:
+        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
+        assert running.fetchone()[0] > 100
+    conn.close()
+    restarted = dataclasses.replace(settings, db=str(snapshot), retention_seconds=0.001)
+    try:  # their ends are recorded first; retention frees their room once they are old
+        await (await build_server(restarted, registry)).shutdown(grace=0)
+    except StoreUnavailableError as exc:  # not old enough yet (1 ms): the next start
+        assert "full" in str(exc)
+    with sqlite3.connect(snapshot) as conn:
+        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
+        assert running.fetchone()[0] == 0
+    conn.close()
+    async with serving(restarted, registry) as (_, _, stub):
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
     settings = Settings(listen="127.0.0.1:0", db=":memory:", retention_seconds=0.5)
     server = await build_server(settings, registry)

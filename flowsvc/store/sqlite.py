@@ -240,13 +240,14 @@ class SQLiteStore:
 
     @contextlib.contextmanager
     def _room_for_ends(self, conn: sqlite3.Connection, record_bytes: int) -> Iterator[None]:
-        """Inside a job: room to record ends whose largest record holds `record_bytes`.
+        """Inside a job: room to record ends needing `record_bytes` (the largest record,
+        rewritten whole, and every end's event).
 
         The reserve row is given up first (its pages are the ones SQLite takes first).
-        With a cap, the cap is lifted for these writes only, by the room one end needs:
+        With a cap, the cap is lifted for these writes only, by the room the ends need:
         the file grows past the cap only if the reserve and the free pages do not hold
-        it (a record larger than the reserve), and then by one record and
-        _END_ROOM_BYTES at most. The write check puts the reserve back later."""
+        them, and then by `record_bytes` and _END_ROOM_BYTES at most. The write check
+        puts the reserve back later."""
         conn.execute("DELETE FROM meta WHERE key = 'end_reserve'")
         if not self._cap_pages:
             yield
@@ -666,13 +667,21 @@ class SQLiteStore:
             ).fetchall()
             rows = [row for row in rows if only is None or row[1] in only]
             done = []
-            # The store may be full: these ends are what the reserve is kept for.
+            ends = []
+            for row in rows:
+                record = _record(row)
+                final = make_final(record)
+                ends.append((record, final, *event_to_json(final)))
+            # The store may be full: these ends are what the reserve is kept for. Room for
+            # the largest record rewritten whole, and for every end's event and message
+            # (twice: the pages they fill are not full), however many executions end.
             largest = max((len(row[2].encode()) + len(row[3].encode()) for row in rows), default=0)
-            with self._room_for_ends(conn, largest) if rows else contextlib.nullcontext():
-                for row in rows:
-                    record = _record(row)
-                    final = make_final(record)
-                    kind, body = event_to_json(final)
+            events = sum(
+                2 * (len(body.encode()) + len(final.message.encode()) + len(record.flow_id))
+                for record, final, _, body in ends
+            )
+            with self._room_for_ends(conn, largest + events) if ends else contextlib.nullcontext():
+                for record, final, kind, body in ends:
                     _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
                     done.append(record.flow_id)
             # Their drives have ended, and every event they queued was taken before this
