@@ -70,6 +70,11 @@ class StallWatch:
 
     def _watch(self) -> None:  # on the thread
         while not self._done.wait(TICK_SECONDS):
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                return  # its loop ended without stop() (no shutdown): nothing to watch
+            if not loop.is_running():
+                continue  # not ticking, but not blocked: nothing runs on it
             tick = self._tick
             blocked = time.monotonic() - tick
             if blocked < STALL_SECONDS or self._stalled_since == tick:

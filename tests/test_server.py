@@ -13,6 +13,7 @@ from flowmanager.v1 import flow_pb2, flow_service_pb2
 from grpc_health.v1 import health_pb2
 
 from flowsvc import TaskContext, TaskResult
+from flowsvc.server import build_server
 from tests.support import chain, flow_pb, to_dict
 
 
@@ -431,3 +432,25 @@ async def test_a_task_that_blocks_the_event_loop_is_reported_with_where_it_block
     assert "time.sleep(1.0)" in blocked.stack
     assert blocked.blocked_for_s >= 0.5 and "plain def" in blocked.hint
     assert any(0.5 <= r.blocked_for_s <= 30 for r in lines("event loop unblocked"))
+
+
+async def test_a_loop_that_ends_without_shutdown_is_neither_watched_nor_reported_blocked(
+    registry, settings, caplog
+) -> None:
+    # The stall watch's thread is stopped by shutdown only: a loop that ended without one
+    # (an embedding program's error, a failed test) left the thread running for good, one
+    # per server, and each reported its loop "blocked" with the stack of whatever the
+    # thread ran next.
+    caplog.set_level(logging.WARNING, logger="flowsvc.stalls")
+
+    async def abandoned() -> None:
+        server = await build_server(settings, registry)
+        await server.server.stop(0)  # no shutdown
+
+    before = {t for t in threading.enumerate() if t.name == "flowsvc-stalls"}
+    await asyncio.to_thread(asyncio.run, abandoned())
+    deadline = time.monotonic() + 10
+    while {t for t in threading.enumerate() if t.name == "flowsvc-stalls"} - before:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.getMessage() == "event loop blocked"]
