@@ -79,9 +79,11 @@ class StallWatch:
             blocked = time.monotonic() - tick
             if blocked < STALL_SECONDS or self._stalled_since == tick:
                 continue
-            self._stalled_since = tick
             frame = sys._current_frames().get(self._loop_thread)
             where = traceback.format_stack(frame, limit=STACK_FRAMES) if frame else []
+            if self._tick != tick:
+                continue  # it ticked meanwhile: that stack is not the blocking code's
+            self._stalled_since = tick
             log_event(
                 logger,
                 logging.WARNING,
