@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
+from types import FrameType
 
 from flowsvc.logs import event as log_event
 
@@ -28,6 +30,34 @@ TICK_SECONDS = 0.1
 STALL_SECONDS = 0.5
 #: The innermost frames of the loop thread's stack that a report shows.
 STACK_FRAMES = 8
+#: The most characters of a report's stack.
+STACK_CHARS = 8192
+#: Where flowsvc's own code lies: the frame it called last is the task's.
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def _ours(filename: str) -> bool:
+    return str(Path(filename).resolve()).startswith(_PACKAGE)
+
+
+def where(frame: FrameType) -> str:
+    """The innermost STACK_FRAMES frames of a stack; and, when it is further out, first the
+    frame of the code flowsvc called last (a task: its line that blocks), which a blocking
+    call deep in a library (urllib, a database driver) left out of the innermost frames."""
+    frames = traceback.StackSummary.extract(traceback.walk_stack(frame), lookup_lines=False)
+    inner = traceback.StackSummary.from_list(frames[:STACK_FRAMES][::-1]).format()
+    # walk_stack goes outwards: frames[0] is the innermost, each next one its caller.
+    for i in range(len(frames) - 1):
+        if _ours(frames[i + 1].filename) and not _ours(frames[i].filename):
+            if i >= STACK_FRAMES:  # not among the innermost: shown first
+                entry = "".join(traceback.StackSummary.from_list([frames[i]]).format())
+                skipped = i - STACK_FRAMES
+                inner = [entry, f"  ... {skipped} frames ...\n" if skipped else "", *inner]
+            break
+    text = "".join(inner)
+    if len(text) <= STACK_CHARS:
+        return text
+    return text[: STACK_CHARS // 4] + "...\n" + text[-(STACK_CHARS * 3 // 4) :]
 
 
 class StallWatch:
@@ -80,7 +110,7 @@ class StallWatch:
             if blocked < STALL_SECONDS or self._stalled_since == tick:
                 continue
             frame = sys._current_frames().get(self._loop_thread)
-            where = traceback.format_stack(frame, limit=STACK_FRAMES) if frame else []
+            stack = where(frame) if frame else ""  # now: a frame is live, it moves on
             if self._tick != tick:
                 continue  # it ticked meanwhile: that stack is not the blocking code's
             self._stalled_since = tick
@@ -93,5 +123,5 @@ class StallWatch:
                     "an async task that does not await stalls every flow: make a blocking "
                     "task a plain def (it runs in a thread)"
                 ),
-                stack="".join(where)[-8192:],
+                stack=stack,
             )

@@ -454,3 +454,36 @@ async def test_a_loop_that_ends_without_shutdown_is_neither_watched_nor_reported
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert not [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+
+
+async def test_a_task_that_blocks_deep_in_a_library_is_reported_with_its_own_line(
+    server, stub, registry, caplog
+) -> None:
+    # A blocking library call (urllib, a database driver) in an async task is many frames
+    # deep: the innermost frames alone were all the library's, and did not say which task
+    # (nor which of its lines) blocked the loop.
+    caplog.set_level(logging.WARNING, logger="flowsvc.stalls")
+
+    def library(depth: int) -> None:
+        if depth:
+            library(depth - 1)
+        else:
+            time.sleep(1.0)
+
+    @registry.task("blocks_deep_down")
+    async def blocks_deep_down() -> TaskResult:
+        library(20)  # the line to report
+        return TaskResult.success()
+
+    done = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_deep_down")), timeout=30
+    )
+    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    deadline = time.monotonic() + 10
+    while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    (blocked,) = [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+    assert "blocks_deep_down" in blocked.stack
+    assert "library(20)  # the line to report" in blocked.stack
+    assert "time.sleep(1.0)" in blocked.stack  # the innermost frames too
