@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from flowsvc import convert
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
-from flowsvc.errors import TaskModuleError
+from flowsvc.errors import StoreUnavailableError, TaskModuleError
 from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
@@ -539,6 +539,21 @@ class FlowServer:
         await self.server.wait_for_termination()
 
 
+#: What SQLite says of a database that reached its max_page_count, or of a full disk.
+_FULL = "database or disk is full"
+
+
+def _full_at_start(settings: Settings, exc: StoreUnavailableError) -> StoreUnavailableError:
+    """A store full at start, once crash recovery and retention have run, refuses to start:
+    say which database, at which cap, and what makes room."""
+    cap = f" at --db-max-bytes {settings.db_max_bytes}" if settings.db_max_bytes else ""
+    return StoreUnavailableError(
+        f"database {settings.db} is full{cap} ({exc}), once crash recovery and retention "
+        "have run: start it with a larger --db-max-bytes (or free the disk), or delete ended "
+        "executions from it"
+    )
+
+
 async def build_server(settings: Settings, registry: TaskRegistry | None = None) -> FlowServer:
     """Build, bind and start a server. `registry` defaults to the built-ins plus the
     settings' task modules."""
@@ -584,7 +599,12 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         flow_bytes=convert.flow_bytes,
         input_bytes=convert.input_bytes,
     )
-    recovered = await manager.open()
+    try:
+        recovered = await manager.open()
+    except StoreUnavailableError as exc:
+        if _FULL not in str(exc):
+            raise  # not a full one: its own message
+        raise _full_at_start(settings, exc) from exc
     try:
         server, port, servicer = await _listen(settings, manager, health_servicer)
     except BaseException:

@@ -2358,3 +2358,28 @@ async def test_a_watch_that_retention_overtakes_between_its_reads_ends_not_found
             await watching
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert sequences == list(range(1, 257))  # the first job's, and no more
+
+
+async def test_a_database_full_at_start_is_refused_naming_it_and_what_to_do(
+    tmp_path: Path, registry
+) -> None:
+    # A database that is full at start (here: a cap lowered below its size) stopped the
+    # server with "execution store unavailable: database or disk is full", naming neither
+    # the file, nor the cap, nor what to do about it.
+    from flowsvc.errors import StoreUnavailableError
+
+    @registry.task("large_result")
+    async def large_result() -> TaskResult:
+        return TaskResult.success({"pad": "x" * 30_000})
+
+    db = tmp_path / "full.db"
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
+        for _ in range(10):
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("large_result")))
+    capped = Settings(listen="127.0.0.1:0", db=str(db), db_max_bytes=100_000)
+    with pytest.raises(StoreUnavailableError, match="database or disk is full") as info:
+        await build_server(capped, registry)
+    message = str(info.value)
+    assert str(db) in message
+    assert "--db-max-bytes 100000" in message and "larger --db-max-bytes" in message
+    assert "delete ended executions" in message
