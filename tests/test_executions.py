@@ -1151,8 +1151,9 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
     tmp_path: Path, registry
 ) -> None:
     # A server that crashed while its database was full leaves an execution RUNNING. The
-    # next start must record its end, and for that it needs room: the room retention
-    # frees. Before, that start failed ("database or disk is full"), again and again.
+    # next start must record its end (with the room kept for ends), and retention must
+    # then free room for new flows. Before, that start failed ("database or disk is
+    # full"), again and again.
 
     db = str(tmp_path / "full.db")
     cap = 128 * 1024
@@ -1176,6 +1177,12 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
             " request_hash, status, created_at, finished_at FROM executions WHERE flow_id = ?",
             (filler_id, old.flow_id),
         )
+        # Ended long ago, for retention to take; `cut` ends when the restart records it.
+        long_ago = "2000-01-01T00:00:00.000000+00:00"
+        conn.execute(
+            "UPDATE executions SET created_at = ?, finished_at = ? WHERE flow_id IN (?, ?)",
+            (long_ago, long_ago, old.flow_id, filler_id),
+        )
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -1194,7 +1201,7 @@ async def test_a_full_database_frees_room_before_recovery_so_the_server_starts_a
                     break
     finally:
         conn.close()
-    restarted = Settings(listen="127.0.0.1:0", db=db, db_max_bytes=cap, retention_seconds=0.001)
+    restarted = Settings(listen="127.0.0.1:0", db=db, db_max_bytes=cap, retention_seconds=3600)
     async with serving(restarted, registry) as (_, _, stub):
         got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=cut.flow_id))).execution
         assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
