@@ -37,7 +37,11 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 
 def _ours(filename: str) -> bool:
-    return str(Path(filename).resolve()).startswith(_PACKAGE)
+    try:
+        resolved = str(Path(filename).resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL: not a file of ours
+        return False
+    return resolved.startswith(_PACKAGE)
 
 
 def where(frame: FrameType) -> str:

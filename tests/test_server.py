@@ -487,3 +487,29 @@ async def test_a_task_that_blocks_deep_in_a_library_is_reported_with_its_own_lin
     assert "blocks_deep_down" in blocked.stack
     assert "library(20)  # the line to report" in blocked.stack
     assert "time.sleep(1.0)" in blocked.stack  # the innermost frames too
+
+
+async def test_a_stack_whose_file_cannot_be_resolved_is_still_reported(
+    server, stub, registry, caplog, tmp_path
+) -> None:
+    # Code whose file name lies under a symlink loop (exec'd, generated code) made the
+    # stack's reading raise RuntimeError in the watch's thread: the thread died with a
+    # traceback, and no stall was reported again for the life of the server.
+    caplog.set_level(logging.WARNING, logger="flowsvc.stalls")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    source = "async def blocks_in_generated_code():\n    time.sleep(1.0)\n    return ok()\n"
+    generated = {"time": time, "ok": TaskResult.success}
+    exec(compile(source, str(tmp_path / "a" / "generated.py"), "exec"), generated)
+    registry.task("blocks_in_generated_code")(generated["blocks_in_generated_code"])
+
+    done = await stub.ExecuteFlow(
+        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_in_generated_code")), timeout=30
+    )
+    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    deadline = time.monotonic() + 10
+    while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    (blocked,) = [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+    assert "generated.py" in blocked.stack
