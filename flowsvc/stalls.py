@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ def _ours(filename: str) -> bool:
         resolved = str(Path(filename).resolve())
     except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL: not a file of ours
         return False
-    return resolved.startswith(_PACKAGE)
+    return resolved.startswith(_PACKAGE + os.sep)
 
 
 def where(frame: FrameType) -> str:

@@ -513,3 +513,13 @@ async def test_a_stack_whose_file_cannot_be_resolved_is_still_reported(
         await asyncio.sleep(0.05)
     (blocked,) = [r for r in caplog.records if r.getMessage() == "event loop blocked"]
     assert "generated.py" in blocked.stack
+
+
+def test_a_module_beside_flowsvc_whose_name_starts_like_it_is_not_flowsvc_own() -> None:
+    # The package's path was compared as a string prefix: a task module in a folder
+    # beside it named flowsvc_tasks counted as flowsvc's own code, so a stall report put
+    # the library call it made first, not the task's line.
+    from flowsvc import stalls
+
+    assert stalls._ours(stalls.__file__)
+    assert not stalls._ours(stalls._PACKAGE + "_tasks/blocking.py")
