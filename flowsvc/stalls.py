@@ -76,6 +76,9 @@ class StallWatch:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._loop_thread = 0
+        # The tick and the mark of a report change together: a tick cannot fall between
+        # the watch's last look at it and its mark (a report never followed by "unblocked").
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -91,15 +94,16 @@ class StallWatch:
 
     def _beat(self) -> None:  # on the loop
         now = time.monotonic()
-        if self._stalled_since is not None and self._stalled_since == self._tick:
-            log_event(
-                logger,
-                logging.WARNING,
-                "event loop unblocked",
-                blocked_for_s=round(now - self._tick, 3),
-            )
-        self._stalled_since = None
-        self._tick = now
+        with self._lock:
+            if self._stalled_since is not None and self._stalled_since == self._tick:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "event loop unblocked",
+                    blocked_for_s=round(now - self._tick, 3),
+                )
+            self._stalled_since = None
+            self._tick = now
         assert self._loop is not None
         self._handle = self._loop.call_later(TICK_SECONDS, self._beat)
 
@@ -116,17 +120,18 @@ class StallWatch:
                 continue
             frame = sys._current_frames().get(self._loop_thread)
             stack = where(frame) if frame else ""  # now: a frame is live, it moves on
-            if self._tick != tick:
-                continue  # it ticked meanwhile: that stack is not the blocking code's
-            self._stalled_since = tick
-            log_event(
-                logger,
-                logging.WARNING,
-                "event loop blocked",
-                blocked_for_s=round(blocked, 3),
-                hint=(
-                    "an async task that does not await stalls every flow: make a blocking "
-                    "task a plain def (it runs in a thread)"
-                ),
-                stack=stack,
-            )
+            with self._lock:  # reported before the tick that follows says "unblocked"
+                if self._tick != tick:
+                    continue  # it ticked meanwhile: that stack is not the blocking code's
+                self._stalled_since = tick
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "event loop blocked",
+                    blocked_for_s=round(blocked, 3),
+                    hint=(
+                        "an async task that does not await stalls every flow: make a "
+                        "blocking task a plain def (it runs in a thread)"
+                    ),
+                    stack=stack,
+                )

@@ -523,3 +523,52 @@ def test_a_module_beside_flowsvc_whose_name_starts_like_it_is_not_flowsvc_own() 
 
     assert stalls._ours(stalls.__file__)
     assert not stalls._ours(stalls._PACKAGE + "_tasks/blocking.py")
+
+
+async def test_a_tick_between_the_recheck_and_the_mark_does_not_lose_the_unblocked_line(
+    caplog,
+) -> None:
+    # The watch re-checked the tick, then marked the stall reported: a tick in between
+    # (the loop moving on right then) found no mark, said nothing, and the watch then
+    # reported "event loop blocked" with no "unblocked" line ever to follow.
+    import inspect
+
+    from flowsvc import stalls
+
+    caplog.set_level(logging.WARNING, logger="flowsvc.stalls")
+    lines, first = inspect.getsourcelines(stalls.StallWatch._watch)
+    mark = first + next(i for i, s in enumerate(lines) if s.strip() == "self._stalled_since = tick")
+    watch = stalls.StallWatch()
+
+    def tracer(frame, event, arg):  # holds the watch at its mark till the loop ticks
+        if frame.f_code is not stalls.StallWatch._watch.__code__:
+            return None
+
+        def at_line(f, ev, a):
+            if ev == "line" and f.f_lineno == mark:
+                until = time.monotonic() + 1.0  # the fix holds the tick back: not forever
+                while watch._tick == f.f_locals["tick"] and time.monotonic() < until:
+                    time.sleep(0.01)
+            return at_line
+
+        return at_line
+
+    threading.settrace(tracer)
+    try:
+        watch.start()
+    finally:
+        threading.settrace(None)
+    try:
+        await asyncio.sleep(0.2)
+        time.sleep(stalls.STALL_SECONDS + 0.3)  # noqa: ASYNC251 - blocks the loop, on purpose
+        deadline = time.monotonic() + 5
+        while not [r for r in caplog.records if r.getMessage() == "event loop blocked"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
+            assert time.monotonic() < deadline, "blocked, and never unblocked"
+            await asyncio.sleep(0.05)
+    finally:
+        watch.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["event loop blocked", "event loop unblocked"]
