@@ -50,7 +50,9 @@ from flowsvc.models import (
     TaskContext,
     TaskResult,
     TaskStatus,
+    clean_text,
     frozen_json,
+    has_lone_surrogate,
     new_flow_id,
 )
 from flowsvc.references import (
@@ -747,25 +749,6 @@ def _overflows(value: int) -> bool:
     return False
 
 
-def _not_unicode(text: str) -> bool:
-    """True for a str that cannot be encoded as UTF-8 (it holds a lone surrogate): no
-    store, no protobuf message and no client could take it."""
-    if text.isascii():
-        return False
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def clean_text(text: str) -> str:
-    """`text` with any lone surrogate escaped (\\udc80): safe to store and send."""
-    if not _not_unicode(text):
-        return text
-    return text.encode("utf-8", "backslashreplace").decode()
-
-
 def _json_problem(
     value: Any, path: str, levels: int = MAX_JSON_DEPTH, room: list[int] | None = None
 ) -> str | None:
@@ -778,7 +761,7 @@ def _json_problem(
         room[0] -= len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
         if room[0] < 0:
             return f"data {too_large()}"
-        return f"{path} is a string with a lone surrogate" if _not_unicode(value) else None
+        return f"{path} is a string with a lone surrogate" if has_lone_surrogate(value) else None
     room[0] -= 8
     if room[0] < 0:  # numbers and keys count too, not only strings
         return f"data {too_large()}"
@@ -796,7 +779,7 @@ def _json_problem(
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path} has a non-string key {key!r}"
-            if _not_unicode(key):
+            if has_lone_surrogate(key):
                 return f"{path} has a key with a lone surrogate: {clean_text(key)!r}"
             room[0] -= len(key) if key.isascii() else len(key.encode())  # UTF-8, as strings
             problem = _json_problem(item, f"{path}.{key}", levels - 1, room)

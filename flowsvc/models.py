@@ -351,3 +351,22 @@ def new_flow_id() -> str:
 
 
 _VARIANT = "89ab"  # the RFC 4122 variant: the top two bits of the 17th digit are 10
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True for a str that cannot be encoded as UTF-8 (it holds a lone surrogate): no
+    store, no protobuf message and no client could take it."""
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def clean_text(text: str) -> str:
+    """`text` with any lone surrogate escaped (\\udc80): safe to store and send."""
+    if not has_lone_surrogate(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode()

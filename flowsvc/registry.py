@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flowsvc.errors import TaskRegistrationError
-from flowsvc.models import END
+from flowsvc.models import END, clean_text, has_lone_surrogate
 from flowsvc.references import INPUT
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,7 +114,7 @@ def _json_problem(value: Any, path: str) -> str | None:
     keys, text without lone surrogates, finite numbers within a double's range), None
     when it all is."""
     if isinstance(value, str):
-        return f"{path or 'it'} holds a lone surrogate" if _lone_surrogate(value) else None
+        return f"{path or 'it'} holds a lone surrogate" if has_lone_surrogate(value) else None
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -128,7 +128,7 @@ def _json_problem(value: Any, path: str) -> str | None:
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path or 'it'} has a key that is not a string: {key!r:.40}"
-            if _lone_surrogate(key):
+            if has_lone_surrogate(key):
                 return f"{path or 'it'} has a key with a lone surrogate: {key!r:.40}"
             problem = _json_problem(item, f"{path}.{key}" if path else key)
             if problem:
@@ -148,20 +148,9 @@ def _is_integer(json_type: Any) -> bool:
     return json_type == "integer" or (isinstance(json_type, list) and "integer" in json_type)
 
 
-def _lone_surrogate(text: str) -> bool:
-    """True for a str no protobuf message can carry: it holds a lone surrogate."""
-    if text.isascii():
-        return False
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def _name_problem(name: str) -> str | None:
     """Why no flow could run or refer to a task of this name (None: it can)."""
-    if _lone_surrogate(name):
+    if has_lone_surrogate(name):
         return "holds a lone surrogate, which no request or answer can carry"
     if name == END:
         return "is reserved: a route to it ends the flow"
@@ -177,10 +166,7 @@ def _name_problem(name: str) -> str | None:
 
 def _description(fn: Callable[..., Any]) -> str:
     """The task's docstring, as ListTasks shows it (a lone surrogate escaped: \\udc80)."""
-    text = inspect.cleandoc(fn.__doc__ or "").strip()
-    if _lone_surrogate(text):
-        text = text.encode("utf-8", "backslashreplace").decode()
-    return text
+    return clean_text(inspect.cleandoc(fn.__doc__ or "").strip())
 
 
 def _inspect(
