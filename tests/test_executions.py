@@ -1276,39 +1276,53 @@ async def test_a_database_full_of_executions_whose_end_was_not_written_recovers(
         assert db.stat().st_size <= cap  # the reserve sits within the cap
 
 
+def _snapshot(db: Path, snapshot: Path) -> None:
+    """A copy of a live database, as a crash would leave it."""
+    with sqlite3.connect(db) as source, sqlite3.connect(snapshot) as target:
+        source.backup(target)
+    source.close()
+    target.close()
+
+
+def _running(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
+        count: int = running.fetchone()[0]
+    conn.close()
+    return count
+
+
+async def _restart_records_every_end(settings: Settings, registry) -> None:
+    """Start on a crashed full database: the ends of its RUNNING executions are recorded
+    first (the start may still fail "full": retention frees their room once they are
+    old, 1 ms here), and the next start serves."""
+    from flowsvc.errors import StoreUnavailableError
+
+    restarted = dataclasses.replace(settings, retention_seconds=0.001)
+    try:
+        await (await build_server(restarted, registry)).shutdown(grace=0)
+    except StoreUnavailableError as exc:
+        assert "full" in str(exc)
+    assert _running(Path(restarted.db)) == 0
+    async with serving(restarted, registry) as (_, _, stub):
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 async def test_a_server_restarted_on_a_database_full_of_running_executions_starts(
     tmp_path: Path, registry
 ) -> None:
     # The same database as a crash leaves it (a snapshot taken while full): a restart at
     # the same cap failed, "database or disk is full", every time: the write check came
     # before crash recovery, which needs room to record the ends it writes.
-    from flowsvc.errors import StoreUnavailableError
-
     db, snapshot = tmp_path / "full.db", tmp_path / "crashed.db"
     cap = 256 * 1024
     settings = Settings(listen="127.0.0.1:0", db=str(db), db_max_bytes=cap)
     async with serving(settings, registry) as (_, _, stub):
         ids = await _fill_with_ends_not_recorded(stub, registry)
-        with sqlite3.connect(db) as source, sqlite3.connect(snapshot) as target:
-            source.backup(target)
-        source.close()
-        target.close()
-    with sqlite3.connect(snapshot) as conn:
-        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
-        assert running.fetchone()[0] == len(ids)
-    conn.close()
-    restarted = dataclasses.replace(settings, db=str(snapshot), retention_seconds=0.001)
-    try:  # their ends are recorded first; retention frees their room once they are old
-        await (await build_server(restarted, registry)).shutdown(grace=0)
-    except StoreUnavailableError as exc:  # not old enough yet (1 ms): the next start
-        assert "full" in str(exc)
-    with sqlite3.connect(snapshot) as conn:
-        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
-        assert running.fetchone()[0] == 0
-    conn.close()
-    async with serving(restarted, registry) as (_, _, stub):
-        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        _snapshot(db, snapshot)
+    assert _running(snapshot) == len(ids)
+    await _restart_records_every_end(dataclasses.replace(settings, db=str(snapshot)), registry)
     assert snapshot.stat().st_size <= cap
 
 
@@ -1319,8 +1333,6 @@ async def test_a_restart_records_the_ends_of_many_small_executions_a_full_databa
     # hundred small RUNNING executions needs more for their ends' events, so recording
     # them failed "database or disk is full" at every restart, and nothing ever ended
     # for retention to free. The room now counts every end.
-    from flowsvc.errors import StoreUnavailableError
-
     db, snapshot = tmp_path / "full.db", tmp_path / "crashed.db"
     settings = Settings(
         listen="127.0.0.1:0", db=str(db), db_max_bytes=256 * 1024, max_in_flight=10_000
@@ -1340,27 +1352,10 @@ async def test_a_restart_records_the_ends_of_many_small_executions_a_full_databa
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
                 break
-        with sqlite3.connect(db) as source, sqlite3.connect(snapshot) as target:
-            source.backup(target)
-        source.close()
-        target.close()
+        _snapshot(db, snapshot)
         release.set()
-    with sqlite3.connect(snapshot) as conn:
-        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
-        assert running.fetchone()[0] > 100
-    conn.close()
-    restarted = dataclasses.replace(settings, db=str(snapshot), retention_seconds=0.001)
-    try:  # their ends are recorded first; retention frees their room once they are old
-        await (await build_server(restarted, registry)).shutdown(grace=0)
-    except StoreUnavailableError as exc:  # not old enough yet (1 ms): the next start
-        assert "full" in str(exc)
-    with sqlite3.connect(snapshot) as conn:
-        running = conn.execute("SELECT COUNT(*) FROM executions WHERE status = 'running'")
-        assert running.fetchone()[0] == 0
-    conn.close()
-    async with serving(restarted, registry) as (_, _, stub):
-        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-        assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert _running(snapshot) > 100
+    await _restart_records_every_end(dataclasses.replace(settings, db=str(snapshot)), registry)
 
 
 async def test_retention_deletes_old_finished_executions(tmp_path: Path, registry) -> None:
