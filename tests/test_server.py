@@ -403,6 +403,18 @@ async def test_a_draining_server_answers_the_calls_still_coming_before_it_stops(
     assert stopped - server._servicer.last_call >= SETTLE_QUIET_SECONDS
 
 
+async def stall_reports(stub, caplog, task: str) -> list[logging.LogRecord]:
+    """Run a flow of `task` (one that blocks the event loop) and wait for the loop's
+    "unblocked" line; returns the "blocked" reports."""
+    done = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain(task)), timeout=30)
+    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    deadline = time.monotonic() + 10
+    while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
+        assert time.monotonic() < deadline  # at the loop's next tick
+        await asyncio.sleep(0.05)
+    return [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+
+
 async def test_a_task_that_blocks_the_event_loop_is_reported_with_where_it_blocks(
     server, stub, registry, caplog
 ) -> None:
@@ -416,22 +428,12 @@ async def test_a_task_that_blocks_the_event_loop_is_reported_with_where_it_block
         time.sleep(1.0)  # noqa: ASYNC251 (the mistake reported: no await)
         return TaskResult.success()
 
-    done = await stub.ExecuteFlow(
-        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_the_loop")), timeout=30
-    )
-    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-
-    def lines(msg: str) -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.getMessage() == msg]
-
-    deadline = time.monotonic() + 10
-    while not lines("event loop unblocked"):  # at the loop's next tick
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    (blocked,) = [r for r in lines("event loop blocked") if "blocks_the_loop" in r.stack]
+    reports = await stall_reports(stub, caplog, "blocks_the_loop")
+    (blocked,) = [r for r in reports if "blocks_the_loop" in r.stack]
     assert "time.sleep(1.0)" in blocked.stack
     assert blocked.blocked_for_s >= 0.5 and "plain def" in blocked.hint
-    assert any(0.5 <= r.blocked_for_s <= 30 for r in lines("event loop unblocked"))
+    unblocked = [r for r in caplog.records if r.getMessage() == "event loop unblocked"]
+    assert any(0.5 <= r.blocked_for_s <= 30 for r in unblocked)
 
 
 async def test_a_loop_that_ends_without_shutdown_is_neither_watched_nor_reported_blocked(
@@ -475,15 +477,7 @@ async def test_a_task_that_blocks_deep_in_a_library_is_reported_with_its_own_lin
         library(20)  # the line to report
         return TaskResult.success()
 
-    done = await stub.ExecuteFlow(
-        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_deep_down")), timeout=30
-    )
-    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    deadline = time.monotonic() + 10
-    while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    (blocked,) = [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+    (blocked,) = await stall_reports(stub, caplog, "blocks_deep_down")
     assert "blocks_deep_down" in blocked.stack
     assert "library(20)  # the line to report" in blocked.stack
     assert "time.sleep(1.0)" in blocked.stack  # the innermost frames too
@@ -503,15 +497,7 @@ async def test_a_stack_whose_file_cannot_be_resolved_is_still_reported(
     exec(compile(source, str(tmp_path / "a" / "generated.py"), "exec"), generated)
     registry.task("blocks_in_generated_code")(generated["blocks_in_generated_code"])
 
-    done = await stub.ExecuteFlow(
-        flow_service_pb2.ExecuteFlowRequest(flow=chain("blocks_in_generated_code")), timeout=30
-    )
-    assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-    deadline = time.monotonic() + 10
-    while not [r for r in caplog.records if r.getMessage() == "event loop unblocked"]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    (blocked,) = [r for r in caplog.records if r.getMessage() == "event loop blocked"]
+    (blocked,) = await stall_reports(stub, caplog, "blocks_in_generated_code")
     assert "generated.py" in blocked.stack
 
 
