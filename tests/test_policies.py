@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -73,8 +74,9 @@ def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
 # -- timeouts ---------------------------------------------------------------------------
 
 
-def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegistry) -> None:
-    cancelled = []
+def slow_task() -> tuple[Callable[[], Awaitable[TaskResult]], list[bool]]:
+    """An async task that sleeps 30 s, and the list it appends True to when cancelled."""
+    cancelled: list[bool] = []
 
     async def slow() -> TaskResult:
         try:
@@ -83,6 +85,12 @@ def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegist
             cancelled.append(True)
             raise
         return TaskResult.success()
+
+    return slow, cancelled
+
+
+def test_async_task_past_its_timeout_is_cancelled_and_fails(registry: TaskRegistry) -> None:
+    slow, cancelled = slow_task()
 
     registry.register("slow", slow)
     flow = timed_then_noop("slow")
@@ -121,15 +129,7 @@ def test_a_coroutine_from_a_sync_task_is_cancelled_at_its_timeout_not_abandoned(
     """A plain function that returns a coroutine: its thread has returned, and what runs
     past the timeout is the coroutine, on the loop. It is cancelled like an async task's
     (and waited for), and the error does not say a thread was abandoned."""
-    cancelled = []
-
-    async def slow() -> TaskResult:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
-        return TaskResult.success()
+    slow, cancelled = slow_task()
 
     def hands_back_a_coroutine():
         return slow()
