@@ -593,12 +593,13 @@ def _raised(
 
 
 def _text(exc: BaseException) -> str:
-    """The text of an exception a task raised, as 'Type: text' (never raising)."""
+    """The text of an exception a task raised, as 'Type: text', or 'Type' alone when it
+    has no text (never raising)."""
     try:
         text = str(exc)
     except Exception as err:  # the task's own __str__ is broken: its failure still stands
         text = f"(its text cannot be shown: str() raised {type(err).__name__})"
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: A task's wrong return value, as its failure shows it: short, and never raising.
