@@ -155,8 +155,26 @@ def _engine(settings: config.Settings) -> tuple[FlowEngine, TaskThreads]:
 
 
 def _print(message: Any) -> None:
-    # Field names as in the proto (flow_id, execution_history), as grpcurl prints them.
-    print(json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True))
+    # Field names as in the proto (flow_id, execution_history), and whole numbers without
+    # a ".0" (a Struct holds every number as a double), as grpcurl prints them.
+    value = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    print(json.dumps(_whole_numbers(value), indent=2, ensure_ascii=False))
+
+
+#: Past 2**53 a double no longer holds every whole number: such a number is shown as the
+#: double it is.
+_EXACT_DOUBLE = 2**53
+
+
+def _whole_numbers(value: Any) -> Any:
+    """`value` with every float that holds a whole number (3.0) as an int (3)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_DOUBLE else value
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
 def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -434,6 +434,25 @@ def test_run_accepts_a_bare_flow_with_input(tmp_path: Path) -> None:
     assert data == {"params": {"p": 1}, "input": {"customer_id": "c-1"}}
 
 
+def test_run_prints_whole_numbers_as_grpcurl_does(tmp_path: Path) -> None:
+    """A Struct holds every number as a double: 3 must still print as 3, not 3.0."""
+    flow = {
+        "name": "f",
+        "start_task": "echo",
+        "tasks": [{"name": "echo", "params": {"whole": 3, "half": 2.5, "big": 1e300}}],
+    }
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    result = flowsvc("run", str(path), "--input", '{"n": -7}')
+    assert result.returncode == 0, result.stderr
+    # The numbers as printed: a float's text is kept as such.
+    printed = json.loads(result.stdout, parse_float=lambda text: ("float", text))
+    data = printed["execution_history"][0]["data"]
+    # 1e300 is past 2**53, where a double no longer holds every whole number: as it is.
+    assert data["params"] == {"whole": 3, "half": ("float", "2.5"), "big": ("float", "1e+300")}
+    assert data["input"] == {"n": -7}
+
+
 def test_run_reports_failure_and_invalid_flows(tmp_path: Path) -> None:
     path = tmp_path / "failing.json"
     path.write_text(json.dumps({"name": "f", "start_task": "fail", "tasks": [{"name": "fail"}]}))
