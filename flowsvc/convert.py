@@ -352,7 +352,8 @@ def _add_history(
                 f"the answer for execution {flow_id} is over this server's limit of "
                 f"{max_bytes:,} bytes (--max-response-bytes; gRPC clients accept 4 MiB by "
                 "default): read it with GetExecution's view EXECUTION_VIEW_BASIC and its "
-                "results one message each with WatchExecution"
+                "results one message each with WatchExecution",
+                metadata={"flowId": flow_id, "maxResponseBytes": max_bytes},
             )
 
     add = message.execution_history.add
@@ -430,7 +431,8 @@ def basic_execution_to_pb(
     raise ResponseTooLargeError(
         f"execution {record.flow_id}'s flow and input are over this server's limit of "
         f"{max_bytes:,} bytes (--max-response-bytes): no answer can carry them; the "
-        "limit was lowered after it was submitted"
+        "limit was lowered after it was submitted",
+        metadata={"flowId": record.flow_id, "maxResponseBytes": max_bytes},
     )
 
 

@@ -426,7 +426,13 @@ class ExecutionManager:
                 began,
                 reason="its running task ignored cancellation at shutdown",
             )
-            run.fail(ShuttingDownError("the server stopped while the flow's task ran"))
+            run.fail(
+                ShuttingDownError(
+                    "the server stopped while the flow's task ran",
+                    reason="EXECUTION_INTERRUPTED",
+                    metadata={"flowId": run.flow_id},
+                )
+            )
 
     async def close(self) -> None:
         """Cut off whatever still runs (recorded INTERRUPTED) and close the store."""
@@ -575,6 +581,7 @@ class ExecutionManager:
                 f"{' is' if self.settings.max_in_flight == 1 else 's are'} running, the most "
                 "this server runs at once; retry later",
                 retry_after=1.0,
+                metadata={"maxInFlight": self.settings.max_in_flight},
             )
         new = NewExecution(
             flow_id=new_flow_id(),
@@ -655,6 +662,12 @@ class ExecutionManager:
             f"{limit - RECORD_RESERVE_BYTES:,} bytes, this server's largest answer "
             f"(--max-response-bytes, {limit:,}) less {RECORD_RESERVE_BYTES:,} for the rest "
             "of the execution",
+            reason="FLOW_INPUT_TOO_LARGE",
+            metadata={
+                "flowBytes": flow_bytes,
+                "inputBytes": input_bytes,
+                "maxResponseBytes": limit,
+            },
         )
 
     def _written(self, request_id: str, creating: asyncio.Future[Any]) -> None:
@@ -743,7 +756,8 @@ class ExecutionManager:
         if record.request_hash != digest:
             raise AlreadyExistsError(
                 f"request_id {record.request_id!r} was already used for execution "
-                f"{record.flow_id} with a different flow or input"
+                f"{record.flow_id} with a different flow or input",
+                metadata={"requestId": record.request_id, "flowId": record.flow_id},
             )
         run = await self._live_run(record.flow_id)
         if run is not None and _caller_left(run.stop.reason):
@@ -774,7 +788,9 @@ class ExecutionManager:
                     request_id=record.request_id,
                     flow_id=record.flow_id,
                     where=record.message.split(": ", 1)[0],  # "Flow cancelled during step 1 ..."
-                )
+                ),
+                reason="REQUEST_ID_ABANDONED",
+                metadata={"requestId": record.request_id, "flowId": record.flow_id},
             )
         if run is not None:
             run.callers += 1
@@ -835,7 +851,9 @@ class ExecutionManager:
         if record.status is FlowStatus.RUNNING:
             # Stopped by a store failure, its end not written yet: a stream ends with
             # `finished`, or with an error that says to come back.
-            raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
+            raise StoreUnavailableError(
+                _END_NOT_RECORDED.format(flow_id=flow_id), metadata={"flowId": flow_id}
+            )
 
     async def drain(self, attachment: Attachment) -> list[Event]:
         """Every event of the execution, once it has ended (what ExecuteFlow returns)."""
@@ -896,7 +914,13 @@ class ExecutionManager:
         except asyncio.CancelledError:
             # Cut off at close(), which records the end.
             self._unrecorded[run.flow_id] = "Flow interrupted: the server stopped before it ended"
-            run.fail(ShuttingDownError("the server stopped"))
+            run.fail(
+                ShuttingDownError(
+                    "the server stopped",
+                    reason="EXECUTION_INTERRUPTED",
+                    metadata={"flowId": run.flow_id},
+                )
+            )
             raise
         except ShuttingDownError:
             # Cut off at shutdown (cut_off() failed the run and records its end): its
@@ -932,7 +956,7 @@ class ExecutionManager:
         retention deletes meanwhile is NOT_FOUND (never part of it, then OK)."""
         found = await self._store(self.store.execution(flow_id, after, READ_CHUNK_EVENTS))
         if found is None:
-            raise NotFoundError(f"no execution {flow_id}")
+            raise NotFoundError(f"no execution {flow_id}", metadata={"flowId": flow_id})
         record, first = found
         return record, self._rest(flow_id, first, record.last_sequence)
 
@@ -947,14 +971,14 @@ class ExecutionManager:
                 return
             found = await self._store(self.store.events(flow_id, after, upto, READ_CHUNK_EVENTS))
             if found is None:
-                raise NotFoundError(f"no execution {flow_id}")
+                raise NotFoundError(f"no execution {flow_id}", metadata={"flowId": flow_id})
             chunk = found
 
     async def record(self, flow_id: str) -> ExecutionRecord:
         """The execution without its events (its last_sequence says how many it has)."""
         record: ExecutionRecord | None = await self._store(self.store.get(flow_id))
         if record is None:
-            raise NotFoundError(f"no execution {flow_id}")
+            raise NotFoundError(f"no execution {flow_id}", metadata={"flowId": flow_id})
         return record
 
     async def cancel(self, flow_id: str) -> tuple[ExecutionRecord, list[Event]]:
@@ -962,11 +986,15 @@ class ExecutionManager:
         if run is None:
             record = await self._store(self.store.get(flow_id))
             if record is None:
-                raise NotFoundError(f"no execution {flow_id}")
+                raise NotFoundError(f"no execution {flow_id}", metadata={"flowId": flow_id})
             if record.status is FlowStatus.RUNNING:
-                raise StoreUnavailableError(_END_NOT_RECORDED.format(flow_id=flow_id))
+                raise StoreUnavailableError(
+                    _END_NOT_RECORDED.format(flow_id=flow_id), metadata={"flowId": flow_id}
+                )
             raise FailedPreconditionError(
-                f"execution {flow_id} has already ended ({record.status.value})"
+                f"execution {flow_id} has already ended ({record.status.value})",
+                reason="EXECUTION_ENDED",
+                metadata={"flowId": flow_id, "status": f"FLOW_STATUS_{record.status.name}"},
             )
         run.stop.request("cancelled by CancelExecution")
         stopped = True
@@ -983,7 +1011,9 @@ class ExecutionManager:
             # It ended on its own before the cancel took effect (its last task had
             # finished): OK would say it was cancelled.
             raise FailedPreconditionError(
-                f"execution {flow_id} ended ({record.status.value}) before the cancel took effect"
+                f"execution {flow_id} ended ({record.status.value}) before the cancel took effect",
+                reason="EXECUTION_ENDED_BEFORE_CANCEL",
+                metadata={"flowId": flow_id, "status": f"FLOW_STATUS_{record.status.name}"},
             )
         if not record.status.is_final and not stopped:
             # Its async task ignores cancellation and has no timer to cut it off. OK would
@@ -992,7 +1022,11 @@ class ExecutionManager:
                 f"execution {flow_id} is stopping: no task starts after the one it runs, but "
                 f"that task has not stopped {self.settings.cancel_wait_seconds:g}s after the "
                 "cancel (it does not obey cancellation); the execution ends "
-                "FLOW_STATUS_CANCELLED when the task returns (WatchExecution follows it)"
+                "FLOW_STATUS_CANCELLED when the task returns (WatchExecution follows it)",
+                metadata={
+                    "flowId": flow_id,
+                    "cancelWaitSeconds": f"{self.settings.cancel_wait_seconds:g}",
+                },
             )
         return record, events
 
@@ -1019,7 +1053,9 @@ class ExecutionManager:
 
     def _read_token(self, token: str, query: dict[str, str]) -> int:
         bad = InvalidArgumentError.one(
-            "page_token", "is not a page token this server issued (tampered or truncated)"
+            "page_token",
+            "is not a page token this server issued (tampered or truncated)",
+            reason="PAGE_TOKEN_INVALID",
         )
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -1032,7 +1068,9 @@ class ExecutionManager:
         data = json.loads(payload)
         if data["q"] != query:
             raise InvalidArgumentError.one(
-                "page_token", "was issued for other filters; keep status and flow_name the same"
+                "page_token",
+                "was issued for other filters; keep status and flow_name the same",
+                reason="PAGE_TOKEN_INVALID",
             )
         cursor: int = data["c"]
         return cursor

@@ -35,11 +35,23 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from flowsvc import convert
 from flowsvc.config import Settings
 from flowsvc.engine import FlowEngine
-from flowsvc.errors import StoreUnavailableError, TaskModuleError
+from flowsvc.errors import (
+    NotFoundError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    TaskModuleError,
+    UnknownMethodError,
+)
 from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
 from flowsvc.registry import TaskRegistry, default_registry
-from flowsvc.servicer import FlowServicer, MalformedRequest, abort_malformed, safe_deserializer
+from flowsvc.servicer import (
+    FlowServicer,
+    MalformedRequest,
+    abort_malformed,
+    abort_with,
+    safe_deserializer,
+)
 from flowsvc.stalls import StallWatch
 from flowsvc.store import ExecutionStore
 from flowsvc.store.memory import MemoryStore
@@ -381,15 +393,16 @@ class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
         message = (
-            f"unknown method {handler_call_details.method}; "
+            f"unknown method {method}; "
             f"this server serves {self._services} (list them with reflection)"
         )
 
         async def unimplemented(
             requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
         ) -> None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            await abort_with(context, UnknownMethodError(message, metadata={"method": method}))
 
         return grpc.stream_stream_rpc_method_handler(unimplemented)
 
@@ -409,6 +422,23 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defi
         self._no_watchers = asyncio.Event()
         self._no_watchers.set()
 
+    async def Check(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        """The status of a service; NOT_FOUND with a reason and a message for a name that
+        has none (grpc's servicer sends NOT_FOUND with neither)."""
+        status = self._server_status.get(request.service)
+        if status is None:
+            await abort_with(
+                context,
+                NotFoundError(
+                    f"no health status for service {request.service!r}",
+                    reason="SERVICE_NOT_FOUND",
+                    metadata={"service": request.service},
+                ),
+            )
+        return health_pb2.HealthCheckResponse(status=status)
+
     async def List(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthListResponse:
@@ -421,7 +451,7 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defi
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self._closing.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            await abort_with(context, ShuttingDownError("server is shutting down"))
         self._watching += 1
         self._no_watchers.clear()
         watch = asyncio.ensure_future(super().Watch(request, context))
@@ -435,7 +465,7 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defi
             self._watching -= 1
             if self._watching == 0:
                 self._no_watchers.set()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        await abort_with(context, ShuttingDownError("server is shutting down"))
 
     async def close(self, wait_seconds: float) -> None:
         """End every Watch stream; wait up to `wait_seconds` for them to go."""

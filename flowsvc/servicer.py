@@ -1,7 +1,9 @@
 """FlowService RPC methods: convert -> engine -> convert, and one error table.
 
 Each method is a few lines; every exception is turned into a gRPC status in
-`_status_for`, the single place where errors meet status codes:
+`_status_for`, the single place where errors meet status codes. An error's `reason`
+picks its code in `REASONS`; every status also carries a google.rpc.ErrorInfo (that
+reason, domain `ERROR_DOMAIN`, the error's metadata), beside these details:
 
     InvalidArgumentError     -> INVALID_ARGUMENT + google.rpc.BadRequest field violations
     MalformedRequest         -> INVALID_ARGUMENT (bytes that do not parse as the request)
@@ -12,6 +14,7 @@ Each method is a few lines; every exception is turned into a gRPC status in
     AlreadyExistsError       -> ALREADY_EXISTS
     ShuttingDownError        -> UNAVAILABLE (the server is draining; retry elsewhere)
     StoreUnavailableError    -> UNAVAILABLE (the execution store cannot read or write)
+    UnknownMethodError       -> UNIMPLEMENTED
     any other exception      -> INTERNAL with an error id; the traceback goes to the log only
 
 A task that fails is not an error: it is in the response, with status FAILED.
@@ -36,15 +39,10 @@ from grpc_status import rpc_status
 
 from flowsvc import convert
 from flowsvc.errors import (
-    AlreadyExistsError,
-    FailedPreconditionError,
+    FlowsvcError,
     FlowValidationError,
     InvalidArgumentError,
-    NotFoundError,
     ResponseTooLargeError,
-    ShuttingDownError,
-    StillStoppingError,
-    StoreUnavailableError,
     TooManyExecutionsError,
     Violation,
 )
@@ -101,56 +99,81 @@ def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadReques
     return bad
 
 
-#: Errors raised on purpose -> their code; the message is the exception's text.
-_CODES: tuple[tuple[type[Exception], int], ...] = (
-    (NotFoundError, code_pb2.NOT_FOUND),
-    (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
-    (StillStoppingError, code_pb2.DEADLINE_EXCEEDED),
-    (AlreadyExistsError, code_pb2.ALREADY_EXISTS),
-    (ShuttingDownError, code_pb2.UNAVAILABLE),
-    (StoreUnavailableError, code_pb2.UNAVAILABLE),
-    (ResponseTooLargeError, code_pb2.RESOURCE_EXHAUSTED),
-)
+#: The domain of every google.rpc.ErrorInfo: the server, which owns the reasons below.
+#: Not a proto service name: they are sent by its health service and for unknown
+#: methods too, and a flowmanager.v2 would keep them.
+ERROR_DOMAIN = "flowsvc"
+
+#: Every reason a client may be sent, and its code: the one table of errors to statuses.
+#: The README's "Status codes" lists the same reasons (a test compares the two).
+REASONS: dict[str, int] = {
+    "FLOW_INVALID": code_pb2.INVALID_ARGUMENT,
+    "ARGUMENT_INVALID": code_pb2.INVALID_ARGUMENT,
+    "PAGE_TOKEN_INVALID": code_pb2.INVALID_ARGUMENT,
+    "FLOW_INPUT_TOO_LARGE": code_pb2.INVALID_ARGUMENT,
+    "REQUEST_MALFORMED": code_pb2.INVALID_ARGUMENT,
+    "MAX_IN_FLIGHT_EXCEEDED": code_pb2.RESOURCE_EXHAUSTED,
+    "RESPONSE_TOO_LARGE": code_pb2.RESOURCE_EXHAUSTED,
+    "EXECUTION_NOT_FOUND": code_pb2.NOT_FOUND,
+    "SERVICE_NOT_FOUND": code_pb2.NOT_FOUND,
+    "EXECUTION_ENDED": code_pb2.FAILED_PRECONDITION,
+    "EXECUTION_ENDED_BEFORE_CANCEL": code_pb2.FAILED_PRECONDITION,
+    "REQUEST_ID_ABANDONED": code_pb2.FAILED_PRECONDITION,
+    "EXECUTION_STILL_STOPPING": code_pb2.DEADLINE_EXCEEDED,
+    "REQUEST_ID_REUSED": code_pb2.ALREADY_EXISTS,
+    "SERVER_SHUTTING_DOWN": code_pb2.UNAVAILABLE,
+    "EXECUTION_INTERRUPTED": code_pb2.UNAVAILABLE,
+    "STORE_UNAVAILABLE": code_pb2.UNAVAILABLE,
+    "METHOD_NOT_FOUND": code_pb2.UNIMPLEMENTED,
+    "INTERNAL_ERROR": code_pb2.INTERNAL,
+}
+
+#: An ErrorInfo metadata value longer than this is cut (it travels in the trailers too).
+MAX_METADATA_CHARS = 256
+
+
+def _error_info(reason: str, metadata: dict[str, str]) -> error_details_pb2.ErrorInfo:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    for key, value in metadata.items():
+        info.metadata[key] = value[:MAX_METADATA_CHARS]
+    return info
 
 
 def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
-    """The one table from exceptions to gRPC statuses."""
-    if isinstance(exc, InvalidArgumentError):
-        status = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT,
-            message=f"{exc.subject}: {exc}"[:MAX_MESSAGE_CHARS],
-        )
-        status.details.add().Pack(_bad_request(exc.violations))
+    """The one table from exceptions to gRPC statuses: the code the error's reason has in
+    REASONS, its message, its details and its ErrorInfo."""
+    if isinstance(exc, FlowsvcError) and exc.reason in REASONS:
+        status = status_pb2.Status(code=REASONS[exc.reason], message=str(exc)[:MAX_MESSAGE_CHARS])
+        if isinstance(exc, InvalidArgumentError):
+            status.message = f"{exc.subject}: {exc}"[:MAX_MESSAGE_CHARS]
+            status.details.add().Pack(_bad_request(exc.violations))
+        elif isinstance(exc, _MalformedRequestError):
+            status.message = f"request is not a valid {exc.request.type_name}: {exc.request.error}"
+        elif isinstance(exc, TooManyExecutionsError):
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(round(exc.retry_after * 1e9))
+            status.details.add().Pack(retry)
+        status.details.add().Pack(_error_info(exc.reason, exc.metadata))
         return status
-    if isinstance(exc, _MalformedRequestError):
-        return status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT,
-            message=f"request is not a valid {exc.request.type_name}: {exc.request.error}",
-        )
-    if isinstance(exc, TooManyExecutionsError):
-        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc))
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(round(exc.retry_after * 1e9))
-        status.details.add().Pack(retry)
-        return status
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return status_pb2.Status(code=code, message=str(exc)[:MAX_MESSAGE_CHARS])
     error_id = uuid.uuid4().hex[:12]
     logger.error(
         "unexpected error",
         exc_info=exc,
         extra={"error_id": error_id, "method": method},
     )
-    return status_pb2.Status(
+    status = status_pb2.Status(
         code=code_pb2.INTERNAL,
         message=f"internal error (error id {error_id}); the server log has the details",
     )
+    status.details.add().Pack(_error_info("INTERNAL_ERROR", {"errorId": error_id}))
+    return status
 
 
-class _MalformedRequestError(Exception):
+class _MalformedRequestError(FlowsvcError):
+    reason = "REQUEST_MALFORMED"
+
     def __init__(self, request: MalformedRequest) -> None:
-        super().__init__(request.error)
+        super().__init__(request.error, metadata={"requestType": request.type_name})
         self.request = request
 
 
@@ -165,6 +188,12 @@ async def abort_malformed(
     """End the call INVALID_ARGUMENT for a request that did not parse (raises AbortError);
     for the health and reflection services, whose servicers are grpc's own."""
     await _abort(context, _MalformedRequestError(request), "")
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: FlowsvcError) -> None:
+    """End the call with the status of `exc` (raises AbortError): for the calls the
+    server answers outside FlowService (health, unknown methods), through the same table."""
+    await _abort(context, exc, "")
 
 
 def unary(
@@ -366,4 +395,12 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         return convert.tasks_to_pb(list(self.engine.registry))
 
 
-__all__ = ["FlowServicer", "MalformedRequest", "abort_malformed", "safe_deserializer"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "REASONS",
+    "FlowServicer",
+    "MalformedRequest",
+    "abort_malformed",
+    "abort_with",
+    "safe_deserializer",
+]

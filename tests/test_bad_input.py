@@ -68,7 +68,9 @@ def bad_request(err: grpc.aio.AioRpcError) -> Violations:
     """The (field, description) pairs of the google.rpc.BadRequest carried by `err`."""
     status = rpc_status.from_call(err)
     assert status is not None, f"no grpc-status-details-bin in the error: {err!r}"
-    assert len(status.details) == 1, status
+    # The BadRequest, then the ErrorInfo every error carries (see test_error_reasons).
+    assert len(status.details) == 2, status
+    assert status.details[1].Is(error_details_pb2.ErrorInfo.DESCRIPTOR), status
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad), f"details[0] is {status.details[0].type_url}"
     return [(v.field, v.description) for v in bad.field_violations]
