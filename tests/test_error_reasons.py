@@ -2,8 +2,8 @@
 the domain "flowsvc" and the ids that go with it, beside the details it had before.
 
 One test provokes each reason through a real server and a real client; the last ones check
-that the reasons of the code and of the servicer's table agree, so that no new error
-reaches a client without one."""
+that the reasons of the code, of the servicer's table and of the README agree, so that no
+new error reaches a client without one."""
 
 from __future__ import annotations
 
@@ -436,13 +436,30 @@ async def test_internal_error(stub, monkeypatch: pytest.MonkeyPatch, caplog) -> 
     assert "secret" not in str(got)
 
 
-# --- the reasons of the code and of the table agree -----------------------
+# --- the reasons of the code, of the table and of the README agree -----------------------
+
+
+def _readme_reasons() -> dict[str, str]:
+    """reason -> code, from the README's table of reasons (rows "| `REASON` | `CODE` |")."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Status codes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `([A-Z_]+)` \|", section, flags=re.MULTILINE)
+    return dict(rows)
+
+
+def _code_name(code: int) -> str:
+    return grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == code)).name
 
 
 def test_every_reason_has_the_format_of_aip_193() -> None:
     for reason in REASONS:
         assert REASON_FORMAT.fullmatch(reason) and len(reason) <= 63, reason
     assert ERROR_DOMAIN == "flowsvc"
+
+
+def test_the_readme_lists_every_reason_with_its_code() -> None:
+    expected = {reason: _code_name(code) for reason, code in REASONS.items()}
+    assert _readme_reasons() == expected
 
 
 def _subclasses(cls: type[FlowsvcError]) -> list[type[FlowsvcError]]:

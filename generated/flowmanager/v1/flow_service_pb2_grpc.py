@@ -38,6 +38,13 @@ class FlowServiceStub:
     (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
     DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
     appears in the server log).
+
+    Every error status the server sends (bar the CANCELLED and DEADLINE_EXCEEDED
+    that gRPC itself ends a call with, and a request over the size limit) carries a
+    google.rpc.ErrorInfo with domain "flowsvc": its `reason` (such as
+    EXECUTION_NOT_FOUND or REQUEST_ID_REUSED) is the stable name to branch on, as
+    the message text is not, and its `metadata` holds the ids that go with it
+    (flowId, requestId ...). The README's "Status codes" lists every reason.
     """
 
     def __init__(self, channel):
@@ -101,6 +108,13 @@ class FlowServiceServicer:
     (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
     DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
     appears in the server log).
+
+    Every error status the server sends (bar the CANCELLED and DEADLINE_EXCEEDED
+    that gRPC itself ends a call with, and a request over the size limit) carries a
+    google.rpc.ErrorInfo with domain "flowsvc": its `reason` (such as
+    EXECUTION_NOT_FOUND or REQUEST_ID_REUSED) is the stable name to branch on, as
+    the message text is not, and its `metadata` holds the ids that go with it
+    (flowId, requestId ...). The README's "Status codes" lists every reason.
     """
 
     def ExecuteFlow(self, request, context):
@@ -230,6 +244,13 @@ class FlowService:
     (UNAVAILABLE), cancelled calls and passed deadlines (CANCELLED,
     DEADLINE_EXCEEDED), and server faults (INTERNAL, with an error id that also
     appears in the server log).
+
+    Every error status the server sends (bar the CANCELLED and DEADLINE_EXCEEDED
+    that gRPC itself ends a call with, and a request over the size limit) carries a
+    google.rpc.ErrorInfo with domain "flowsvc": its `reason` (such as
+    EXECUTION_NOT_FOUND or REQUEST_ID_REUSED) is the stable name to branch on, as
+    the message text is not, and its `metadata` holds the ids that go with it
+    (flowId, requestId ...). The README's "Status codes" lists every reason.
     """
 
     @staticmethod
