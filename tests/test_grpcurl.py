@@ -64,6 +64,7 @@ BUILTIN_TASKS = ["echo", "fail", "http", "noop", "sleep", "task1", "task2", "tas
 # grpcurl exits with 64 + the gRPC status code when the RPC fails.
 GRPCURL_STATUS_OFFSET = 64
 INVALID_ARGUMENT = 3
+NOT_FOUND = 5
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,32 @@ def test_execute_invalid_flow_is_invalid_argument(grpcurl_server: ServerProcess)
     assert details[0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
     violations = details[0]["field_violations"]
     assert [v["field"] for v in violations] == ["flow.conditions[0].target_task_success"]
+    # ... and the google.rpc.ErrorInfo every error carries, as the README shows it.
+    assert details[1] == {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "FLOW_INVALID",
+        "domain": "flowsvc",
+        "metadata": {"field": "flow.conditions[0].target_task_success", "violationCount": "1"},
+    }
+
+
+def test_an_unknown_execution_prints_its_error_info(grpcurl_server: ServerProcess) -> None:
+    flow_id = str(uuid.uuid4())
+    result = grpcurl(grpcurl_server, GET_EXECUTION.replace("FLOW_ID", flow_id))
+    assert result.returncode == GRPCURL_STATUS_OFFSET + NOT_FOUND, result
+    text = result.stdout.decode() + result.stderr.decode()
+    assert "Code: NotFound" in text
+    details = [
+        json.loads(m) for m in re.findall(r"^\s*\d+\)\s+(\{.*\})$", text, flags=re.MULTILINE)
+    ]
+    assert details == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "EXECUTION_NOT_FOUND",
+            "domain": "flowsvc",
+            "metadata": {"flowId": flow_id},
+        }
+    ], text
 
 
 @pytest.mark.parametrize("command", [HEALTH, HEALTH_SERVICE], ids=["server", "FlowService"])
