@@ -364,6 +364,20 @@ class ExecutionManager:
     async def open(self) -> list[str]:
         """Open the store and close what a crash left RUNNING; returns those ids."""
         await self.store.open()
+        try:
+            return await self._recover()
+        except BaseException:
+            # Refused (full, read-only ...) once the store is open: closed again, or its
+            # thread ran on and it held the database's lock, so that a server started
+            # again in this process was refused as "in use by another flowsvc server".
+            # (A failed retention sweep has started a store probe: it goes too.)
+            if self._probe is not None:
+                self._probe.cancel()
+            await self.store.close()
+            raise
+
+    async def _recover(self) -> list[str]:
+        """Crash recovery, retention and the write check of open()."""
         # First, with the room the store keeps for it: a database full of executions a
         # crash (or a store failure) cut off must record their ends, so that retention
         # can free their room, or the server could never start again.

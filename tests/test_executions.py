@@ -2385,3 +2385,29 @@ async def test_a_database_full_at_start_is_refused_naming_it_and_what_to_do(
     assert str(db) in message
     assert "--db-max-bytes 100000" in message and "larger --db-max-bytes" in message
     assert "delete ended executions" in message
+
+
+async def test_a_start_refused_once_the_store_is_open_closes_it_and_frees_the_database(
+    tmp_path: Path, registry
+) -> None:
+    """A start that fails after the store has opened (here: full at the write check) closes
+    the store again. It was left open: its thread ran on, and it held the database's lock,
+    so that a server started again in the same process (with a larger cap) was refused,
+    "in use by another flowsvc server"."""
+    from flowsvc.errors import StoreUnavailableError
+
+    @registry.task("large_result")
+    async def large_result() -> TaskResult:
+        return TaskResult.success({"pad": "x" * 30_000})
+
+    db = tmp_path / "refused.db"
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
+        for _ in range(10):
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("large_result")))
+    capped = Settings(listen="127.0.0.1:0", db=str(db), db_max_bytes=100_000)
+    with pytest.raises(StoreUnavailableError, match="is full"):
+        await build_server(capped, registry)
+    assert "flowsvc-store" not in [thread.name for thread in threading.enumerate()]
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
+        listed = await stub.ListExecutions(pb.ListExecutionsRequest())
+        assert len(listed.executions) == 10
