@@ -1125,6 +1125,46 @@ async def test_full_database_is_unavailable_not_unknown(tmp_path: Path, registry
         await server.shutdown(grace=0)
 
 
+async def test_a_submission_too_large_for_the_cap_fails_alone_not_the_flows_beside_it(
+    tmp_path: Path, registry
+) -> None:
+    """A record that does not fit under --db-max-bytes makes SQLite roll back the whole
+    transaction, and so the whole batch: the running flows whose small events were
+    committed in that batch were stopped with it (UNAVAILABLE, recorded INTERRUPTED),
+    though there was room for them. Now the batch is run again job by job, and only the
+    submission that does not fit fails. White-box: the store's thread is held, so that
+    both are in one batch."""
+    started, release, _ = gate(registry)
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "cap.db"), db_max_bytes=1_000_000)
+    server = await build_server(settings, registry)
+    held = StoreHold(server.manager.store)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
+            flow_id = (await call.read()).started.flow_id
+            await started.wait()
+            await held.hold()
+            release.set()  # gated's result and the flow's end wait behind the hold
+            await eventually(lambda: server.manager._live[flow_id].unpublished == 2)
+            too_large = pb.ExecuteFlowRequest(flow=chain("noop"))
+            too_large.input.update({"pad": "x" * 1_500_000})
+            refused = asyncio.ensure_future(stub.ExecuteFlow(too_large, timeout=20))
+            await eventually(lambda: server.manager._starting == 1)  # its record waits
+            await held.release()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await refused
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "full" in (info.value.details() or "")
+            streamed = await read_all(call)
+            assert streamed[-1].finished.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+            assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    finally:
+        held.let_go()
+        await server.shutdown(grace=0)
+
+
 async def test_the_store_failure_log_line_says_why(
     tmp_path: Path, registry, caplog: pytest.LogCaptureFixture
 ) -> None:

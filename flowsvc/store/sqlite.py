@@ -2,10 +2,11 @@
 
 One connection lives on one worker thread, so the event loop never waits on the disk.
 Calls queue up as jobs; the thread takes every job waiting, runs them in ONE
-transaction (each inside its own SAVEPOINT, so one failing job fails alone), commits
-once, and only then answers them all. Concurrent executions therefore share their
-commits (group commit): the cost of a durable commit is paid once per batch, and
-`append` still returns only once its event is committed.
+transaction, commits once, and only then answers them all (if a job fails, the batch is
+rolled back and run again one transaction a job, so that one failing job fails alone).
+Concurrent executions therefore share their commits (group commit): the cost of a
+durable commit is paid once per batch, and `append` still returns only once its event
+is committed.
 
 One server per database: the store holds an exclusive lock on a file beside the database
 (PATH.lock, flock) while it is open, and a second server opening the same file is
@@ -343,6 +344,10 @@ class SQLiteStore:
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         writes = any(job.write for job in batch)
+        # A job of several whose write SQLite rolls the whole transaction back for (a row
+        # that does not fit under --db-max-bytes: SQLITE_FULL) is run again alone, and the
+        # others apart from it: failing the batch stopped every flow with an event in it.
+        shared = len(batch) > 1
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
@@ -358,7 +363,7 @@ class SQLiteStore:
                     pending.append(job)
                     continue
                 if pending:
-                    self._append_rows(conn, pending)
+                    self._append_rows(conn, pending, shared)
                     pending = []
                 try:
                     job.result = job.fn(conn)
@@ -366,9 +371,9 @@ class SQLiteStore:
                     job.error = exc
                     raise _JobFailed from exc
                 except sqlite3.Error as exc:
-                    if writes and not conn.in_transaction:
+                    if writes and not conn.in_transaction and not shared:
                         # SQLite rolled the whole transaction back itself (SQLITE_FULL,
-                        # SQLITE_IOERR ...): the batch is lost, not just this job.
+                        # SQLITE_IOERR ...) for this job alone: it fails unavailable.
                         raise
                     job.error = _unavailable(exc)
                     raise _JobFailed from exc
@@ -376,7 +381,7 @@ class SQLiteStore:
                     job.error = exc
                     raise _JobFailed from exc
             if pending:
-                self._append_rows(conn, pending)
+                self._append_rows(conn, pending, shared)
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
@@ -386,7 +391,8 @@ class SQLiteStore:
             raise
 
     @staticmethod
-    def _append_rows(conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+    def _append_rows(conn: sqlite3.Connection, jobs: list[_Job], shared: bool) -> None:
+        """Insert the events of `jobs`; `shared`: other jobs are in the transaction."""
         try:
             conn.executemany(_INSERT_EVENT, [job.row for job in jobs if job.row is not None])
             finishes = [job.finish for job in jobs if job.finish is not None]
@@ -397,6 +403,14 @@ class SQLiteStore:
             # the batch is run again job by job, so that only the culprit fails.
             for job in jobs:
                 job.error = exc
+            raise _JobFailed from exc
+        except sqlite3.Error as exc:
+            if not shared:
+                raise
+            # An event that does not fit (SQLITE_FULL rolls the whole transaction back):
+            # run again job by job, the events that fit are committed.
+            for job in jobs:
+                job.error = _unavailable(exc)
             raise _JobFailed from exc
 
     def _submit(
