@@ -2052,6 +2052,29 @@ async def test_a_database_restored_from_a_dump_is_refused_saying_why(
     assert "PRAGMA user_version = 1" in str(info.value)
 
 
+async def test_another_applications_database_is_refused_and_left_as_it_was(
+    tmp_path: Path, registry
+) -> None:
+    # --db pointing at another application's SQLite file (a typo, a shared volume): one
+    # with a table named like one of flowsvc's stopped the start with "execution store
+    # unavailable: table events already exists", naming no file; one without got
+    # flowsvc's tables added to it, and served.
+    from flowsvc.errors import StoreUnavailableError
+
+    for table in ("events", "customers"):
+        db = tmp_path / f"{table}.db"
+        with sqlite3.connect(db) as other:
+            other.execute(f"CREATE TABLE {table} (id INTEGER)")
+        other.close()
+        with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
+            await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+        assert str(db) in str(info.value) and table in str(info.value)
+        with sqlite3.connect(db) as other:
+            tables = [row[0] for row in other.execute("SELECT name FROM sqlite_master")]
+        other.close()
+        assert tables == [table]
+
+
 async def test_list_executions_reads_no_flow_and_no_input(
     tmp_path: Path, registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

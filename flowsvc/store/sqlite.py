@@ -505,12 +505,26 @@ class SQLiteStore:
                 f"database {self.path} has schema version {version}; this flowsvc knows "
                 f"versions up to {SCHEMA_VERSION}"
             )
-        if (
-            version == 0
-            and conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'executions'"
-            ).fetchone()
-        ):
+        tables = (
+            [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            if version == 0
+            else []
+        )
+        if tables and "executions" not in tables:
+            # Another application's file (a mistyped --db, a shared volume): flowsvc's
+            # tables were added to it, or it failed with "table events already exists".
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreUnavailableError(
+                f"database {self.path} is not a flowsvc database: it has other tables "
+                f"({shown}) and no flowsvc schema; give --db a new file or a flowsvc database"
+            )
+        if tables:
             # Tables but no version: a restore from sqlite3's .dump, which leaves it out.
             raise StoreUnavailableError(
                 f"database {self.path} has flowsvc's tables but no schema version (a restore "
