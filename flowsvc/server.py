@@ -196,6 +196,19 @@ def _unix_bind_problem(listen: str) -> str | None:
     return None
 
 
+def _unix_socket_in_use(listen: str) -> bool:
+    """Whether a server accepts connections on the socket file of a `unix:` address (one
+    left by a server that crashed refuses them: gRPC takes its place)."""
+    if not listen.startswith("unix:"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(listen.removeprefix("unix:"))
+        except OSError:
+            return False
+    return True
+
+
 #: Server reflection's current name. grpcio-reflection serves only v1alpha, which older
 #: tools (grpcurl 1.8) use; newer ones ask for v1 first.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -714,6 +727,13 @@ async def _listen(
     _enable_reflection(server)
     # Last: grpc asks the handlers in order.
     server.add_generic_rpc_handlers((_UnknownMethods(SERVICES),))
+    if _unix_socket_in_use(settings.listen):
+        # gRPC removes the socket file before it binds: the running server would serve on,
+        # unreachable, and remove this one's socket file when it stops.
+        raise OSError(
+            f"cannot listen on {settings.listen}: Address already in use (a server is "
+            "listening on that socket)"
+        )
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as exc:  # grpc: "Failed to bind to address ...", and no reason

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 
 import grpc
 import pytest
-from flowmanager.v1 import flow_pb2, flow_service_pb2
+from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from grpc_health.v1 import health_pb2
 
 from flowsvc import TaskContext, TaskResult
+from flowsvc.config import Settings
 from flowsvc.server import build_server
 from tests.support import chain, flow_pb, to_dict
 
@@ -558,3 +560,27 @@ async def test_a_tick_between_the_recheck_and_the_mark_does_not_lose_the_unblock
         watch.stop()
     said = [r.getMessage() for r in caplog.records]
     assert said == ["event loop blocked", "event loop unblocked"]
+
+
+async def test_a_second_server_on_a_unix_socket_in_use_is_refused(registry, tmp_path) -> None:
+    """gRPC removes the socket file of a unix: address before it binds: a second server on
+    the same path took it over silently (the first served on, unreachable), and when the
+    first stopped, it removed the second's socket file, leaving that one unreachable too.
+    A socket some server listens on is now refused, as a TCP port in use is."""
+    address = f"unix:{tmp_path / 's.sock'}"
+    settings = Settings(listen=address, db=":memory:")
+    first = await build_server(settings, registry)
+    try:
+        with pytest.raises(OSError, match="Address already in use"):
+            await build_server(settings, registry)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            assert (await stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=10)).tasks
+    finally:
+        await first.shutdown(grace=0)
+    # A socket file no server listens on (left by a crash) is taken over, as before.
+    stale = tmp_path / "crashed.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(str(stale))
+    again = await build_server(Settings(listen=f"unix:{stale}", db=":memory:"), registry)
+    await again.shutdown(grace=0)
