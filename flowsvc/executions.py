@@ -1125,6 +1125,10 @@ class ExecutionManager:
                 await self.store.check_writable()
             except StoreUnavailableError:
                 continue
+            if self._unrecorded:
+                # An execution a failure stopped after _record_ends took the ends to
+                # record: turned healthy, nothing would record it (it stayed RUNNING).
+                continue
             self._set_store_health(True)
             return
 

@@ -1165,6 +1165,53 @@ async def test_a_submission_too_large_for_the_cap_fails_alone_not_the_flows_besi
         await server.shutdown(grace=0)
 
 
+async def test_an_execution_the_store_fails_while_the_probe_checks_is_recorded_too(
+    tmp_path: Path, registry
+) -> None:
+    """The store probe records the ends of the executions a store failure stopped, then
+    checks that the store can write, and turns healthy. An execution stopped by a failure
+    after the probe had taken the ends to record was never recorded: the probe ended
+    healthy, and it stayed RUNNING (its watchers and cancels UNAVAILABLE) until another
+    failure or the shutdown. Here a result too large for --db-max-bytes fails `second`
+    while the probe records `first`'s end. White-box: the store's thread is held."""
+    _, release_second, _ = gate(registry)
+
+    @registry.task("too_large")
+    async def too_large() -> TaskResult:
+        return TaskResult.success({"pad": "x" * 400_000})
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "probe.db"), db_max_bytes=300_000)
+    server = await build_server(settings, registry)
+    manager = server.manager
+    held = StoreHold(manager.store)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            second = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated", "too_large")))
+            second_id = (await second.read()).started.flow_id
+            first = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("too_large")))
+            first_id = (await first.read()).started.flow_id
+            await eventually(lambda: first_id in manager._unrecorded)  # the probe starts
+            await held.hold()  # before it wakes (0.25 s)
+            release_second.set()
+            await eventually(lambda: manager._live[second_id].unpublished == 3)  # and its end
+            # The probe has woken, and the job that records `first`'s end waits behind them.
+            await eventually(lambda: manager.store._jobs.qsize() == 4)
+            await held.release()
+            await eventually(lambda: manager.store_healthy, limit=20)
+
+            async def recorded(flow_id: str) -> bool:
+                got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+                return got.execution.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+
+            await eventually(lambda: recorded(first_id))
+            await eventually(lambda: recorded(second_id))
+            assert not manager._unrecorded
+    finally:
+        held.let_go()
+        await server.shutdown(grace=0)
+
+
 async def test_the_store_failure_log_line_says_why(
     tmp_path: Path, registry, caplog: pytest.LogCaptureFixture
 ) -> None:
