@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import re
 import sqlite3
@@ -24,6 +25,7 @@ from grpc_status import rpc_status
 
 from flowsvc import TaskContext, TaskResult
 from flowsvc.config import Settings
+from flowsvc.executions import Run
 from flowsvc.server import FlowServer, build_server
 from tests.support import chain, flow_pb, to_dict
 
@@ -613,6 +615,28 @@ async def test_callers_that_leave_a_long_task_leave_nothing_behind(server, stub,
     got = await stub.ExecuteFlow(request)  # the same execution, run to its end
     assert got.flow_id == flow_id
     assert got.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
+async def test_an_ended_execution_is_not_kept_in_memory_by_the_sqlite_store(
+    tmp_path: Path, registry
+) -> None:
+    """Once its stream has ended, nothing holds an execution's Run (and so its whole
+    history) in memory: the SQLite store's thread, waiting for its next job, held its last
+    batch, and through its callbacks the last execution's every event, until the next
+    write (retention's, an hour later, on an idle server)."""
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "idle.db"))
+    async with serving(settings, registry) as (server, _, stub):
+        loop = flow_pb(["noop"], {"noop": ("noop", "end")}, max_steps=50)
+        messages = await read_all(stub.StreamFlow(pb.StreamFlowRequest(flow=loop)))
+        flow_id = messages[0].started.flow_id
+        assert messages[-1].sequence == 52
+        await eventually(lambda: flow_id not in server.manager._live)
+
+        def kept() -> list[Run]:
+            gc.collect()
+            return [o for o in gc.get_objects() if isinstance(o, Run) and o.flow_id == flow_id]
+
+        await eventually(lambda: not kept(), limit=3.0)
 
 
 # -- idempotency -------------------------------------------------------------------------

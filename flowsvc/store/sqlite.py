@@ -284,25 +284,32 @@ class SQLiteStore:
             conn.execute(f"PRAGMA max_page_count = {self._cap_pages}")
 
     def _serve(self, conn: sqlite3.Connection) -> None:
-        while True:
-            first = self._jobs.get()
-            if first is _STOP:
-                break
-            batch: list[_Job] = [first]  # type: ignore[list-item]
-            stop_after = False
-            while len(batch) < self._max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    stop_after = True
-                    break
-                batch.append(job)  # type: ignore[arg-type]
-            self._run_batch(conn, batch)
-            if stop_after:
-                break
+        while self._serve_batch(conn):
+            pass
         conn.close()
+
+    def _serve_batch(self, conn: sqlite3.Connection) -> bool:
+        """Wait for jobs and run those waiting in one batch; False once told to stop.
+
+        A function of its own so that the batch is let go once it has run: kept in the
+        loop's variables while the thread waited for the next job, the last batch held its
+        jobs' events and callbacks, and through them the last execution's whole history
+        in memory (its Run, every event) until the next write came, maybe an hour later."""
+        first = self._jobs.get()
+        if first is _STOP:
+            return False
+        batch: list[_Job] = [first]  # type: ignore[list-item]
+        while len(batch) < self._max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                self._run_batch(conn, batch)
+                return False
+            batch.append(job)  # type: ignore[arg-type]
+        self._run_batch(conn, batch)
+        return True
 
     def _moved(self) -> str | None:
         """What happened to the database file if it is no longer the one opened."""
