@@ -147,10 +147,35 @@ def configure(level: str) -> None:
     # passwords and API keys in URLs would land in the log, a line per request.
     for chatty in QUIET_LIBRARIES:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, _CallGoneFilter) for f in core.filters):
+        core.addFilter(_CallGoneFilter())
 
 
 #: Libraries whose INFO and DEBUG lines never reach flowsvc's log.
 QUIET_LIBRARIES = ("httpx", "httpcore")
+#: grpc's logger for what happens under a call, and how its line begins when a message
+#: could not be sent because the call had already ended.
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+_CALL_GONE = "ExecuteBatchError raised in core by servicer method"
+
+
+class _CallGoneFilter(logging.Filter):
+    """grpc's ERROR, with a traceback, for a stream message it could not send because
+    the call had ended: a client that stopped reading its StreamFlow or WatchExecution
+    and then cancelled it, or whose deadline passed or connection dropped meanwhile.
+    Nothing failed in the server (the flow's own line says why it ended; a watcher's
+    leaving changes nothing): an ERROR per client that goes away reads as a fault and
+    buries the real ones. It is a DEBUG line, without the traceback, instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.getMessage().startswith(_CALL_GONE):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        record.exc_info = record.exc_text = None
+        return True
 
 
 def event(

@@ -152,3 +152,49 @@ def test_a_misspelled_flowsvc_variable_is_warned_about_not_ignored(tmp_path: Pat
     assert line["variables"] == ["FLOWSVC_MAX_INFLIGHT", "FLOWSVC_NOT_A_SETTING"]
     assert line["did_you_mean"] == {"FLOWSVC_MAX_INFLIGHT": "FLOWSVC_MAX_IN_FLIGHT"}
     assert "secret-value" not in srv.log_path.read_text()  # names only, never values
+
+
+async def test_a_client_that_leaves_a_stream_it_stopped_reading_is_no_error(
+    tmp_path: Path,
+) -> None:
+    """A client that stops reading its stream and then cancels it leaves the server's
+    write of the next message undone: grpc logged that as an ERROR with a traceback, a
+    line per client that went away. It is a DEBUG line now, without the traceback."""
+    loop = chain(("echo", {"blob": "x" * 200_000}))
+    loop.max_steps = 100
+    loop.conditions.add(source_task="echo", target_task_success="echo", target_task_failure="end")
+    # The client's window stays at 64 KiB (no BDP probing to widen it): the server cannot
+    # send the second 200 KB message until the client reads.
+    options = [("grpc.http2.bdp_probe", 0)]
+    method = "[/flowmanager.v1.FlowService/StreamFlow]"
+    # grpc says one or the other of each call, as its cancel or the failed write comes
+    # first (the write, most times): four calls, so that the failed write is among them.
+    gone = f"ExecuteBatchError raised in core by servicer method {method}"
+    said = {gone, f"RPC cancelled for servicer method {method}"}
+    calls = 4
+    with server_process(tmp_path, "--db", ":memory:", "--log-level", "DEBUG") as srv:
+        async with grpc.aio.insecure_channel(srv.address, options=options) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            for _ in range(calls):
+                call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=loop))
+                flow_id = (await call.read()).started.flow_id
+                request = flow_service_pb2.GetExecutionRequest(
+                    flow_id=flow_id, view=flow_service_pb2.EXECUTION_VIEW_BASIC
+                )
+                deadline = asyncio.get_running_loop().time() + 10
+                # The flow runs on, its stream waiting for the client to read.
+                while (await stub.GetExecution(request)).execution.last_sequence < 102:
+                    assert asyncio.get_running_loop().time() < deadline, "the flow did not end"
+                    await asyncio.sleep(0.02)
+                call.cancel()
+
+            def ended() -> list[dict[str, Any]]:
+                lines = [line for line in srv.log_lines() if line["msg"] in said]
+                return lines if len(lines) >= calls else []
+
+            ends = wait_until(ended)
+    failed_writes = [line for line in ends if line["msg"] == gone]
+    assert failed_writes
+    assert {line["level"] for line in failed_writes} == {"debug"}
+    assert not [line for line in failed_writes if "traceback" in line]
+    assert not [entry for entry in srv.log_lines() if entry["level"] == "error"]
