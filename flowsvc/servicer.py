@@ -80,7 +80,17 @@ def safe_deserializer(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
 #: Budget for the BadRequest detail. It travels in the trailers, and gRPC clients refuse
 #: trailers past 8-16 KiB by default (the call would fail RESOURCE_EXHAUSTED instead).
 MAX_DETAIL_BYTES = 4096
-MAX_MESSAGE_CHARS = 512
+#: The status message, in UTF-8 bytes: it travels twice, in grpc-status-details-bin and
+#: percent-encoded in grpc-message (3 bytes for each byte past ASCII), so that counting
+#: characters let a non-ASCII one take 12 times its budget in the trailers.
+MAX_MESSAGE_BYTES = 512
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """`text` cut to `max_bytes` of UTF-8, at a character's boundary."""
+    if len(text) * 4 <= max_bytes:
+        return text  # the usual short text: no encoding
+    return text.encode()[:max_bytes].decode(errors="ignore")
 
 
 def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadRequest:
@@ -128,14 +138,15 @@ REASONS: dict[str, int] = {
     "INTERNAL_ERROR": code_pb2.INTERNAL,
 }
 
-#: An ErrorInfo metadata value longer than this is cut (it travels in the trailers too).
-MAX_METADATA_CHARS = 256
+#: An ErrorInfo metadata value longer than this, in UTF-8 bytes, is cut (it travels in
+#: the trailers too, beside the message and the BadRequest).
+MAX_METADATA_BYTES = 256
 
 
 def _error_info(reason: str, metadata: dict[str, str]) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
     for key, value in metadata.items():
-        info.metadata[key] = value[:MAX_METADATA_CHARS]
+        info.metadata[key] = _clip(value, MAX_METADATA_BYTES)
     return info
 
 
@@ -143,9 +154,11 @@ def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
     """The one table from exceptions to gRPC statuses: the code the error's reason has in
     REASONS, its message, its details and its ErrorInfo."""
     if isinstance(exc, FlowsvcError) and exc.reason in REASONS:
-        status = status_pb2.Status(code=REASONS[exc.reason], message=str(exc)[:MAX_MESSAGE_CHARS])
+        status = status_pb2.Status(
+            code=REASONS[exc.reason], message=_clip(str(exc), MAX_MESSAGE_BYTES)
+        )
         if isinstance(exc, InvalidArgumentError):
-            status.message = f"{exc.subject}: {exc}"[:MAX_MESSAGE_CHARS]
+            status.message = _clip(f"{exc.subject}: {exc}", MAX_MESSAGE_BYTES)
             status.details.add().Pack(_bad_request(exc.violations))
         elif isinstance(exc, _MalformedRequestError):
             status.message = f"request is not a valid {exc.request.type_name}: {exc.request.error}"

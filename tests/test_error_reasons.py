@@ -95,6 +95,45 @@ async def test_argument_invalid(stub) -> None:
     assert detail_types(info.value) == ["google.rpc.BadRequest", "google.rpc.ErrorInfo"]
 
 
+#: What a grpc client accepts in trailers by default: past it, a call may fail
+#: RESOURCE_EXHAUSTED "Stream removed", with no status details (and past 16 KiB always).
+CLIENT_METADATA_SOFT_LIMIT = 8192
+
+
+def trailer_bytes(err: grpc.aio.AioRpcError) -> int:
+    """The trailers' size as a grpc client counts it (name + value + 32 each, grpc-message
+    percent-encoded, -bin values decoded) for the status of `err`."""
+    status = rpc_status.from_call(err)
+    assert status is not None
+    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.message.encode())
+    fixed = len(":status") + 3 + len("content-type") + len("application/grpc") + 2 * 32
+    grpc_status = len("grpc-status") + 2 + 32
+    return (
+        fixed
+        + grpc_status
+        + len("grpc-message")
+        + message
+        + 32
+        + len("grpc-status-details-bin")
+        + status.ByteSize()
+        + 32
+    )
+
+
+async def test_long_non_ascii_field_keeps_the_trailers_under_the_client_limit(stub) -> None:
+    # The field of the violation names the input's key: 1,000 emoji, 4 bytes each. The
+    # message (percent-encoded: 12 bytes an emoji), the BadRequest and the ErrorInfo
+    # together made trailers of 13 KB: the client saw RESOURCE_EXHAUSTED, no reason.
+    flow = flow_pb(["noop"])
+    request = pb.ExecuteFlowRequest(flow=flow)
+    request.input.fields["\U0001f600" * 1000].number_value = float("nan")
+    for _ in range(3):  # the client refuses between 8 and 16 KiB at random
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(request, timeout=TIMEOUT)
+        assert_reason(info.value, grpc.StatusCode.INVALID_ARGUMENT, "ARGUMENT_INVALID")
+        assert trailer_bytes(info.value) <= CLIENT_METADATA_SOFT_LIMIT
+
+
 @pytest.mark.parametrize("tampered", [True, False], ids=["tampered", "other-filters"])
 async def test_page_token_invalid(stub, tampered: bool) -> None:
     for _ in range(2):
