@@ -156,9 +156,10 @@ def _engine(settings: config.Settings) -> tuple[FlowEngine, TaskThreads]:
 
 def _print(message: Any) -> None:
     # Field names as in the proto (flow_id, execution_history), and whole numbers without
-    # a ".0" (a Struct holds every number as a double), as grpcurl prints them.
+    # a ".0" (a Struct holds every number as a double), as grpcurl prints them. Text past
+    # ASCII as \u escapes, as before: a stdout that cannot encode it (C locale) still prints.
     value = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    print(json.dumps(_whole_numbers(value), indent=2, ensure_ascii=False))
+    print(json.dumps(_whole_numbers(value), indent=2))
 
 
 #: Past 2**53 a double no longer holds every whole number: such a number is shown as the

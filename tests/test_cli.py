@@ -453,6 +453,19 @@ def test_run_prints_whole_numbers_as_grpcurl_does(tmp_path: Path) -> None:
     assert data["input"] == {"n": -7}
 
 
+def test_run_prints_non_ascii_text_on_a_stdout_that_cannot_encode_it(tmp_path: Path) -> None:
+    """Text past ASCII is printed as \\u escapes, as it always was: a stdout whose
+    encoding has no such character (a C locale, a Windows console) still prints it."""
+    flow = {"name": "f", "start_task": "echo", "tasks": [{"name": "echo"}]}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    text = "h\u00e9llo \u2713 \U0001f600"
+    result = flowsvc("run", str(path), "--input", json.dumps({"t": text}), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["execution_history"][0]["data"]["input"] == {"t": text}
+
+
 def test_run_reports_failure_and_invalid_flows(tmp_path: Path) -> None:
     path = tmp_path / "failing.json"
     path.write_text(json.dumps({"name": "f", "start_task": "fail", "tasks": [{"name": "fail"}]}))
