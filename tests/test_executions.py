@@ -2271,6 +2271,27 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
         assert tables == [table]
 
 
+async def test_another_applications_database_keeps_its_journal_mode(
+    tmp_path: Path, registry
+) -> None:
+    # The store switched the file to WAL (a change written in its header, that lasts)
+    # before it looked at its tables: refused, the other application's file was changed
+    # all the same, for an application that may not work with WAL (a network share).
+    from flowsvc.errors import StoreUnavailableError
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE customers (id INTEGER)")
+    other.close()
+    before = db.read_bytes()
+    with pytest.raises(StoreUnavailableError, match="not a flowsvc database"):
+        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    other.close()
+
+
 async def test_list_executions_reads_no_flow_and_no_input(
     tmp_path: Path, registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -225,6 +225,12 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         if self.path != ":memory:":
+            # Before WAL, which is written in the file's header and lasts: another
+            # application's file is refused as it was.
+            problem = self._not_flowsvc(conn)
+            if problem is not None:
+                conn.close()
+                raise StoreUnavailableError(problem)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -234,6 +240,27 @@ class SQLiteStore:
             self._cap_pages = max(1, self._max_bytes // page_size)
             conn.execute(f"PRAGMA max_page_count = {self._cap_pages}")
         return conn
+
+    def _not_flowsvc(self, conn: sqlite3.Connection) -> str | None:
+        """Why the file is another application's database (a mistyped --db, a shared
+        volume), or None: flowsvc's tables would be added to it."""
+        try:
+            tables = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+        except sqlite3.DatabaseError:
+            return None  # damaged: _migrate's check says how
+        if not tables or "executions" in tables:
+            return None
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return (
+            f"database {self.path} is not a flowsvc database: it has other tables "
+            f"({shown}) and no flowsvc schema; give --db a new file or a flowsvc database"
+        )
 
     def _has_room(self, conn: sqlite3.Connection, size: int) -> bool:
         """Whether the cap leaves room for `size` bytes of new rows (with pages to spare):
@@ -459,6 +486,9 @@ class SQLiteStore:
         self._lock()
         try:
             conn = await asyncio.to_thread(self._connect)
+        except StoreUnavailableError:
+            self._unlock()
+            raise
         except sqlite3.Error as exc:
             self._unlock()
             raise StoreUnavailableError(f"cannot open database {self.path}: {exc}") from exc
@@ -545,16 +575,9 @@ class SQLiteStore:
             if version == 0
             else []
         )
-        if tables and "executions" not in tables:
-            # Another application's file (a mistyped --db, a shared volume): flowsvc's
-            # tables were added to it, or it failed with "table events already exists".
-            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-            raise StoreUnavailableError(
-                f"database {self.path} is not a flowsvc database: it has other tables "
-                f"({shown}) and no flowsvc schema; give --db a new file or a flowsvc database"
-            )
         if tables:
-            # Tables but no version: a restore from sqlite3's .dump, which leaves it out.
+            # Tables but no version (another application's were refused by _connect): a
+            # restore from sqlite3's .dump, which leaves it out.
             raise StoreUnavailableError(
                 f"database {self.path} has flowsvc's tables but no schema version (a restore "
                 "from sqlite3's .dump loses it); if a flowsvc of this schema wrote it, run "
