@@ -2271,6 +2271,25 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
         assert tables == [table]
 
 
+@pytest.mark.parametrize("version", [1, 7])
+async def test_another_applications_database_with_a_user_version_is_refused(
+    tmp_path: Path, registry, version: int
+) -> None:
+    # Many applications set user_version too. At 1 the file was taken for a flowsvc
+    # database: the start failed "execution store unavailable: no such table:
+    # executions", naming no file; past 1, "this flowsvc knows versions up to 1".
+    from flowsvc.errors import StoreUnavailableError
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE customers (id INTEGER)")
+        other.execute(f"PRAGMA user_version = {version}")
+    other.close()
+    with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
+        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    assert str(db) in str(info.value) and "customers" in str(info.value)
+
+
 async def test_another_applications_database_keeps_its_journal_mode(
     tmp_path: Path, registry
 ) -> None:

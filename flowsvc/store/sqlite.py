@@ -254,6 +254,8 @@ class SQLiteStore:
             ]
         except sqlite3.DatabaseError:
             return None  # damaged: _migrate's check says how
+        # Whatever its user_version: other applications set it too (at 1, the file was
+        # taken for a flowsvc database, and failed "no such table: executions").
         if not tables or "executions" in tables:
             return None
         shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
