@@ -202,11 +202,19 @@ def _unix_socket_in_use(listen: str) -> bool:
     if not listen.startswith("unix:"):
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Never blocking: a hung server's full backlog made the start wait for ever.
+        probe.settimeout(UNIX_PROBE_SECONDS)
         try:
             probe.connect(listen.removeprefix("unix:"))
+        except (BlockingIOError, TimeoutError):
+            return True  # a server listens there, but accepts no more (hung, overloaded)
         except OSError:
             return False
     return True
+
+
+#: How long the in-use check of a unix: socket may wait for its connection.
+UNIX_PROBE_SECONDS = 2.0
 
 
 #: Server reflection's current name. grpcio-reflection serves only v1alpha, which older

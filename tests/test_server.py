@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -584,3 +586,37 @@ async def test_a_second_server_on_a_unix_socket_in_use_is_refused(registry, tmp_
         left.bind(str(stale))
     again = await build_server(Settings(listen=f"unix:{stale}", db=":memory:"), registry)
     await again.shutdown(grace=0)
+
+
+def test_a_unix_socket_whose_server_accepts_no_more_is_refused_not_waited_on(tmp_path) -> None:
+    """The in-use check connected with a blocking socket: on the socket of a server that
+    is hung (its backlog full, nothing accepted), the start hung for ever, SIGINT and
+    SIGTERM included. A server listens there: the start is refused, as for one that
+    accepts."""
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+        hung.bind(str(path))
+        hung.listen(0)
+        waiting = []
+        try:
+            while True:  # fill its backlog
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                waiting.append(client)
+                client.setblocking(False)
+                client.connect(str(path))
+        except BlockingIOError:
+            pass
+        serve_args = ["--listen", f"unix:{path}", "--db", ":memory:"]
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "flowsvc", "serve", *serve_args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        finally:
+            for client in waiting:
+                client.close()
+    assert result.returncode == 2, result.stderr
+    assert "Address already in use" in result.stderr
