@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import decimal
 import gc
 import json
 import logging
@@ -155,27 +156,34 @@ def _engine(settings: config.Settings) -> tuple[FlowEngine, TaskThreads]:
 
 
 def _print(message: Any) -> None:
-    # Field names as in the proto (flow_id, execution_history), and whole numbers without
-    # a ".0" (a Struct holds every number as a double), as grpcurl prints them. Text past
-    # ASCII as \u escapes, as before: a stdout that cannot encode it (C locale) still prints.
-    value = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    print(json.dumps(_whole_numbers(value), indent=2))
+    # Field names as in the proto (flow_id, execution_history), and numbers as grpcurl
+    # prints them (a Struct holds every number as a double: 3, not 3.0). Text past ASCII
+    # as \u escapes, as before: a stdout that cannot encode it (C locale) still prints.
+    print(_to_json(json_format.MessageToDict(message, preserving_proto_field_name=True)))
 
 
-#: Past 2**53 a double no longer holds every whole number: such a number is shown as the
-#: double it is.
-_EXACT_DOUBLE = 2**53
-
-
-def _whole_numbers(value: Any) -> Any:
-    """`value` with every float that holds a whole number (3.0) as an int (3)."""
+def _to_json(value: Any, indent: str = "") -> str:
+    """`value` as JSON indented by 2, as json.dumps(indent=2) but for its floats."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = (f"{inner}{json.dumps(key)}: {_to_json(v, inner)}" for key, v in value.items())
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and value:
+        return "[\n" + ",\n".join(inner + _to_json(item, inner) for item in value) + f"\n{indent}]"
     if isinstance(value, float):
-        return int(value) if value.is_integer() and abs(value) <= _EXACT_DOUBLE else value
-    if isinstance(value, dict):
-        return {key: _whole_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(item) for item in value]
-    return value
+        return _number(value)
+    return json.dumps(value)
+
+
+def _number(value: float) -> str:
+    """A (finite) double as grpcurl, Go's protojson, prints it: its shortest digits, with
+    no exponent from 1e-6 up to 1e21 (3, 0.00001, 1152921504606847000), -0 kept."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    if 1e-6 <= abs(value) < 1e21:
+        return format(decimal.Decimal(repr(value)).normalize(), "f")
+    mantissa, _, exponent = repr(value).partition("e")  # 1e-07, 1.5e+300
+    return f"{mantissa}e{exponent[0]}{exponent[1:].lstrip('0')}"
 
 
 def _cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -453,6 +453,34 @@ def test_run_prints_whole_numbers_as_grpcurl_does(tmp_path: Path) -> None:
     assert data["input"] == {"n": -7}
 
 
+def test_run_prints_every_number_as_grpcurl_does(tmp_path: Path) -> None:
+    """grpcurl (Go's protojson) prints a double in its shortest digits, with no exponent
+    from 1e-6 up to 1e21, and keeps the sign of -0: its text for each input below, as
+    it printed them for the same execution."""
+    numbers = {
+        "negative_zero": (-0.0, "-0"),
+        "two_53": (2.0**53, "9007199254740992"),
+        "two_53_and_2": (2.0**53 + 2, "9007199254740994"),
+        "two_60": (2.0**60, "1152921504606847000"),
+        "e20": (1e20, "100000000000000000000"),
+        "e21": (1e21, "1e+21"),
+        "e300": (1e300, "1e+300"),
+        "small": (0.00001, "0.00001"),
+        "tiny": (1e-7, "1e-7"),
+        "tinier": (1.5e-100, "1.5e-100"),
+        "fraction": (-123456789.125, "-123456789.125"),
+    }
+    flow = {"name": "f", "start_task": "echo", "tasks": [{"name": "echo"}]}
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps(flow))
+    given = json.dumps({key: number for key, (number, _) in numbers.items()})
+    result = flowsvc("run", str(path), "--input", given)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout, parse_float=str, parse_int=str)
+    shown = printed["execution_history"][0]["data"]["input"]
+    assert shown == {key: text for key, (_, text) in numbers.items()}
+
+
 def test_run_prints_non_ascii_text_on_a_stdout_that_cannot_encode_it(tmp_path: Path) -> None:
     """Text past ASCII is printed as \\u escapes, as it always was: a stdout whose
     encoding has no such character (a C locale, a Windows console) still prints it."""
