@@ -231,13 +231,16 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
     from v1alpha's."""
     _add_reflection_v1_descriptor()
     servicer = _DocumentedReflection(SERVICES)
-    handlers = _library_handlers(
-        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], servicer
-    )
+    service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
     server.add_generic_rpc_handlers(
-        tuple(
-            grpc.method_handlers_generic_handler(name, handlers)
-            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        (
+            grpc.method_handlers_generic_handler(
+                reflection.SERVICE_NAME, _library_handlers(service, servicer)
+            ),
+            # v1's errors name v1's request type.
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1, _library_handlers(service, servicer, package="grpc.reflection.v1")
+            ),
         )
     )
 
@@ -338,15 +341,19 @@ def _method_handlers(servicer: FlowServicer) -> dict[str, grpc.RpcMethodHandler[
 
 
 def _library_handlers(
-    service: descriptor.ServiceDescriptor, servicer: object
+    service: descriptor.ServiceDescriptor, servicer: object, package: str | None = None
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """Handlers for the methods of grpc's own servicers (health, reflection), with the
     deserializer that never raises: bytes that do not parse get INVALID_ARGUMENT, as on
     FlowService. (grpc's own handlers answer them UNKNOWN "Unexpected <class
-    ...DecodeError>", and log an ERROR with a traceback for each.)"""
+    ...DecodeError>", and log an ERROR with a traceback for each.) `package`: the one
+    the service is served under, when not its own (errors name its request type)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         request_cls = message_factory.GetMessageClass(method.input_type)
+        request_name = (
+            f"{package}.{method.input_type.name}" if package else method.input_type.full_name
+        )
         response_cls = message_factory.GetMessageClass(method.output_type)
         behavior = _rejecting_malformed(getattr(servicer, method.name), method.client_streaming)
         make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = {
@@ -357,7 +364,7 @@ def _library_handlers(
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             behavior,
-            request_deserializer=safe_deserializer(request_cls),
+            request_deserializer=safe_deserializer(request_cls, request_name),
             response_serializer=response_cls.SerializeToString,
         )
     return handlers

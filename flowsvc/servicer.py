@@ -64,9 +64,12 @@ class MalformedRequest:
         self.error = error
 
 
-def safe_deserializer(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
-    """A request deserializer that never raises (grpc would answer UNKNOWN/INTERNAL)."""
-    name = cls.DESCRIPTOR.full_name
+def safe_deserializer(
+    cls: type[pb_message.Message], name: str | None = None
+) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises (grpc would answer UNKNOWN/INTERNAL);
+    `name`: the request type's name in errors, when not `cls`'s own."""
+    name = name or cls.DESCRIPTOR.full_name
 
     def deserialize(data: bytes) -> Any:
         try:

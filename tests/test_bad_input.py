@@ -616,12 +616,12 @@ async def test_unparsable_stream_request_is_invalid_argument(
         (
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "stream_stream",
-            "ServerReflectionRequest",
+            "grpc.reflection.v1.ServerReflectionRequest",  # v1's own name, not v1alpha's
         ),
         (
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
             "stream_stream",
-            "ServerReflectionRequest",
+            "grpc.reflection.v1alpha.ServerReflectionRequest",
         ),
     ],
 )
