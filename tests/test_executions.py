@@ -1832,6 +1832,53 @@ async def test_a_database_too_full_for_a_new_index_opens_without_it(tmp_path: Pa
         assert {name for name, _ in ADDED_INDEXES} <= indexes
 
 
+async def test_a_job_that_fails_unexpectedly_when_run_alone_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch with a failing job is run again one job a transaction. An unexpected error
+    # there (a bug, MemoryError's kin) escaped the store's thread and ended it: every
+    # later call, each execution's events, waited for ever.
+    from flowsvc.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "jobs.db"))
+    await store.open()
+    try:
+        held, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            held.set()
+            release.wait(10)
+
+        def bad(conn: sqlite3.Connection) -> None:
+            raise sqlite3.IntegrityError("fails the batch: its jobs run again one by one")
+
+        def good(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('good', 'yes')")
+            return "done"
+
+        alone = SQLiteStore._transaction
+
+        def transaction(self: SQLiteStore, conn: sqlite3.Connection, batch: list) -> None:
+            if len(batch) == 1 and batch[0].fn is bad:
+                raise RuntimeError("injected: the bug")
+            alone(self, conn, batch)
+
+        monkeypatch.setattr(SQLiteStore, "_transaction", transaction)
+        holding = store._submit(hold, write=False)
+        await asyncio.to_thread(held.wait, 10)
+        failing, passing = store._submit(bad, write=True), store._submit(good, write=True)
+        release.set()
+        await holding
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(failing, 10)
+        assert await asyncio.wait_for(passing, 10) == "done"
+        # The thread serves on.
+        assert await asyncio.wait_for(store._call(good, write=True), 10) == "done"
+    finally:
+        release.set()
+        await store.close()
+
+
 async def test_cancel_while_the_builtin_sleep_task_runs(stub) -> None:
     call = stub.StreamFlow(pb.StreamFlowRequest(flow=chain(("sleep", {"seconds": 60}), "noop")))
     flow_id = (await call.read()).started.flow_id

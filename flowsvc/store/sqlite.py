@@ -374,6 +374,10 @@ class SQLiteStore:
                 except sqlite3.Error as exc:
                     job.error = _unavailable(exc)
                     self._lost(job)
+                except Exception as exc:  # a bug: fail the job, never the store thread
+                    logger.exception("store job failed")
+                    job.error = exc
+                    self._lost(job)
         except (sqlite3.Error, StoreUnavailableError) as exc:
             # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed, or
             # the file is gone: nothing of this batch is committed, so every job fails.
