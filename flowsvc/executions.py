@@ -1125,6 +1125,9 @@ class ExecutionManager:
                 await self.store.check_writable()
             except StoreUnavailableError:
                 continue
+            except Exception:  # a bug: ended, the probe would leave health NOT_SERVING
+                logger.exception("store probe failed")
+                continue
             if self._unrecorded:
                 # An execution a failure stopped after _record_ends took the ends to
                 # record: turned healthy, nothing would record it (it stayed RUNNING).
@@ -1137,8 +1140,12 @@ class ExecutionManager:
         interval = min(max(keep / 10, 1.0), 3600.0)
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(StoreUnavailableError):
+            try:
                 await self._sweep()
+            except StoreUnavailableError:
+                pass
+            except Exception:  # a bug: ended, retention would never run again
+                logger.exception("retention sweep failed")
 
     async def _sweep(self, batch: int | None = RETENTION_BATCH) -> None:
         """Delete the executions that ended more than retention_seconds ago, `batch` per

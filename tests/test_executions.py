@@ -14,13 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from flowsvc import TaskContext, TaskResult
@@ -1487,6 +1487,53 @@ async def test_retention_deletes_old_finished_executions(tmp_path: Path, registr
             await eventually(gone, limit=15)
     finally:
         await server.shutdown(grace=0)
+
+
+async def test_retention_and_the_store_probe_outlive_an_unexpected_error(
+    tmp_path: Path, registry, caplog
+) -> None:
+    # An error other than the store's own (a bug) ended the retention loop, or the store
+    # probe, for good and unseen: no execution was deleted again (the database grew for
+    # ever), or health stayed NOT_SERVING once the store could write again.
+    from flowsvc.errors import StoreUnavailableError
+
+    caplog.set_level(logging.ERROR, logger="flowsvc.executions")
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", retention_seconds=0.5)
+    async with serving(settings, registry) as (server, channel, stub):
+        store = server.manager.store
+        failures = {"delete_finished_before": 1, "check_writable": 1}
+
+        def failing_once(name: str) -> Any:
+            method = getattr(store, name)
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                if failures[name]:
+                    failures[name] -= 1
+                    raise RuntimeError(f"injected: {name}")
+                return await method(*args, **kwargs)
+
+            return call
+
+        for name in failures:
+            setattr(store, name, failing_once(name))
+        done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        server.manager._set_store_health(False, StoreUnavailableError("injected"))
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def recovered() -> bool:
+            try:
+                await stub.GetExecution(pb.GetExecutionRequest(flow_id=done.flow_id))
+                return False
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    return False
+            checked = await health.Check(health_pb2.HealthCheckRequest())
+            return checked.status == health_pb2.HealthCheckResponse.SERVING
+
+        await eventually(recovered, limit=15)
+    assert failures == {"delete_finished_before": 0, "check_writable": 0}
+    logged = {r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR}
+    assert {"retention sweep failed", "store probe failed"} <= logged
 
 
 async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_written(
