@@ -6,7 +6,9 @@ import asyncio
 import json
 import socket
 import threading
+import tracemalloc
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +55,8 @@ class Remote:
     #: Set at teardown: cuts every /slow wait short.
     closing: threading.Event = field(default_factory=threading.Event)
     flaky_counts: dict[str, int] = field(default_factory=dict)
+    #: Answers given as they are: path -> (headers, body), always with status 200.
+    canned: dict[str, tuple[dict[str, str], bytes]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str) -> str:
@@ -70,10 +74,12 @@ def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet
 
-        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        def _answer(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -132,6 +138,9 @@ def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
                     self._json(200, {"ok": True})
             elif path == "/big":
                 self._answer(200, b"x" * BIG_BODY_BYTES, "text/plain")
+            elif path in remote.canned:
+                headers, canned = remote.canned[path]
+                self._answer(200, canned, "text/plain", **headers)
             else:
                 self._json(404, {"error": "no such endpoint"})
 
@@ -294,6 +303,71 @@ async def test_big_body_is_truncated(stub, remote: Remote) -> None:
     assert data["truncated"] is True
     assert len(data["text"]) == MAX_BODY_BYTES == 64 * 1024
     assert data["text"] == "x" * MAX_BODY_BYTES
+
+
+#: zlib's window bits: gzip, deflate (zlib-wrapped), and the raw deflate (no header)
+#: that many servers send as "deflate".
+WBITS = {"gzip": 31, "deflate": 15, "raw deflate": -15}
+
+
+def compressed(encodings: list[str], body: Iterator[bytes]) -> bytes:
+    """`body` compressed with each of `encodings` in turn, as Content-Encoding lists them."""
+    data = body
+    for encoding in encodings:
+        zipper = zlib.compressobj(9, zlib.DEFLATED, WBITS[encoding])
+        data = iter([b"".join([*(zipper.compress(chunk) for chunk in data), zipper.flush()])])
+    return next(data)
+
+
+@pytest.mark.parametrize(
+    "encodings", [["gzip"], ["deflate"], ["raw deflate"], ["gzip", "raw deflate"]]
+)
+async def test_an_encoded_body_is_decoded(stub, remote: Remote, encodings) -> None:
+    body = json.dumps({"hello": "world", "items": list(range(1000))}).encode()
+    names = ", ".join(encodings).replace("raw deflate", "deflate")
+    headers = {"Content-Encoding": names, "Content-Type": "application/json"}
+    remote.canned["/encoded"] = headers, compressed(encodings, iter([body]))
+    resp = await execute(stub, http_flow(url=remote.url("/encoded")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    data = to_dict(resp.execution_history[0].data)
+    assert data["json"] == json.loads(body)
+    assert "truncated" not in data
+
+
+@pytest.mark.parametrize(
+    ("encodings", "mib"), [(["gzip"], 64), (["deflate"], 64), (["gzip", "gzip"], 256)]
+)
+async def test_a_compressed_body_is_cut_at_64_kib_without_decoding_the_rest(
+    stub, remote: Remote, encodings: list[str], mib: int
+) -> None:
+    # A few KiB on the wire that would be `mib` MiB decoded (a "zip bomb"): only the
+    # first 64 KiB are decoded, so memory does not grow with what the server claims.
+    zeros = (bytes(1 << 20) for _ in range(mib))
+    remote.canned["/bomb"] = (
+        {"Content-Encoding": ", ".join(encodings)},
+        compressed(encodings, zeros),
+    )
+    tracemalloc.start()
+    try:
+        resp = await execute(stub, http_flow(url=remote.url("/bomb")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    data = to_dict(resp.execution_history[0].data)
+    assert data["truncated"] is True
+    assert data["text"] == "\0" * MAX_BODY_BYTES
+    assert peak < 16 << 20, f"{peak >> 20} MiB held to read a 64 KiB body"
+
+
+async def test_too_many_content_encodings_fail(stub, remote: Remote) -> None:
+    encodings = ["gzip"] * 6
+    headers = {"Content-Encoding": ", ".join(encodings)}
+    remote.canned["/layers"] = headers, compressed(encodings, iter([b"abc"]))
+    resp = await execute(stub, retry(http_flow(url=remote.url("/layers")), 3))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    (attempt,) = resp.execution_history  # not retried: the same answer would come again
+    assert "6 content encodings" in attempt.error, attempt.error
 
 
 # -- failures and retries ---------------------------------------------------------------

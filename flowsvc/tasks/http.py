@@ -5,7 +5,9 @@ repeats the parameter), and a body:
 `json` (any JSON value) or `body` (text). Success when the status is 2xx, or one of
 `success_statuses`. The result's data: `status`, `headers` (lower-case names), and the
 body as `json` when it parses as JSON, else as `text`; a body longer than
-MAX_BODY_BYTES is cut there and `truncated` is true.
+MAX_BODY_BYTES is cut there and `truncated` is true. A gzip or deflate body is decoded
+here, as it arrives, and only as far as MAX_BODY_BYTES: a few KiB that would decode to
+gigabytes (a "zip bomb") cost no more memory than a plain body.
 
 Failures that retrying may fix (connection errors, 5xx, 408, 429) are retryable; other
 4xx answers are not, so a retry policy does not repeat a request the server refused.
@@ -18,6 +20,7 @@ import asyncio
 import json as jsonlib
 import re
 import weakref
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -140,19 +143,15 @@ async def http(
             f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
         )
     try:
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                break
+        raw = await _read_body(response)
+    except _TooManyEncodings as exc:
+        return TaskResult.failure(f"{method.upper()} {_shown(request.url)}: {exc}", retryable=False)
     except httpx.HTTPError as exc:
         return TaskResult.failure(
             f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
         )
     finally:
         await response.aclose()
-    raw = b"".join(chunks)
     data: dict[str, Any] = {
         "status": response.status_code,
         "headers": {k.lower(): v for k, v in response.headers.items()},
@@ -170,6 +169,103 @@ async def http(
         data,
         retryable=retryable,
     )
+
+
+#: The most Content-Encoding layers a body may have ("gzip, gzip" is two); each one
+#: holds a decompressor, and no server sends more than one or two.
+MAX_ENCODINGS = 5
+#: The most bytes one layer decodes at a time: what it holds beside MAX_BODY_BYTES.
+_PIECE_BYTES = 64 * 1024
+
+
+class _TooManyEncodings(Exception):
+    """A body with more than MAX_ENCODINGS Content-Encoding layers."""
+
+
+async def _read_body(response: httpx.Response) -> bytes:
+    """The body, decoded, up to one byte past MAX_BODY_BYTES (which says there is more).
+
+    httpx's own decoders decode each chunk read whole: a 64 KiB chunk of gzip can be
+    64 MiB, and each further layer multiplies that again. Here every layer decodes at
+    most what the next one (or the result) asks for, so decoding stops at the cut."""
+    names = [
+        name.strip().lower()
+        for value in response.headers.get_list("content-encoding")
+        for name in value.split(",")
+    ]
+    # Applied in the order listed, so undone from the last; unknown ones are left as they
+    # are (httpx does the same), "identity" is none.
+    layers = [_Inflate(name) for name in reversed(names) if name in _WBITS]
+    if len(layers) > MAX_ENCODINGS:
+        raise _TooManyEncodings(
+            f"the body has {len(layers)} content encodings (at most {MAX_ENCODINGS} are read)"
+        )
+    want = MAX_BODY_BYTES + 1
+    chunks: list[bytes] = []
+    async for received in response.aiter_raw():
+        if layers:
+            layers[0].feed(received)
+            data = _pull(layers, len(layers) - 1, want)
+        else:
+            data = received[:want]
+        chunks.append(data)
+        want -= len(data)
+        if want <= 0:
+            break
+    return b"".join(chunks)
+
+
+def _pull(layers: list[_Inflate], index: int, limit: int) -> bytes:
+    """At most `limit` bytes out of layers[index], feeding it from the layers before it."""
+    layer, out, size = layers[index], [], 0
+    while size < limit:
+        piece = layer.read(limit - size)
+        if not piece:
+            if index == 0:
+                break  # the next bytes must come from the network
+            more = _pull(layers, index - 1, _PIECE_BYTES)
+            if not more:
+                break
+            layer.feed(more)
+            continue
+        out.append(piece)
+        size += len(piece)
+    return b"".join(out)
+
+
+#: zlib's window bits for each encoding read: gzip's header, or deflate's zlib header.
+_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+
+
+class _Inflate:
+    """One gzip or deflate layer that never decodes more than it is asked for."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        self._zlib = zlib.decompressobj(_WBITS[encoding])
+        self._pending = b""
+        self._started = False
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+
+    def read(self, limit: int) -> bytes:
+        """Up to `limit` decoded bytes: b"" when it needs more input (or has ended)."""
+        if self._zlib.eof:
+            self._pending = b""  # what follows the end is ignored, as httpx does
+            return b""
+        try:
+            out = self._zlib.decompress(self._pending, limit)
+        except zlib.error as exc:
+            if self._started or self._encoding != "deflate":
+                raise httpx.DecodingError(f"{self._encoding}: {exc}") from exc
+            # Many servers send raw deflate, without the zlib header, as "deflate".
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._started = True
+            return self.read(limit)
+        self._started = self._started or bool(self._pending)
+        self._pending = self._zlib.unconsumed_tail
+        return out
 
 
 def _values(params: dict[str, Any] | None) -> dict[str, list[str]]:
