@@ -438,6 +438,30 @@ async def test_success_statuses_from_the_input_fail_without_retry(stub, remote, 
     assert remote.seen("/status/404") == []  # nothing was sent
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("url", 5, "url must be string, not integer"),
+        ("method", True, "method must be string, not boolean"),
+        ("headers", "Authorization: Bearer s3cret", "headers must be object or null, not string"),
+        ("headers", ["s3cret"], "headers must be object or null, not array"),
+        ("query", "key=s3cret", "query must be object or null, not string"),
+        ("body", {"key": "s3cret"}, "body must be string or null, not object"),
+        ("success_statuses", 404, "success_statuses must be array or null, not integer"),
+    ],
+)
+async def test_a_param_of_the_wrong_type_from_the_input_fails_without_retry(
+    stub, remote: Remote, name: str, value: Any, expected: str
+) -> None:
+    params = {"url": remote.url("/echo")}
+    params.pop(name, None)
+    resp = await execute_with(stub, name, value, **params)
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    (attempt,) = resp.execution_history  # not retried: no retry can fix it
+    assert attempt.error == expected  # said as a refused literal is; the value not shown
+    assert remote.seen("/echo") == []  # nothing was sent
+
+
 async def test_json_and_body_together_are_refused(stub, remote: Remote) -> None:
     found = await refused(stub, http_flow(url=remote.url("/echo"), json={"a": 1}, body="a"))
     assert found == {"flow.tasks[0].params.body": "give `json` or `body`, not both"}

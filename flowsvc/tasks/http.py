@@ -17,6 +17,7 @@ The client (connection pool) is shared by every flow on the event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json as jsonlib
 import re
 import weakref
@@ -107,11 +108,12 @@ async def http(
         "url": url,
         "method": method,
         "headers": headers,
+        "query": query,
         "json": json,
         "body": body,
         "success_statuses": success_statuses,
     }
-    for name, problem in _problems(given):
+    for name, problem in itertools.chain(_wrong_types(given), _problems(given)):
         # "must ..." is said of the param: "method must be an HTTP method ...".
         text = f"{name} {problem}" if problem.startswith("must ") else problem
         return TaskResult.failure(text, retryable=False)
@@ -296,6 +298,37 @@ def _header_problems(headers: dict[str, Any]) -> Iterator[tuple[str, str]]:
                 "break or another control character, a character outside ASCII, or a "
                 "space at its start or end (the value is not shown: it may be a secret)",
             )
+
+
+#: The JSON types of each param but `json` (which takes any value), as the flow's check
+#: names them; a literal of another type is refused before the flow runs, a value from a
+#: reference only here.
+_TYPES: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "url": ("string", str),
+    "method": ("string", str),
+    "headers": ("object or null", (dict, type(None))),
+    "query": ("object or null", (dict, type(None))),
+    "body": ("string or null", (str, type(None))),
+    "success_statuses": ("array or null", (list, type(None))),
+}
+
+
+def _wrong_types(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Params (from references) of a type the task cannot use: said without the value,
+    which may be a secret (a header)."""
+    for name, (expected, types) in _TYPES.items():
+        value = params.get(name)
+        if not isinstance(value, types):
+            yield name, f"must be {expected}, not {_json_name(value)}"
+
+
+def _json_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "integer" if float(value).is_integer() else "number"
+    names: dict[type, str] = {str: "string", dict: "object", list: "array", type(None): "null"}
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
 
 
 def _is_status(value: Any) -> bool:
