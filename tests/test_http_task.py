@@ -520,6 +520,44 @@ async def test_connection_refused_is_retried(stub) -> None:
         assert r.error.startswith(f"GET {url}: ")
 
 
+@pytest.fixture
+def closer() -> Iterator[str]:
+    """The base URL of a TCP server on loopback that closes each connection it accepts
+    once it has read the first bytes (a TLS hello, say) and answers nothing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(1)
+
+    thread = threading.Thread(target=serve, name="test-closer", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+async def test_a_connection_closed_during_the_tls_handshake_says_why(stub, closer) -> None:
+    url = f"https://{closer}/json"
+    resp = await execute(stub, retry(http_flow(url=url), 2))
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED
+    for attempt in resp.execution_history:  # retried: a connection error
+        prefix = f"GET {url}: ConnectError: "
+        assert attempt.error.startswith(prefix), attempt.error
+        assert attempt.error[len(prefix) :].strip(), attempt.error  # not empty
+
+
 # -- the shared connection pool ---------------------------------------------------------
 
 

@@ -142,7 +142,7 @@ async def http(
         )
     except httpx.HTTPError as exc:
         return TaskResult.failure(
-            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
+            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {_reason(exc)}"
         )
     try:
         raw = await _read_body(response)
@@ -150,7 +150,7 @@ async def http(
         return TaskResult.failure(f"{method.upper()} {_shown(request.url)}: {exc}", retryable=False)
     except httpx.HTTPError as exc:
         return TaskResult.failure(
-            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {exc}"
+            f"{method.upper()} {_shown(request.url)}: {type(exc).__name__}: {_reason(exc)}"
         )
     finally:
         await response.aclose()
@@ -268,6 +268,22 @@ class _Inflate:
         self._started = self._started or bool(self._pending)
         self._pending = self._zlib.unconsumed_tail
         return out
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words: httpx's ConnectError and ReadError often say nothing
+    themselves (a connection closed in the TLS handshake, or reset), while the OS or ssl
+    error they were raised from does ("Connection reset by peer")."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen and len(seen) < 10:
+        if str(cause):
+            # The first one is httpx's own (shown as it always was); a cause is not, so
+            # it is shown as a url would be, in case it quotes one.
+            return str(cause) if cause is exc else _shown(str(cause))
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return "no reason given (the connection was closed or reset)"
 
 
 def _values(params: dict[str, Any] | None) -> dict[str, list[str]]:
