@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
+import httpx
 import pytest
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from google.rpc import error_details_pb2
@@ -268,6 +269,20 @@ async def test_post_json_with_headers_and_query(stub, remote: Remote) -> None:
     assert echo["query"] == {"page": ["2"], "q": ["x y"], "tag": ["a", "3"]}
     (seen,) = remote.seen("/echo")
     assert seen.method == "POST" and seen.query == echo["query"]
+
+
+async def test_only_the_encodings_the_task_decodes_are_asked_for(
+    stub, remote: Remote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The task decodes gzip and deflate itself, as far as the 64 KiB cut; httpx asks for
+    # br and zstd too when their packages happen to be installed, and such a body came
+    # back as undecoded bytes. (A request's own Accept-Encoding header still wins.)
+    monkeypatch.setattr(httpx._client, "ACCEPT_ENCODING", "gzip, deflate, br, zstd")
+    await execute(stub, http_flow(url=remote.url("/echo")))
+    await execute(stub, http_flow(url=remote.url("/echo"), headers={"Accept-Encoding": "br"}))
+    first, second = remote.seen("/echo")
+    assert first.headers["accept-encoding"] == "gzip, deflate"
+    assert second.headers["accept-encoding"] == "br"
 
 
 async def test_post_raw_text_body(stub, remote: Remote) -> None:

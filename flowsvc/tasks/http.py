@@ -51,6 +51,9 @@ def client() -> httpx.AsyncClient:
             # No overall timeout of its own: the task's `timeout` bounds the request.
             timeout=httpx.Timeout(None, connect=30.0),
             follow_redirects=False,
+            # What _read_body decodes (httpx asks for br and zstd too when their packages
+            # are installed, and such a body would come back undecoded).
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
         _clients[loop] = shared
     return shared
@@ -235,6 +238,8 @@ def _pull(layers: list[_Inflate], index: int, limit: int) -> bytes:
     return b"".join(out)
 
 
+#: The encodings asked for: those _read_body decodes.
+ACCEPT_ENCODING = "gzip, deflate"
 #: zlib's window bits for each encoding read: gzip's header, or deflate's zlib header.
 _WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 
