@@ -311,6 +311,10 @@ class FlowEngine:
                         break
                     if not _retry(node.retry, record, retryable, attempt):
                         break
+                    if stop.reason is not None:
+                        # Stopped while nothing ran to cancel (at the yield, or by the
+                        # task itself): no wait, the check before the next attempt ends it.
+                        continue
                     # Back off before the next attempt: bounded by the flow's deadline,
                     # cut short by a stop.
                     # The server's cap bounds every backoff, the defaults included.

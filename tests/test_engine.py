@@ -588,6 +588,37 @@ def test_stop_between_tasks_starts_no_further_task(registry: TaskRegistry) -> No
     assert "before step 2" in execution.message
 
 
+def test_stop_while_an_attempt_is_handed_on_skips_the_backoff_wait(
+    registry: TaskRegistry,
+) -> None:
+    """A stop that comes while the engine waits at a yield (its consumer storing the
+    failed attempt, or a task stopping its own flow) ends the flow at once: the wait
+    before the next attempt is cut short as a stop during it is, not slept through."""
+    from flowsvc import StopHandle
+    from flowsvc.models import Execution, RetryPolicy
+
+    stop = StopHandle()
+
+    async def stopper() -> TaskResult:
+        stop.request("enough")  # runs to completion: nothing is cancelled
+        return TaskResult.failure("failed after stopping its flow")
+
+    registry.register("stopper", stopper)
+    engine = FlowEngine(registry)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=30)
+    flow = Flow("t", "stopper", (Task("stopper", retry=policy),))
+
+    async def main() -> Execution:
+        return await asyncio.wait_for(engine.run(engine.prepare(flow), {}, stop=stop), 10)
+
+    t0 = time.monotonic()
+    execution = asyncio.run(main())
+    assert time.monotonic() - t0 < 5  # not the 30 s backoff
+    assert execution.status is FlowStatus.CANCELLED
+    assert "enough" in execution.message
+    assert [r.attempt for r in execution.history] == [1]
+
+
 def test_outside_cancel_still_propagates_after_a_stop_request(registry: TaskRegistry) -> None:
     from flowsvc import StopHandle
 
