@@ -197,7 +197,14 @@ def _check_seconds(path: str, value: float | None, cap: float, bad: Bad) -> None
     if value <= 0:
         bad(path, f"must be positive, not {value:g}s")
     elif value > cap:
-        bad(path, f"{value:.10g}s is over this server's cap of {cap:.10g}s")
+        bad(path, f"{_seconds(value)}s is over this server's cap of {_seconds(cap)}s")
+
+
+def _seconds(value: float) -> str:
+    """Seconds as short as they read ("30", "1e+07"), but never rounded to another value:
+    a duration a nanosecond over its cap must not read as the cap itself."""
+    text = f"{value:.10g}"
+    return text if float(text) == value else repr(value)
 
 
 def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
@@ -222,7 +229,8 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
         elif seconds > limits.max_backoff_s and seconds != default:
             bad(
                 f"{path}.retry.{name}",
-                f"{seconds:.10g}s is over this server's cap of {limits.max_backoff_s:.10g}s",
+                f"{_seconds(seconds)}s is over this server's cap of "
+                f"{_seconds(limits.max_backoff_s)}s",
             )
     if not 1 <= retry.backoff_multiplier <= MAX_MULTIPLIER:
         bad(

@@ -365,6 +365,23 @@ async def test_caps_on_policies_are_validation_errors(stub) -> None:
     assert "cap of 10" in found["flow.tasks[0].retry.max_attempts"]
 
 
+async def test_a_value_just_over_a_cap_is_not_shown_equal_to_it(stub) -> None:
+    """A duration a nanosecond over its cap is refused, and the message shows it whole
+    (not "3600s is over this server's cap of 3600s")."""
+    flow = flow_pb(["noop"])
+    flow.tasks[0].timeout.FromNanoseconds(3600 * 10**9 + 1)
+    flow.tasks[0].retry.max_backoff.FromNanoseconds(3600 * 10**9 + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    found = violations(info.value)
+    assert found["flow.tasks[0].timeout"].startswith("3600.000000001s is over")
+    assert found["flow.tasks[0].retry.max_backoff"].startswith("3600.000000001s is over")
+    flow.tasks[0].timeout.FromSeconds(10**7)  # a round number is still shown short
+    validated = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow))
+    shown = {v.field: v.description for v in validated.violations}
+    assert shown["flow.tasks[0].timeout"] == "10000000s is over this server's cap of 3600s"
+
+
 # -- data between tasks -----------------------------------------------------------------
 
 
