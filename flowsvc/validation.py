@@ -21,6 +21,9 @@ logger = logging.getLogger("flowsvc.validation")
 
 #: The largest backoff multiplier a retry policy may use.
 MAX_MULTIPLIER = 100.0
+#: The most non_retryable_errors a retry policy may list: every failure is searched for
+#: each of them, on the event loop.
+MAX_NON_RETRYABLE_ERRORS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +240,13 @@ def _check_policy(path: str, task: Task, limits: Limits, bad: Bad) -> None:
             f"{path}.retry.backoff_multiplier",
             f"must be between 1 and {MAX_MULTIPLIER:g}, not {retry.backoff_multiplier:g}",
         )
+    markers = len(retry.non_retryable_errors)
+    if markers > MAX_NON_RETRYABLE_ERRORS:
+        bad(
+            f"{path}.retry.non_retryable_errors",
+            f"{markers:,} strings: at most {MAX_NON_RETRYABLE_ERRORS}",
+        )
+        return  # one violation for them all, not one per empty string
     for i, marker in enumerate(retry.non_retryable_errors):
         if not marker:
             bad(

@@ -382,6 +382,21 @@ async def test_a_value_just_over_a_cap_is_not_shown_equal_to_it(stub) -> None:
     assert shown["flow.tasks[0].timeout"] == "10000000s is over this server's cap of 3600s"
 
 
+async def test_non_retryable_errors_are_bounded(stub) -> None:
+    """Each failure is searched for every marker: 200,000 markers and a 60 KB error held
+    the event loop (every flow, the health check) for 7 s per failed attempt."""
+    flow = flow_pb(["noop"])
+    flow.tasks[0].retry.non_retryable_errors.extend(f"e{i}" for i in range(100))
+    assert (await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow))).valid
+    flow.tasks[0].retry.non_retryable_errors.append("one too many")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(info.value)
+    assert set(found) == {"flow.tasks[0].retry.non_retryable_errors"}
+    assert found["flow.tasks[0].retry.non_retryable_errors"] == "101 strings: at most 100"
+
+
 # -- data between tasks -----------------------------------------------------------------
 
 
