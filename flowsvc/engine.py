@@ -514,6 +514,7 @@ class FlowEngine:
                     input=flow_input,
                     params=params,
                     results=HistoryView(history, len(history)),
+                    attempt=attempt,
                 ),
             )
         kwargs: dict[str, Any] = {}

@@ -296,6 +296,9 @@ class TaskContext:
     #: The runs before this one, oldest first (a read-only view: no copy per step; each
     #: record read has read-only data).
     results: Sequence[StepRecord]
+    #: 1 for the first attempt of this step, then 2, 3 ... as its retry policy retries it
+    #: (what makes a retry's request to an outside system tell itself apart, or not).
+    attempt: int = 1
 
 
 class FlowStarted(NamedTuple):

@@ -273,6 +273,30 @@ def test_retries_until_success_recording_every_attempt(registry: TaskRegistry) -
     assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.08
 
 
+def test_a_task_is_told_which_attempt_it_is(registry: TaskRegistry) -> None:
+    """ctx.attempt: 1, then 2, 3 as the policy retries it; 1 again on the next step."""
+    seen: list[tuple[str, int, int]] = []
+
+    def counted(ctx: TaskContext) -> TaskResult:
+        seen.append((ctx.task, ctx.step, ctx.attempt))
+        return TaskResult.failure("again") if ctx.attempt < 3 else TaskResult.success()
+
+    def after(ctx: TaskContext) -> TaskResult:
+        seen.append((ctx.task, ctx.step, ctx.attempt))
+        return TaskResult.success()
+
+    registry.register("counted", counted)
+    registry.register("after", after)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0)
+    flow = Flow(
+        "t", "counted", (Task("counted", retry=policy), Task("after")),
+        (Condition("counted", "after", "end"),),
+    )  # fmt: skip
+    execution = run(registry, flow)
+    assert execution.status is FlowStatus.SUCCEEDED
+    assert seen == [("counted", 1, 1), ("counted", 2, 2), ("counted", 3, 3), ("after", 4, 1)]
+
+
 def test_only_the_last_attempt_routes(registry: TaskRegistry) -> None:
     flaky(registry, fail_times=9)
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0)
