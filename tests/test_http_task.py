@@ -58,6 +58,8 @@ class Remote:
     flaky_counts: dict[str, int] = field(default_factory=dict)
     #: Answers given as they are: path -> (headers, body), always with status 200.
     canned: dict[str, tuple[dict[str, str], bytes]] = field(default_factory=dict)
+    #: Answers sent chunked, one HTTP chunk for each piece: path -> (headers, pieces).
+    chunked: dict[str, tuple[dict[str, str], list[bytes]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str) -> str:
@@ -87,6 +89,19 @@ def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client went away (a timeout, a cut body)
+
+        def _answer_chunked(self, headers: dict[str, str], pieces: list[bytes]) -> None:
+            """A 200 sent with Transfer-Encoding: chunked, a chunk for each of `pieces`
+            (the client reads each chunk apart, however the bytes arrive)."""
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _json(self, status: int, value: Any) -> None:
             self._answer(status, json.dumps(value).encode(), "application/json")
@@ -142,6 +157,9 @@ def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
             elif path in remote.canned:
                 headers, canned = remote.canned[path]
                 self._answer(200, canned, "text/plain", **headers)
+            elif path in remote.chunked:
+                headers, pieces = remote.chunked[path]
+                self._answer_chunked(headers, pieces)
             else:
                 self._json(404, {"error": "no such endpoint"})
 
@@ -373,6 +391,18 @@ async def test_a_compressed_body_is_cut_at_64_kib_without_decoding_the_rest(
     assert data["truncated"] is True
     assert data["text"] == "\0" * MAX_BODY_BYTES
     assert peak < 16 << 20, f"{peak >> 20} MiB held to read a 64 KiB body"
+
+
+async def test_raw_deflate_whose_first_chunk_is_one_byte_is_decoded(stub, remote: Remote) -> None:
+    # Raw deflate sent as "deflate" is told from zlib's by its first two bytes: decided on
+    # a first chunk of one byte, it was taken for zlib's and failed "incorrect header
+    # check" when the second byte came.
+    body = b"hello world, " * 20
+    raw = compressed(["raw deflate"], iter([body]))
+    remote.chunked["/deflate"] = {"Content-Encoding": "deflate"}, [raw[:1], raw[1:]]
+    resp = await execute(stub, http_flow(url=remote.url("/deflate")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert to_dict(resp.execution_history[0].data)["text"] == body.decode()
 
 
 async def test_too_many_content_encodings_fail(stub, remote: Remote) -> None:

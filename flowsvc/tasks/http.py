@@ -261,6 +261,10 @@ class _Inflate:
         if self._zlib.eof:
             self._pending = b""  # what follows the end is ignored, as httpx does
             return b""
+        if not self._started and self._encoding == "deflate" and len(self._pending) < 2:
+            # zlib's header is two bytes: given one alone, zlib cannot yet refuse raw
+            # deflate, which would then fail when the next chunk comes.
+            return b""
         try:
             out = self._zlib.decompress(self._pending, limit)
         except zlib.error as exc:
