@@ -405,6 +405,19 @@ async def test_raw_deflate_whose_first_chunk_is_one_byte_is_decoded(stub, remote
     assert to_dict(resp.execution_history[0].data)["text"] == body.decode()
 
 
+async def test_a_gzip_body_of_several_members_is_decoded_whole(stub, remote: Remote) -> None:
+    # A gzip body may hold several members one after another (RFC 1952, 2.2), which Go's
+    # and Python's gzip readers decode; only the first was, the rest dropped without a
+    # word (a success, no `truncated`). What follows the last member and is not gzip is
+    # still ignored. Here: an empty member, and a magic number split between chunks.
+    members = [compressed(["gzip"], iter([part])) for part in (b"first;", b"", b"second")]
+    pieces = [members[0], members[1], members[2][:1], members[2][1:], b"garbage"]
+    remote.chunked["/members"] = {"Content-Encoding": "gzip"}, pieces
+    resp = await execute(stub, http_flow(url=remote.url("/members")))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert to_dict(resp.execution_history[0].data)["text"] == "first;second"
+
+
 async def test_too_many_content_encodings_fail(stub, remote: Remote) -> None:
     encodings = ["gzip"] * 6
     headers = {"Content-Encoding": ", ".join(encodings)}

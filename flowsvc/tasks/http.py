@@ -252,31 +252,59 @@ class _Inflate:
         self._zlib = zlib.decompressobj(_WBITS[encoding])
         self._pending = b""
         self._started = False
+        #: Past the end: what comes after is ignored.
+        self._ended = False
 
     def feed(self, data: bytes) -> None:
         self._pending += data
 
     def read(self, limit: int) -> bytes:
         """Up to `limit` decoded bytes: b"" when it needs more input (or has ended)."""
-        if self._zlib.eof:
-            self._pending = b""  # what follows the end is ignored, as httpx does
-            return b""
-        if not self._started and self._encoding == "deflate" and len(self._pending) < 2:
-            # zlib's header is two bytes: given one alone, zlib cannot yet refuse raw
-            # deflate, which would then fail when the next chunk comes.
-            return b""
-        try:
-            out = self._zlib.decompress(self._pending, limit)
-        except zlib.error as exc:
-            if self._started or self._encoding != "deflate":
-                raise httpx.DecodingError(f"{self._encoding}: {exc}") from exc
-            # Many servers send raw deflate, without the zlib header, as "deflate".
-            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-            self._started = True
-            return self.read(limit)
-        self._started = self._started or bool(self._pending)
-        self._pending = self._zlib.unconsumed_tail
-        return out
+        while True:
+            if self._zlib.eof and not self._next_member():
+                return b""
+            if not self._started and self._encoding == "deflate" and len(self._pending) < 2:
+                # zlib's header is two bytes: given one alone, zlib cannot yet refuse raw
+                # deflate, which would then fail when the next chunk comes.
+                return b""
+            try:
+                out = self._zlib.decompress(self._pending, limit)
+            except zlib.error as exc:
+                if self._started or self._encoding != "deflate":
+                    raise httpx.DecodingError(f"{self._encoding}: {exc}") from exc
+                # Many servers send raw deflate, without the zlib header, as "deflate".
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._started = True
+                continue
+            self._started = self._started or bool(self._pending)
+            if self._zlib.eof:
+                self._pending = self._zlib.unused_data  # input is left over only here
+            else:
+                self._pending = self._zlib.unconsumed_tail
+            if out or not self._zlib.eof:
+                return out
+            # An empty gzip member: the next one may be waiting already.
+
+    def _next_member(self) -> bool:
+        """At the end of the stream: whether another gzip member begins, a decoder now
+        made for it. A gzip body may hold several one after another (RFC 1952, 2.2), as
+        gzip readers decode; anything else after the end is ignored, as httpx does."""
+        if (
+            self._ended
+            or self._encoding == "deflate"
+            or not _GZIP_MAGIC.startswith(self._pending[:2])
+        ):
+            self._ended = True
+            self._pending = b""
+            return False
+        if len(self._pending) < len(_GZIP_MAGIC):
+            return False  # the next bytes say
+        self._zlib = zlib.decompressobj(_WBITS[self._encoding])
+        return True
+
+
+#: How a gzip member begins.
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _reason(exc: BaseException) -> str:
