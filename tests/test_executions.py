@@ -2365,6 +2365,31 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
         assert tables == [table]
 
 
+@pytest.mark.parametrize("version", [0, 1])
+async def test_another_applications_database_with_an_executions_table_is_refused(
+    tmp_path: Path, registry, version: int
+) -> None:
+    # "executions" is a common table name: a file that had one was taken for flowsvc's,
+    # switched to WAL (a lasting change to the other application's file), then refused
+    # "has flowsvc's tables but no schema version" (at 0) or failed "execution store
+    # unavailable: no such column: flow_name" (at 1), naming no file.
+    from flowsvc.errors import StoreUnavailableError
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE executions (id INTEGER, job TEXT)")
+        other.execute(f"PRAGMA user_version = {version}")
+    other.close()
+    before = db.read_bytes()
+    with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
+        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    assert str(db) in str(info.value) and "executions" in str(info.value)
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    other.close()
+
+
 @pytest.mark.parametrize("version", [1, 7])
 async def test_another_applications_database_with_a_user_version_is_refused(
     tmp_path: Path, registry, version: int

@@ -91,6 +91,9 @@ CREATE TABLE meta (
 );
 """
 
+#: The tables every version of the schema has: a file without them all is not flowsvc's.
+FLOWSVC_TABLES = frozenset({"executions", "events", "meta"})
+
 #: Schema migrations: MIGRATIONS[v] takes a database from version v to v + 1.
 MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 
@@ -255,8 +258,10 @@ class SQLiteStore:
         except sqlite3.DatabaseError:
             return None  # damaged: _migrate's check says how
         # Whatever its user_version: other applications set it too (at 1, the file was
-        # taken for a flowsvc database, and failed "no such table: executions").
-        if not tables or "executions" in tables:
+        # taken for a flowsvc database, and failed "no such table: executions"). All of
+        # flowsvc's tables, as its schema makes them together: "executions" alone is a
+        # name other applications use too.
+        if not tables or set(tables) >= FLOWSVC_TABLES:
             return None
         shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
         return (
