@@ -69,13 +69,16 @@ def safe_deserializer(
 ) -> Callable[[bytes], Any]:
     """A request deserializer that never raises (grpc would answer UNKNOWN/INTERNAL);
     `name`: the request type's name in errors, when not `cls`'s own."""
-    name = name or cls.DESCRIPTOR.full_name
+    own = cls.DESCRIPTOR.full_name
+    name = name or own
 
     def deserialize(data: bytes) -> Any:
         try:
             return cls.FromString(data)
         except pb_message.DecodeError as exc:
-            return MalformedRequest(name, str(exc) or "cannot decode")
+            # protobuf's text names the class's type ("Error parsing message with type
+            # '...'"): the one served is named, as in the rest of the message.
+            return MalformedRequest(name, str(exc).replace(own, name) or "cannot decode")
 
     return deserialize
 
