@@ -1115,6 +1115,7 @@ class ExecutionManager:
             self._probe = asyncio.create_task(self._probe_store())
 
     async def _probe_store(self) -> None:
+        failed = ""  # the last unexpected error logged: logged once, not every 0.25 s
         while True:
             await asyncio.sleep(0.25)
             try:
@@ -1125,8 +1126,10 @@ class ExecutionManager:
                 await self.store.check_writable()
             except StoreUnavailableError:
                 continue
-            except Exception:  # a bug: ended, the probe would leave health NOT_SERVING
-                logger.exception("store probe failed")
+            except Exception as exc:  # a bug: ended, the probe would leave health NOT_SERVING
+                if f"{type(exc).__name__}: {exc}" != failed:
+                    failed = f"{type(exc).__name__}: {exc}"
+                    logger.exception("store probe failed")
                 continue
             if self._unrecorded:
                 # An execution a failure stopped after _record_ends took the ends to
