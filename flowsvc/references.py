@@ -51,7 +51,10 @@ def clip(text: str) -> str:
 
 
 class ReferenceSyntaxError(ValueError):
-    """A "${...}" that cannot be read."""
+    """A "${...}" that cannot be read. `where`: the path of the string holding it below
+    the params, as Template.refs() writes it (".headers.Authorization", ".a[1]")."""
+
+    where = ""
 
 
 class MissingReferenceError(LookupError):
@@ -122,13 +125,17 @@ def _compile_string(value: str) -> str | _Text | _Whole:
     return _Text(parts)
 
 
-def _compile(value: Any) -> Any:
+def _compile(value: Any, where: str = "") -> Any:
     if isinstance(value, str):
-        return _compile_string(value)
+        try:
+            return _compile_string(value)
+        except ReferenceSyntaxError as exc:
+            exc.where = where
+            raise
     if isinstance(value, Mapping):
-        return {k: _compile(v) for k, v in value.items()}
+        return {k: _compile(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_compile(v) for v in value]
+        return [_compile(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 

@@ -14,7 +14,15 @@ from typing import Any
 
 from flowsvc.errors import Violation
 from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task
-from flowsvc.references import INPUT, MAX_ECHO, ReferenceSyntaxError, clip, compile_params
+from flowsvc.references import (
+    AT_RUN_TIME,
+    INPUT,
+    MAX_ECHO,
+    ReferenceSyntaxError,
+    Template,
+    clip,
+    compile_params,
+)
 from flowsvc.registry import TaskRegistry, TaskSpec
 
 logger = logging.getLogger("flowsvc.validation")
@@ -308,12 +316,29 @@ class _Graph:
         )
 
 
-def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, bad: Bad) -> None:
+def _compile_each(path: str, params: Mapping[str, Any], bad: Bad) -> tuple[Template, set[str]]:
+    """The template of `params`, and the names of those with a malformed reference: each
+    is reported at its own path, and left out of the template, so that the other params
+    are still checked (one bad "${" must not hide the problems beside it)."""
     try:
-        template = compile_params(task.params)
-    except ReferenceSyntaxError as exc:
-        bad(f"{path}.params", str(exc))
-        return
+        return compile_params(params), set()
+    except ReferenceSyntaxError:
+        pass
+    good: dict[str, Any] = {}
+    broken: set[str] = set()
+    for name, value in params.items():
+        try:
+            compile_params({name: value})
+        except ReferenceSyntaxError as exc:
+            bad(f"{path}.params{exc.where}", str(exc))
+            broken.add(name)
+        else:
+            good[name] = value
+    return compile_params(good), broken
+
+
+def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, bad: Bad) -> None:
+    template, broken = _compile_each(path, task.params, bad)
     for where, ref in template.refs():
         field = f"{path}.params{where}"
         if ref.root == INPUT:
@@ -336,7 +361,10 @@ def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, b
     if schema:
         _check_against_schema(f"{path}.params", task.params, template.known(), schema, bad)
     if spec is not None and spec.check is not None:
-        _run_check(f"{path}.params", spec, template.given(), bad)
+        given = template.given()
+        if broken:  # already reported: the check sees them as it sees any reference
+            given = {name: given.get(name, AT_RUN_TIME) for name in task.params}
+        _run_check(f"{path}.params", spec, given, bad)
 
 
 def _run_check(path: str, spec: TaskSpec, given: Mapping[str, Any], bad: Bad) -> None:

@@ -525,6 +525,30 @@ async def test_validate_flow_good_flow(stub, calls: list[str]) -> None:
     assert calls == []  # validating runs nothing
 
 
+async def test_a_malformed_reference_points_at_its_param_and_hides_no_other_problem(
+    stub,
+) -> None:
+    # A "${" that could not be read used to be reported on the task's whole `params`, and
+    # to end the checks of that task's params: the unknown param beside it, and a second
+    # malformed reference, went unreported until the first was fixed.
+    flow = chain(
+        ("sleep", {"seconds": "${input.x", "secs": 1}),
+        ("echo", {"a": [1, {"b": "${}"}], "c": "${input..y}", "ok": "${input.z}"}),
+    )
+    expected = [
+        ("flow.tasks[0].params.seconds", "'${input.x' has a '${' without its closing '}'"),
+        ("flow.tasks[0].params.secs", "is not a param of this task (it takes: seconds)"),
+        ("flow.tasks[1].params.a[1].b", "'${}' is not a reference like ${input.key}"),
+        ("flow.tasks[1].params.c", "'${input..y}' is not a reference like ${input.key}"),
+    ]
+    executed = await execute_violations(stub, flow)
+    assert sorted(executed) == expected  # a Struct's keys come in no set order
+    response = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert [(v.field, v.description) for v in response.violations] == executed
+
+
 # --- 16: oversized requests -----------------------------------------------------------------
 
 

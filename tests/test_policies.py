@@ -556,11 +556,11 @@ async def test_reference_to_a_task_that_cannot_have_run_is_invalid(stub) -> None
     assert set(found) == {
         "flow.tasks[0].params.x",
         "flow.tasks[1].params.delay_seconds",
-        "flow.tasks[2].params",
+        "flow.tasks[2].params.seconds",
     }
     assert "'task2', which cannot have run before 'echo'" in found["flow.tasks[0].params.x"]
     assert "neither 'input' nor a task" in found["flow.tasks[1].params.delay_seconds"]
-    assert "closing" in found["flow.tasks[2].params"]
+    assert "closing" in found["flow.tasks[2].params.seconds"]
 
 
 async def test_many_unclosed_references_are_refused_at_once(stub, health_stub) -> None:
@@ -573,7 +573,7 @@ async def test_many_unclosed_references_are_refused_at_once(stub, health_stub) -
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     checked = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow), timeout=5)
-    assert [v.field for v in checked.violations] == ["flow.tasks[0].params"]
+    assert [v.field for v in checked.violations] == ["flow.tasks[0].params.x"]
     assert "without its closing" in checked.violations[0].description
     assert time.monotonic() - started < 2
     served = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -593,8 +593,8 @@ async def test_a_long_bad_reference_is_shown_cut_short(stub, param: str) -> None
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     found = violations(info.value)
-    assert list(found) == ["flow.tasks[0].params"]
-    assert len(found["flow.tasks[0].params"]) < 200
+    assert list(found) == ["flow.tasks[0].params.x"]
+    assert len(found["flow.tasks[0].params.x"]) < 200
     checked = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow), timeout=10)
     assert [len(v.description) < 200 for v in checked.violations] == [True]
 
