@@ -58,6 +58,7 @@ from flowsvc.models import (
 from flowsvc.references import (
     INPUT,
     MissingReferenceError,
+    ParamsTooLargeError,
     Ref,
     Template,
     compile_params,
@@ -393,7 +394,7 @@ class FlowEngine:
             params = template.params
             if template.renders:  # references to resolve, or objects to copy for this run
                 params = template.render(_lookup(flow_input, latest))
-        except MissingReferenceError as exc:
+        except (MissingReferenceError, ParamsTooLargeError) as exc:
             result = TaskResult.failure(f"cannot resolve params: {exc}", retryable=False)
         else:
             call = self._invoke(

@@ -61,6 +61,28 @@ class MissingReferenceError(LookupError):
     """A reference whose value is not there at run time."""
 
 
+class ParamsTooLargeError(ValueError):
+    """Params that would grow past MAX_RENDERED once their references are replaced."""
+
+
+#: The most one render of a task's params may make: characters of text with references
+#: replaced, plus one per object entry or list item copied for a whole reference. A
+#: reference may be repeated (a 100 KB input named 300 times is a 30 MB param), so
+#: without a bound a request of a few MB could ask for gigabytes. 4 Mi is more than one
+#: copy of the largest input (a 4 MiB request) or result (1 MiB) needs, and copying that
+#: many values holds the event loop about a second.
+MAX_RENDERED = 4 * 1024 * 1024
+
+
+def _spend(room: list[int], cost: int) -> None:
+    room[0] -= cost
+    if room[0] < 0:
+        raise ParamsTooLargeError(
+            f"with their references replaced, the params would hold more than "
+            f"{MAX_RENDERED:,} characters and copied values"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Ref:
     """One "${root.path...}"."""
@@ -157,33 +179,38 @@ def _walk_refs(value: Any, path: str) -> Iterator[tuple[str, Ref]]:
 Lookup = Callable[[Ref], Any]
 
 
-def _render(value: Any, lookup: Lookup) -> Any:
+def _render(value: Any, lookup: Lookup, room: list[int]) -> Any:
+    """`room`: what is left of MAX_RENDERED for this render (ParamsTooLargeError past it)."""
     if isinstance(value, _Whole):
         # A copy: a task changing an object it was given must not change the result
         # (or input) it came from, which is recorded and read by later references.
-        return json_copy(lookup(value.ref))
+        return json_copy(lookup(value.ref), room)
     if isinstance(value, _Text):
         out = []
         for part in value.parts:
-            if isinstance(part, Ref):
-                out.append(as_text(lookup(part)))
-            else:
-                out.append(part)
+            text = as_text(lookup(part)) if isinstance(part, Ref) else part
+            _spend(room, len(text))
+            out.append(text)
         return "".join(out)
     if isinstance(value, dict):
-        return {k: _render(v, lookup) for k, v in value.items()}
+        return {k: _render(v, lookup, room) for k, v in value.items()}
     if isinstance(value, list):
-        return [_render(v, lookup) for v in value]
+        return [_render(v, lookup, room) for v in value]
     return value
 
 
-def json_copy(value: Any) -> Any:
+def json_copy(value: Any, room: list[int] | None = None) -> Any:
     """A JSON value with every object and list in it new, as plain dicts and lists
-    (read-only mappings and tuples too; scalars are immutable)."""
+    (read-only mappings and tuples too; scalars are immutable). `room`, when given, is
+    spent one per entry or item copied (see _render)."""
     if isinstance(value, Mapping):
-        return {k: json_copy(v) for k, v in value.items()}
+        if room is not None:
+            _spend(room, len(value))
+        return {k: json_copy(v, room) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [json_copy(v) for v in value]
+        if room is not None:
+            _spend(room, len(value))
+        return [json_copy(v, room) for v in value]
     return value
 
 
@@ -254,11 +281,13 @@ class Template:
         }
 
     def render(self, lookup: Lookup) -> Mapping[str, Any]:
+        """The params with references replaced: MissingReferenceError for one whose value
+        is not there, ParamsTooLargeError past MAX_RENDERED."""
         if not self.renders:
             return self.params
         if not self._refs:  # no reference, but objects or lists: new ones, read-only atop
-            return MappingProxyType(_render(self._compiled, _no_lookup))
-        rendered: Mapping[str, Any] = _render(self._compiled, lookup)
+            return MappingProxyType(_render(self._compiled, _no_lookup, [MAX_RENDERED]))
+        rendered: Mapping[str, Any] = _render(self._compiled, lookup, [MAX_RENDERED])
         return rendered
 
 

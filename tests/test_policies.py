@@ -628,6 +628,29 @@ async def test_a_list_index_that_is_not_ascii_digits_fails_the_task_not_the_rpc(
     )
 
 
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("${input.big}" * 300, "x" * 100_000), (["${input.big}"] * 300, [[1] * 1000] * 100)],
+    ids=["text", "whole"],
+)
+async def test_params_that_references_would_blow_up_fail_the_task(
+    stub, param: object, value: object
+) -> None:
+    # A reference repeated in a param was replaced each time: a 100 KB input named 300
+    # times made a 30 MB param (or 30 million copied list items), and a 4 MB request
+    # could ask the server for hundreds of gigabytes. One render is bounded; past the
+    # bound the task fails, not retried, and the server goes on.
+    flow = chain(("echo", {"x": param}))
+    flow.tasks[0].retry.max_attempts = 3
+    request = pb.ExecuteFlowRequest(flow=flow)
+    request.input.update({"big": value})
+    done = await stub.ExecuteFlow(request, timeout=10)
+    assert done.status == flow_pb2.FLOW_STATUS_FAILED
+    (attempt,) = done.execution_history
+    assert attempt.error.startswith("cannot resolve params: ")
+    assert "more than 4,194,304" in attempt.error
+
+
 async def test_builtin_tasks_refuse_a_param_they_do_not_take(stub) -> None:
     # A typo would otherwise be ignored: `secs` would sleep the default second.
     flow = chain(
