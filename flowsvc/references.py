@@ -93,6 +93,8 @@ class Ref:
 
 
 def parse_ref(body: str) -> Ref:
+    if "${" in body:  # "${input.${input.key}}": no key is meant to start with "${"
+        raise ReferenceSyntaxError(f"'${{{clip(body)}}}' holds a '${{': references do not nest")
     parts = body.strip().split(".")
     if not parts[0] or any(not p for p in parts):
         raise ReferenceSyntaxError(f"'${{{clip(body)}}}' is not a reference like ${{input.key}}")

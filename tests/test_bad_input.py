@@ -549,6 +549,18 @@ async def test_a_malformed_reference_points_at_its_param_and_hides_no_other_prob
     assert [(v.field, v.description) for v in response.violations] == executed
 
 
+async def test_a_nested_reference_is_refused_at_submission(stub) -> None:
+    # References do not nest: "${input.${input.key}}" used to be read as a reference to
+    # the key "${input" followed by the text "key}}", accepted, and then failed the
+    # task at run time with "input has no key '${input'".
+    flow = chain(("echo", {"x": "${input.${input.key}}"}))
+    (violation,) = await execute_violations(stub, flow)
+    assert violation == (
+        "flow.tasks[0].params.x",
+        "'${input.${input.key}' holds a '${': references do not nest",
+    )
+
+
 # --- 16: oversized requests -----------------------------------------------------------------
 
 
