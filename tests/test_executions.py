@@ -475,6 +475,54 @@ async def test_an_execution_deleted_by_retention_while_read_is_not_found(
             held.let_go()
 
 
+async def test_a_retry_whose_execution_retention_deletes_meanwhile_runs_the_flow_anew(
+    tmp_path: Path, registry
+) -> None:
+    """A retry (same request_id) finds its ended execution, and retention deletes it
+    before the retry reads its events: the request_id is forgotten with it, so the retry
+    runs the flow as a new execution (README: a request_id is remembered as long as its
+    execution is retained), never NOT_FOUND for an id the client did not ask about.
+    White-box: the store's thread is held while the look-up and the sweep queue behind
+    it, in that order."""
+    from datetime import UTC, datetime, timedelta
+
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "swept.db"))
+    async with serving(settings, registry) as (server, _, stub):
+        store = server.manager.store
+        held = StoreHold(store)
+        try:
+            for rpc in ("execute", "stream"):
+                request_id = str(uuid.uuid4())
+                flow = chain("noop", "echo")
+                first = await stub.ExecuteFlow(
+                    pb.ExecuteFlowRequest(flow=flow, request_id=request_id)
+                )
+                await held.hold()
+                if rpc == "execute":
+                    request = pb.ExecuteFlowRequest(flow=flow, request_id=request_id)
+                    call = asyncio.ensure_future(stub.ExecuteFlow(request))
+                else:
+                    retry = pb.StreamFlowRequest(flow=flow, request_id=request_id)
+                    call = asyncio.ensure_future(read_all(stub.StreamFlow(retry)))
+                await eventually(lambda: store._jobs.qsize() == 1)  # the look-up waits
+                sweep = asyncio.ensure_future(
+                    store.delete_finished_before(datetime.now(UTC) + timedelta(seconds=1))
+                )
+                await eventually(lambda: store._jobs.qsize() == 2)  # the sweep waits behind
+                await held.release()
+                assert await sweep >= 1
+                answer = await call
+                if rpc == "execute":
+                    flow_id, status = answer.flow_id, answer.status
+                else:
+                    flow_id = answer[0].started.flow_id
+                    status = answer[-1].finished.status
+                assert flow_id != first.flow_id, rpc
+                assert status == flow_pb2.FLOW_STATUS_SUCCEEDED, rpc
+        finally:
+            held.let_go()
+
+
 async def test_cancel_ends_a_watcher_with_finished_and_ok(stub, registry) -> None:
     started, _, _ = gate(registry)
     request = pb.ExecuteFlowRequest(flow=chain("gated"), continue_on_disconnect=True)
