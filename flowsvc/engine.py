@@ -28,7 +28,7 @@ import reprlib
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,7 @@ from flowsvc.references import (
     Template,
     compile_params,
     follow_path,
+    json_copy,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
 from flowsvc.threads import TaskThreads
@@ -576,7 +577,11 @@ class FlowEngine:
             return TaskResult.failure(f"task returned data that cannot be read: {_text(exc)}")
         if problem:
             return TaskResult.failure(f"task returned data that is not JSON: {problem}")
-        return out
+        # The result's own copy: a task may keep what it returned (a cache, a running
+        # tally) and change it later, which must not change a result already recorded,
+        # streamed or answered (the in-memory store kept the task's objects; the history
+        # ExecuteFlow answers is built from them once the flow has ended).
+        return replace(out, data=json_copy(data))
 
 
 def _raised(

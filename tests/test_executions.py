@@ -2524,6 +2524,39 @@ async def test_a_task_writing_into_its_input_does_not_change_the_stored_input(
     assert to_dict(got.execution.input) == {"order": {"id": 7}}
 
 
+async def test_a_task_changing_data_it_returned_does_not_change_its_recorded_result(
+    stub, registry
+) -> None:
+    # A task that keeps what it returned (a cache, a running tally) and changes it later
+    # must not rewrite a result already told: the in-memory store kept the task's own
+    # objects (GetExecution showed them changed by later runs), and the SQLite store
+    # kept the JSON while the history ExecuteFlow answered and StreamFlow sent could
+    # show them changed after the step.
+    tally: dict[str, Any] = {"runs": []}
+
+    @registry.task("tally")
+    def count() -> TaskResult:
+        tally["runs"].append(len(tally["runs"]) + 1)
+        return TaskResult.success({"tally": tally})
+
+    loop = flow_pb(["tally"], {"tally": ("tally", "end")}, max_steps=3)
+
+    def runs(results: Any) -> list[list[float]]:
+        return [to_dict(r.data)["tally"]["runs"] for r in results]
+
+    # Each step's result as it was when the task returned it: the runs up to that step.
+    first_runs = [[1], [1, 2], [1, 2, 3]]
+    second_runs = [[1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]]
+    streamed = await read_all(stub.StreamFlow(pb.StreamFlowRequest(flow=loop)))
+    first = streamed[0].started.flow_id
+    assert runs(m.task_result for m in streamed if m.HasField("task_result")) == first_runs
+    done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=loop))
+    assert runs(done.execution_history) == second_runs
+    for flow_id, told in ((first, first_runs), (done.flow_id, second_runs)):
+        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
+        assert runs(got.execution.execution_history) == told
+
+
 async def test_the_prepared_flow_cache_is_bounded_by_bytes(stub, server: FlowServer) -> None:
     # The cache kept 512 flows whatever their size: 512 distinct flows of 3.5 MB (13 MB
     # each in memory) let one client take the server to 7 GB. 40 flows of 1 MB held 80 MB
