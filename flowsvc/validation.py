@@ -22,6 +22,7 @@ from flowsvc.references import (
     Template,
     clip,
     compile_params,
+    where,
 )
 from flowsvc.registry import TaskRegistry, TaskSpec
 
@@ -339,19 +340,20 @@ def _compile_each(path: str, params: Mapping[str, Any], bad: Bad) -> tuple[Templ
 
 def _check_params(path: str, task: Task, spec: TaskSpec | None, graph: _Graph, bad: Bad) -> None:
     template, broken = _compile_each(path, task.params, bad)
-    for where, ref in template.refs():
-        field = f"{path}.params{where}"
+    for segments, ref in template.refs():
         if ref.root == INPUT:
             continue
+        # Written out only for a violation: a path for each reference cost the length
+        # of its keys again for every one of them.
         if not graph.declares(ref.root):
             bad(
-                field,
+                f"{path}.params{where(segments)}",
                 f"'${{{clip(ref.text)}}}' refers to {_show(ref.root)}, which is neither "
                 f"{INPUT!r} nor a task of the flow",
             )
         elif task.name and not graph.may_run_before(ref.root, task.name):
             bad(
-                field,
+                f"{path}.params{where(segments)}",
                 f"'${{{clip(ref.text)}}}' refers to {_show(ref.root)}, which cannot have "
                 f"run before {_show(task.name)}",
             )

@@ -562,6 +562,35 @@ async def test_a_nested_reference_is_refused_at_submission(stub) -> None:
     )
 
 
+def test_references_under_a_long_key_cost_no_copy_of_it_each(registry) -> None:
+    # Each value below a key had its path written out when its params were compiled, and
+    # each reference kept its own: a 200 KB key over a list of 20,000 references, a
+    # 480 KB request, made 4 GB of paths and held the event loop for 12 s (a 2.4 MB one
+    # took the server down). A path is now written only for a violation, its keys cut.
+    import tracemalloc
+
+    from flowsvc.engine import FlowEngine
+    from flowsvc.models import Flow, Task
+    from flowsvc.references import MAX_ECHO
+    from flowsvc.validation import Limits
+
+    key, n = "k" * 50_000, 1000
+    refs = ["${input.a}"] * n + ["${ghost.data}"] * n
+    flow = Flow("f", "echo", (Task("echo", params={key: refs}),), ())
+    engine = FlowEngine(registry, Limits())
+    tracemalloc.start()
+    try:
+        found = engine.validate(flow)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024  # was over 100 MB: a copy of the key for each reference
+    assert len(found) == n
+    shown = f"flow.tasks[0].params.{key[:MAX_ECHO]}...[{n}]"
+    assert found[0].field == shown
+    assert "'${ghost.data}' refers to 'ghost'" in found[0].description
+
+
 # --- 16: oversized requests -----------------------------------------------------------------
 
 
