@@ -34,7 +34,7 @@ from flowsvc.models import (
     TaskCompleted,
     TaskStatus,
 )
-from flowsvc.references import json_copy
+from flowsvc.references import json_copy, where
 from flowsvc.registry import TaskSpec
 from flowsvc.store import ExecutionRecord, ExecutionSummary
 
@@ -67,25 +67,31 @@ def struct_from_pb(
         return json_format.MessageToDict(struct)
     except ValueError:
         for key, value in struct.fields.items():
-            if (found := _not_finite(value, f"{field}.{key}")) is not None:
-                path, number = found
+            if (found := _not_finite(value)) is not None:
+                inner, number = found
+                path = f"{field}{where((key, *reversed(inner)))}"
                 raise error.one(path, f"is {number}, not a JSON number") from None
         raise
 
 
-def _not_finite(value: struct_pb2.Value, path: str) -> tuple[str, float] | None:
-    """The path and value of the first NaN or Infinity in `value` (the decoder bounds
-    how deep this recurses)."""
+def _not_finite(value: struct_pb2.Value) -> tuple[list[str | int], float] | None:
+    """The first NaN or Infinity in `value`, and where it is below `value` (keys and
+    indexes, innermost first: no path is written for the values passed by, whose every
+    one cost the length of the keys above it again). The decoder bounds how deep this
+    recurses."""
     kind = value.WhichOneof("kind")
     if kind == "number_value":
-        return None if math.isfinite(value.number_value) else (path, value.number_value)
+        return None if math.isfinite(value.number_value) else ([], value.number_value)
+    segment: str | int
     if kind == "struct_value":
-        for key, item in value.struct_value.fields.items():
-            if (found := _not_finite(item, f"{path}.{key}")) is not None:
+        for segment, item in value.struct_value.fields.items():
+            if (found := _not_finite(item)) is not None:
+                found[0].append(segment)
                 return found
     elif kind == "list_value":
-        for i, item in enumerate(value.list_value.values):
-            if (found := _not_finite(item, f"{path}[{i}]")) is not None:
+        for segment, item in enumerate(value.list_value.values):
+            if (found := _not_finite(item)) is not None:
+                found[0].append(segment)
                 return found
     return None
 

@@ -901,6 +901,31 @@ async def test_nan_or_infinity_in_input_or_params_is_invalid_argument(
     assert calls == []
 
 
+def test_a_nan_after_many_values_under_a_long_key_is_found_in_one_pass() -> None:
+    # Looking for the NaN wrote out the path of every value passed by, each with the key
+    # above it again: a 2 MB key over 400,000 nulls (a 3.6 MB request) held the event
+    # loop for 53 s. A path is now written only for the NaN found. The bound is 50 times
+    # what the work takes now, and half of what it took.
+    from google.protobuf import struct_pb2
+
+    from flowsvc.errors import InvalidArgumentError
+    from flowsvc.references import MAX_ECHO
+
+    key = "k" * 2_000_000
+    struct = struct_pb2.Struct()
+    items = struct.fields[key].list_value.values
+    for _ in range(200_000):
+        items.add().null_value = struct_pb2.NULL_VALUE
+    items.add().number_value = float("nan")
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError) as info:
+        convert.struct_from_pb(struct, "input")
+    assert time.monotonic() - started < 15
+    (violation,) = info.value.violations
+    assert violation.field == f"input.{key[:MAX_ECHO]}...[200000]"
+    assert violation.description == "is nan, not a JSON number"
+
+
 @pytest.mark.parametrize(
     "path",
     ["/flowmanager.v1.FlowService/ExecuteFlows", "/flowmanager.v2.FlowService/ExecuteFlow"],
