@@ -71,6 +71,7 @@ from flowsvc.validation import (
     MAX_JSON_DEPTH,
     MAX_RESULT_BYTES,
     Limits,
+    count_violations,
     too_deep,
     too_large,
     validate_flow,
@@ -174,6 +175,11 @@ class FlowEngine:
     def validate(self, flow: Flow | None) -> list[Violation]:
         """Every violation in `flow` (empty when it would run)."""
         return validate_flow(flow, self.registry, self.limits)
+
+    def count_violations(self, tasks: int, conditions: int) -> list[Violation]:
+        """Violations for a flow of that many tasks and conditions over the limits: what
+        `validate` alone reports of such a flow, known before the flow is converted."""
+        return count_violations(tasks, conditions, self.limits)
 
     def prepare(self, flow: Flow | None) -> PreparedFlow:
         """Validate `flow` and build its routing table; raise FlowValidationError if bad."""

@@ -48,6 +48,7 @@ from flowsvc.errors import (
     Violation,
 )
 from flowsvc.executions import Attachment, ExecutionManager, parse_flow_id
+from flowsvc.models import Flow
 
 logger = logging.getLogger("flowsvc.servicer")
 
@@ -300,13 +301,27 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
             request.flow.SerializeToString(deterministic=True) if request.HasField("flow") else None
         )
         return await self.manager.start(
-            lambda: convert.request_flow_from_pb(request),
+            lambda: self._flow_of(request),
             convert.struct_from_pb(request.input, "input"),
             request_id=request.request_id,
             continue_on_disconnect=request.continue_on_disconnect,
             cache_key=key,
             input_bytes=request.input.ByteSize(),
         )
+
+    def _flow_of(
+        self,
+        request: pb.ExecuteFlowRequest | pb.StreamFlowRequest | pb.ValidateFlowRequest,
+    ) -> Flow | None:
+        """The request's flow as a model. A flow of more tasks or conditions than the
+        server takes is refused on their counts, before they are converted (seconds of
+        the event loop for the million a few MB can hold)."""
+        if request.HasField("flow"):
+            flow = request.flow
+            too_many = self.engine.count_violations(len(flow.tasks), len(flow.conditions))
+            if too_many:
+                raise FlowValidationError(too_many)
+        return convert.request_flow_from_pb(request)
 
     @unary
     async def ExecuteFlow(
@@ -421,8 +436,8 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         self, request: pb.ValidateFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ValidateFlowResponse:
         try:
-            flow = convert.request_flow_from_pb(request)
-        except FlowValidationError as exc:  # params no JSON can hold: data, like the rest
+            flow = self._flow_of(request)
+        except FlowValidationError as exc:  # too large, or params no JSON can hold: data
             return convert.violations_to_pb(exc.violations, self.max_response_bytes)
         return convert.violations_to_pb(self.engine.validate(flow), self.max_response_bytes)
 
