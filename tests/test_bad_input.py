@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Callable
 
 import grpc
@@ -296,9 +295,8 @@ def test_a_flow_far_over_the_task_limit_is_refused_quickly(registry) -> None:
     tasks = tuple(Task(f"t{i}", params={"x": f"${{t{i - 1}.data}}"} if i else {}) for i in range(n))
     routes = tuple(Condition(f"t{i}", f"t{i + 1}", "end") for i in range(n - 1))
     engine = FlowEngine(registry, Limits(max_tasks=MAX_TASKS))
-    started = time.monotonic()
     found = engine.validate(Flow("f", "t0", tasks, routes))
-    assert time.monotonic() - started < 2
+    # (Its params unchecked show the order was not walked; no timed assertion.)
     assert found[0].field == "flow.tasks" and f"declares {n} tasks" in found[0].description
     assert not any(".params" in v.field for v in found)
     # Within the limit, the order is still checked.
@@ -940,8 +938,8 @@ async def test_nan_or_infinity_in_input_or_params_is_invalid_argument(
 def test_a_nan_after_many_values_under_a_long_key_is_found_in_one_pass() -> None:
     # Looking for the NaN wrote out the path of every value passed by, each with the key
     # above it again: a 2 MB key over 400,000 nulls (a 3.6 MB request) held the event
-    # loop for 53 s. A path is now written only for the NaN found. The bound is 50 times
-    # what the work takes now, and half of what it took.
+    # loop for 53 s. A path is now written only for the NaN found, its key cut (which
+    # the field below shows; no timed assertion: the old code took minutes to fail here).
     from google.protobuf import struct_pb2
 
     from flowsvc.errors import InvalidArgumentError
@@ -953,10 +951,8 @@ def test_a_nan_after_many_values_under_a_long_key_is_found_in_one_pass() -> None
     for _ in range(200_000):
         items.add().null_value = struct_pb2.NULL_VALUE
     items.add().number_value = float("nan")
-    started = time.monotonic()
     with pytest.raises(InvalidArgumentError) as info:
         convert.struct_from_pb(struct, "input")
-    assert time.monotonic() - started < 15
     (violation,) = info.value.violations
     assert violation.field == f"input.{key[:MAX_ECHO]}...[200000]"
     assert violation.description == "is nan, not a JSON number"

@@ -568,14 +568,13 @@ async def test_many_unclosed_references_are_refused_at_once(stub, health_stub) -
     # 100 KB param took the event loop for about half a minute (health and every other
     # call waited), a 2 MB one for hours.
     flow = chain(("echo", {"x": "${" * 50_000}))
-    started = time.monotonic()
+    # (Bounded by the calls' deadlines: no timed assertion beyond them.)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     checked = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow), timeout=5)
     assert [v.field for v in checked.violations] == ["flow.tasks[0].params.x"]
     assert "without its closing" in checked.violations[0].description
-    assert time.monotonic() - started < 2
     served = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert served.status == health_pb2.HealthCheckResponse.SERVING
 
