@@ -47,7 +47,7 @@ from flowsvc.errors import (
     TooManyExecutionsError,
     Violation,
 )
-from flowsvc.executions import Attachment, ExecutionManager, parse_flow_id
+from flowsvc.executions import OFF_LOOP_BYTES, Attachment, ExecutionManager, parse_flow_id
 from flowsvc.models import Flow
 
 logger = logging.getLogger("flowsvc.servicer")
@@ -300,13 +300,18 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
         key = (
             request.flow.SerializeToString(deterministic=True) if request.HasField("flow") else None
         )
+        input_bytes = request.input.ByteSize()
+        if input_bytes > OFF_LOOP_BYTES:  # converted in a thread, as a large flow is
+            flow_input = await asyncio.to_thread(convert.struct_from_pb, request.input, "input")
+        else:
+            flow_input = convert.struct_from_pb(request.input, "input")
         return await self.manager.start(
             lambda: self._flow_of(request),
-            convert.struct_from_pb(request.input, "input"),
+            flow_input,
             request_id=request.request_id,
             continue_on_disconnect=request.continue_on_disconnect,
             cache_key=key,
-            input_bytes=request.input.ByteSize(),
+            input_bytes=input_bytes,
         )
 
     def _flow_of(
