@@ -9,7 +9,7 @@ MAX_BODY_BYTES is cut there and `truncated` is true. A gzip or deflate body is d
 here, as it arrives, and only as far as MAX_BODY_BYTES: a few KiB that would decode to
 gigabytes (a "zip bomb") cost no more memory than a plain body.
 
-Failures that retrying may fix (connection errors, 5xx, 408, 429) are retryable; other
+Failures that retrying may fix (connection errors, 5xx, 408, 425, 429) are retryable; other
 4xx answers are not, so a retry policy does not repeat a request the server refused.
 The client (connection pool) is shared by every flow on the event loop.
 """
