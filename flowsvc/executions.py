@@ -516,12 +516,25 @@ class ExecutionManager:
             if hit is not None:
                 self._prepared.move_to_end(key)
                 return hit
-        if key is not None and len(key) > OFF_LOOP_BYTES:
-            prepared = await asyncio.to_thread(self._build, build)
-        else:
-            prepared = self._build(build)
-        if key is not None:
-            self._remember(key, prepared)
+        if key is None:
+            return self._build(build)
+        if len(key) > OFF_LOOP_BYTES:
+            loop = asyncio.get_running_loop()
+            return await asyncio.to_thread(self._build_and_remember, loop, build, key)
+        prepared = self._build(build)
+        self._remember(key, prepared)
+        return prepared
+
+    def _build_and_remember(
+        self, loop: asyncio.AbstractEventLoop, build: Callable[[], Flow | None], key: bytes
+    ) -> _Prepared:
+        """_build in a thread, the flow then kept by the loop even if the caller has left
+        meanwhile (its deadline shorter than the build): its retry finds it in the cache,
+        instead of having it built, and being cancelled, again on every try. Scheduled
+        before the caller's await returns, so the caller finds it there too."""
+        prepared = self._build(build)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody to keep it for
+            loop.call_soon_threadsafe(self._remember, key, prepared)
         return prepared
 
     def _build(self, build: Callable[[], Flow | None]) -> _Prepared:

@@ -1636,6 +1636,38 @@ async def test_a_large_input_or_flow_is_converted_and_checked_off_the_event_loop
     assert where == {"convert": [False, True, False], "check": [False, True]}
 
 
+async def test_a_large_flow_built_after_its_caller_left_is_still_cached(
+    stub, server: FlowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large flow is built in a thread. A caller whose deadline passed while it was
+    # built left the flow out of the cache: a client retrying with the same deadline
+    # had it built again, and cancelled again, on every try (on the loop, before the
+    # build moved to a thread, the first try cached it and the second was answered).
+    from flowsvc.executions import ExecutionManager
+
+    go, built = threading.Event(), []
+    build = ExecutionManager._build
+
+    def held_build(self: ExecutionManager, *args: Any) -> Any:
+        built.append(1)
+        go.wait(10)
+        return build(self, *args)
+
+    monkeypatch.setattr(ExecutionManager, "_build", held_build)
+    flow = chain("noop")
+    flow.tasks[0].description = "d" * 100_000  # over OFF_LOOP_BYTES: built in a thread
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as left:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=0.2)
+        assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        go.set()
+    await eventually(lambda: len(server.manager._prepared) == 1)
+    resp = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow), timeout=10)
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert len(built) == 1  # the retry found it in the cache
+
+
 async def test_shutdown_gives_its_grace_to_an_execution_whose_record_is_being_written(
     tmp_path: Path, registry
 ) -> None:
