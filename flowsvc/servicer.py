@@ -440,6 +440,13 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def ValidateFlow(
         self, request: pb.ValidateFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ValidateFlowResponse:
+        if request.flow.ByteSize() > OFF_LOOP_BYTES:  # in a thread, as ExecuteFlow's
+            return await asyncio.to_thread(self._validate, request)
+        return self._validate(request)
+
+    def _validate(self, request: pb.ValidateFlowRequest) -> pb.ValidateFlowResponse:
+        """The violations of the request's flow (on the loop, or in a thread: it touches
+        nothing shared, and the answer is a message of its own)."""
         try:
             flow = self._flow_of(request)
         except FlowValidationError as exc:  # too large, or params no JSON can hold: data
