@@ -2504,6 +2504,39 @@ async def test_a_database_restored_from_a_dump_is_refused_saying_why(
     assert "PRAGMA user_version = 1" in str(info.value)
 
 
+def _foreign_database(db: Path, *statements: str) -> Path:
+    """Another application's SQLite file at `db`, made by `statements` (rollback journal,
+    SQLite's default)."""
+    with sqlite3.connect(db) as other:
+        for statement in statements:
+            other.execute(statement)
+    other.close()
+    return db
+
+
+async def _refused_as_foreign(db: Path, registry, named: str) -> None:
+    """The start on `db` is refused as not flowsvc's, naming the file and `named` (one of
+    its tables); the file is left exactly as it was, in SQLite's default journal mode."""
+    from flowsvc.errors import StoreUnavailableError
+
+    before = _as_it_is(db)
+    assert before[2] == "delete"
+    with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
+        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
+    assert str(db) in str(info.value) and named in str(info.value)
+    assert _as_it_is(db) == before
+
+
+def _as_it_is(db: Path) -> tuple[bytes, list[str], str]:
+    """A database file's bytes, tables and journal mode."""
+    content = db.read_bytes()
+    with sqlite3.connect(db) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    return content, tables, mode
+
+
 async def test_another_applications_database_is_refused_and_left_as_it_was(
     tmp_path: Path, registry
 ) -> None:
@@ -2511,20 +2544,10 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
     # with a table named like one of flowsvc's stopped the start with "execution store
     # unavailable: table events already exists", naming no file; one without got
     # flowsvc's tables added to it, and served.
-    from flowsvc.errors import StoreUnavailableError
-
     for table in ("events", "customers"):
-        db = tmp_path / f"{table}.db"
-        with sqlite3.connect(db) as other:
-            other.execute(f"CREATE TABLE {table} (id INTEGER)")
-        other.close()
-        with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
-            await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
-        assert str(db) in str(info.value) and table in str(info.value)
-        with sqlite3.connect(db) as other:
-            tables = [row[0] for row in other.execute("SELECT name FROM sqlite_master")]
-        other.close()
-        assert tables == [table]
+        db = _foreign_database(tmp_path / f"{table}.db", f"CREATE TABLE {table} (id INTEGER)")
+        await _refused_as_foreign(db, registry, table)
+        assert _as_it_is(db)[1] == [table]
 
 
 @pytest.mark.parametrize("version", [0, 1])
@@ -2535,21 +2558,12 @@ async def test_another_applications_database_with_an_executions_table_is_refused
     # switched to WAL (a lasting change to the other application's file), then refused
     # "has flowsvc's tables but no schema version" (at 0) or failed "execution store
     # unavailable: no such column: flow_name" (at 1), naming no file.
-    from flowsvc.errors import StoreUnavailableError
-
-    db = tmp_path / "other.db"
-    with sqlite3.connect(db) as other:
-        other.execute("CREATE TABLE executions (id INTEGER, job TEXT)")
-        other.execute(f"PRAGMA user_version = {version}")
-    other.close()
-    before = db.read_bytes()
-    with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
-        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
-    assert str(db) in str(info.value) and "executions" in str(info.value)
-    assert db.read_bytes() == before
-    with sqlite3.connect(db) as other:
-        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    other.close()
+    db = _foreign_database(
+        tmp_path / "other.db",
+        "CREATE TABLE executions (id INTEGER, job TEXT)",
+        f"PRAGMA user_version = {version}",
+    )
+    await _refused_as_foreign(db, registry, "executions")
 
 
 @pytest.mark.parametrize("version", [1, 7])
@@ -2559,16 +2573,12 @@ async def test_another_applications_database_with_a_user_version_is_refused(
     # Many applications set user_version too. At 1 the file was taken for a flowsvc
     # database: the start failed "execution store unavailable: no such table:
     # executions", naming no file; past 1, "this flowsvc knows versions up to 1".
-    from flowsvc.errors import StoreUnavailableError
-
-    db = tmp_path / "other.db"
-    with sqlite3.connect(db) as other:
-        other.execute("CREATE TABLE customers (id INTEGER)")
-        other.execute(f"PRAGMA user_version = {version}")
-    other.close()
-    with pytest.raises(StoreUnavailableError, match="not a flowsvc database") as info:
-        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
-    assert str(db) in str(info.value) and "customers" in str(info.value)
+    db = _foreign_database(
+        tmp_path / "other.db",
+        "CREATE TABLE customers (id INTEGER)",
+        f"PRAGMA user_version = {version}",
+    )
+    await _refused_as_foreign(db, registry, "customers")
 
 
 async def test_another_applications_database_keeps_its_journal_mode(
@@ -2577,19 +2587,8 @@ async def test_another_applications_database_keeps_its_journal_mode(
     # The store switched the file to WAL (a change written in its header, that lasts)
     # before it looked at its tables: refused, the other application's file was changed
     # all the same, for an application that may not work with WAL (a network share).
-    from flowsvc.errors import StoreUnavailableError
-
-    db = tmp_path / "other.db"
-    with sqlite3.connect(db) as other:
-        other.execute("CREATE TABLE customers (id INTEGER)")
-    other.close()
-    before = db.read_bytes()
-    with pytest.raises(StoreUnavailableError, match="not a flowsvc database"):
-        await build_server(Settings(listen="127.0.0.1:0", db=str(db)), registry)
-    assert db.read_bytes() == before
-    with sqlite3.connect(db) as other:
-        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    other.close()
+    db = _foreign_database(tmp_path / "other.db", "CREATE TABLE customers (id INTEGER)")
+    await _refused_as_foreign(db, registry, "customers")
 
 
 async def test_list_executions_reads_no_flow_and_no_input(
