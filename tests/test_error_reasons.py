@@ -29,7 +29,15 @@ from flowsvc.config import Settings
 from flowsvc.errors import FlowsvcError
 from flowsvc.servicer import ERROR_DOMAIN, REASONS
 from tests.support import ROOT, chain, flow_pb
-from tests.test_executions import StoreHold, eventually, gate, read_all, serving, stubborn
+from tests.test_executions import (
+    StoreHold,
+    eventually,
+    gate,
+    left_during_a_task,
+    read_all,
+    serving,
+    stubborn,
+)
 
 pb = flow_service_pb2
 TIMEOUT = 10
@@ -319,19 +327,7 @@ async def test_execution_ended_before_cancel(tmp_path: Path, registry) -> None:
 
 
 async def test_request_id_abandoned(stub, registry) -> None:
-    started, _, cancelled = gate(registry)
-    flow = chain("gated")
-    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-8"))
-    flow_id = (await first.read()).started.flow_id
-    await started.wait()
-    first.cancel()
-    await eventually(lambda: cancelled)
-
-    async def ended() -> bool:
-        got = await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))
-        return got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
-
-    await eventually(ended)
+    flow, flow_id, _ = await left_during_a_task(stub, registry, "order-8")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="order-8"), timeout=10)
     assert_reason(

@@ -911,16 +911,14 @@ async def test_a_retry_runs_the_flow_when_a_crash_kept_the_request_id_of_one_tha
         assert got.status == flow_pb2.FLOW_STATUS_CANCELLED and got.request_id == ""
 
 
-async def test_a_retry_after_its_first_caller_left_during_a_task_is_failed_precondition(
-    stub, registry
-) -> None:
-    """A first call that goes away while a task runs cancels the execution (no
-    continue_on_disconnect). The task may have done part of its work, so a retry does not
-    run the flow again; nor is it answered OK with that CANCELLED execution, as if
-    someone had cancelled it: FAILED_PRECONDITION says what happened and what to do."""
+async def left_during_a_task(
+    stub, registry, request_id: str
+) -> tuple[flow_pb2.Flow, str, list[bool]]:
+    """A StreamFlow of one gated task with `request_id`, its caller gone once the task has
+    begun, its execution ended CANCELLED: (its flow, its flow_id, the task's cancels)."""
     started, _, cancelled = gate(registry)
     flow = chain("gated")
-    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-8"))
+    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id=request_id))
     flow_id = (await first.read()).started.flow_id
     await started.wait()
     first.cancel()
@@ -931,6 +929,17 @@ async def test_a_retry_after_its_first_caller_left_during_a_task_is_failed_preco
         return got.execution.status == flow_pb2.FLOW_STATUS_CANCELLED
 
     await eventually(ended)
+    return flow, flow_id, cancelled
+
+
+async def test_a_retry_after_its_first_caller_left_during_a_task_is_failed_precondition(
+    stub, registry
+) -> None:
+    """A first call that goes away while a task runs cancels the execution (no
+    continue_on_disconnect). The task may have done part of its work, so a retry does not
+    run the flow again; nor is it answered OK with that CANCELLED execution, as if
+    someone had cancelled it: FAILED_PRECONDITION says what happened and what to do."""
+    flow, flow_id, cancelled = await left_during_a_task(stub, registry, "order-8")
     retries = [
         stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="order-8"), timeout=10),
         read_all(stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-8"))),
