@@ -428,7 +428,7 @@ def _check_against_schema(
             continue
         allowed = [expected] if isinstance(expected, str) else list(expected)
         if not any(_is_json_type(value, t) for t in allowed):
-            bad(f"{path}.{name}", f"must be {' or '.join(allowed)}, not {_json_name(value)}")
+            bad(f"{path}.{name}", f"must be {' or '.join(allowed)}, not {json_type_name(value)}")
             continue
         minimum = properties[name].get("minimum")
         if minimum is not None and _is_json_type(value, "number") and value < minimum:
@@ -453,7 +453,8 @@ def _is_json_type(value: Any, json_type: str) -> bool:
     return expected is None or isinstance(value, expected)
 
 
-def _json_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """The JSON type of a value, as a schema names it ("integer" for 3.0, as JSON reads)."""
     for name in ("boolean", "integer", "number", "string", "object", "array", "null"):
         if _is_json_type(value, name):
             return name

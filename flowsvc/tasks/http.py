@@ -30,6 +30,7 @@ import httpx
 from flowsvc.models import TaskResult
 from flowsvc.references import AT_RUN_TIME, as_text, whole_numbers
 from flowsvc.tasks.builtin import BUILTINS
+from flowsvc.validation import json_type_name
 
 #: The most body bytes kept in a result; the rest is dropped (`truncated: true`).
 MAX_BODY_BYTES = 64 * 1024
@@ -372,16 +373,7 @@ def _wrong_types(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     for name, (expected, types) in _TYPES.items():
         value = params.get(name)
         if not isinstance(value, types):
-            yield name, f"must be {expected}, not {_json_name(value)}"
-
-
-def _json_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "integer" if float(value).is_integer() else "number"
-    names: dict[type, str] = {str: "string", dict: "object", list: "array", type(None): "null"}
-    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
+            yield name, f"must be {expected}, not {json_type_name(value)}"
 
 
 def _is_status(value: Any) -> bool:
