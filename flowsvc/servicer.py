@@ -346,10 +346,9 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
                 completed = True
                 continue
             finally:
-                if completed:
-                    self.manager.release(attachment, completed=True)
-                else:
-                    self.manager.release(attachment, completed=False, gone=_gone(context))
+                self.manager.release(
+                    attachment, completed=completed, gone="" if completed else _gone(context)
+                )
             break
         return convert.execute_response_from_events(
             attachment.flow_id, events, self.max_response_bytes
@@ -374,10 +373,9 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
                 completed = True
                 continue
             finally:
-                if completed:
-                    self.manager.release(attachment, completed=True)
-                else:
-                    self.manager.release(attachment, completed=False, gone=_gone(context))
+                self.manager.release(
+                    attachment, completed=completed, gone="" if completed else _gone(context)
+                )
             return
 
     @streaming
