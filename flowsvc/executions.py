@@ -504,18 +504,22 @@ class ExecutionManager:
 
     # -- starting and following ----------------------------------------------------------
 
+    def cached(self, key: bytes | None) -> _Prepared | None:
+        """The prepared flow, its stored JSON and its digest, when `key` (the flow's
+        canonical bytes) was seen before. A flow is submitted again and again, and
+        validating it is most of the cost of starting it: a hit costs no coroutine."""
+        if key is None:
+            return None
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+        return hit
+
     async def prepare(
         self, build: Callable[[], Flow | None], key: bytes | None = None
     ) -> _Prepared:
-        """The prepared flow, its stored JSON and its digest: from the cache when `key` (the
-        flow's canonical bytes) was seen before, else built, validated and cached. A flow
-        is submitted again and again, and validating it is most of the cost of starting it.
+        """A flow not in the cache (see `cached`): built, validated and cached under `key`.
         A large one is built and validated in a thread (see OFF_LOOP_BYTES)."""
-        if key is not None:
-            hit = self._prepared.get(key)
-            if hit is not None:
-                self._prepared.move_to_end(key)
-                return hit
         if key is None:
             return self._build(build)
         if len(key) > OFF_LOOP_BYTES:
@@ -578,7 +582,8 @@ class ExecutionManager:
     ) -> Attachment:
         """Start an execution of the flow that `flow()` builds (not called on a cache hit
         for `cache_key`); `input_bytes` is the input's size in an answer."""
-        prepared = await self.prepare(flow, cache_key)  # INVALID_ARGUMENT before all else
+        # INVALID_ARGUMENT before anything else.
+        prepared = self.cached(cache_key) or await self.prepare(flow, cache_key)
         if input_bytes > OFF_LOOP_BYTES:
             await asyncio.to_thread(self._check_input, prepared, input_bytes, flow_input)
         else:
