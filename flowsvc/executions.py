@@ -4,8 +4,8 @@ Knows nothing of gRPC. Each execution runs in its own asyncio task (a "drive"), 
 the RPC handler that started it, so that callers can come and go:
 
     attach = await manager.start(flow, input, request_id=..., continue_on_disconnect=...)
-    async for sequence, event in manager.follow(attach.flow_id, after=0): ...
-    manager.release(attach, finished=...)        # the caller went away, or is done
+    async for sequence, event in manager.events(attach): ...
+    manager.release(attach, completed=...)       # the caller went away, or is done
 
 The drive commits each event to the store *before* publishing it to followers, so
 nothing a client was sent can be lost by a crash. A caller that goes away cancels
@@ -284,6 +284,8 @@ class Attachment(NamedTuple):
     flow_id: str
     run: Run | None  # None: the execution had already ended
     created: bool
+    #: An ended execution's events, read when it was found (see _attach_existing).
+    ended: AsyncIterator[tuple[int, Event]] | None = None
 
 
 def _cancelled_as_caller_left(record: ExecutionRecord) -> bool:
@@ -601,8 +603,10 @@ class ExecutionManager:
             )
             if attachment is not None:
                 return attachment
-            # A concurrent retry created its execution first, which then gave up its
-            # request_id (its caller had left before anything ran): start it anew.
+            # The execution found for request_id is gone: a concurrent retry created it
+            # first, and it then gave up its request_id (its caller had left before
+            # anything ran), or retention deleted it (and its request_id with it)
+            # before its events were read. Start it anew.
 
     async def _attach_or_create(
         self,
@@ -858,12 +862,23 @@ class ExecutionManager:
                 reason="REQUEST_ID_ABANDONED",
                 metadata={"requestId": record.request_id, "flowId": record.flow_id},
             )
+        ended = None
         if run is not None:
             run.callers += 1
             if continue_on_disconnect:
                 # A retry for a client that will reattach: its going away, or its first
                 # call's, must not cancel the execution either.
                 run.continue_on_disconnect = True
+        else:
+            # Its record and first READ_CHUNK_EVENTS events are read now: deleted by
+            # retention from here on, it is still the retry's answer, not a NOT_FOUND
+            # for an id the client never asked about (a longer history's later chunks
+            # can still be cut short, as any reader's can).
+            try:
+                found_record, stored = await self._read(record.flow_id, 0)
+            except NotFoundError:
+                return None  # deleted since the look-up, its request_id with it
+            ended = self._replay(found_record, stored)
         log_event(
             logger,
             logging.INFO,
@@ -871,7 +886,7 @@ class ExecutionManager:
             flow_id=record.flow_id,
             request_id=record.request_id,
         )
-        return Attachment(record.flow_id, run, created=False)
+        return Attachment(record.flow_id, run, created=False, ended=ended)
 
     def release(
         self,
@@ -910,26 +925,42 @@ class ExecutionManager:
                 yield item
             return
         record, stored_events = await self._read(flow_id, after)
-        # Not live, so it has ended (or a crash or store failure cut it short): every event
-        # it will ever have is in the store.
+        async for item in self._replay(record, stored_events):
+            yield item
+
+    @staticmethod
+    async def _replay(
+        record: ExecutionRecord, stored_events: AsyncIterator[StoredEvent]
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """The stored events of an execution that is not live, so has ended (or a crash
+        or store failure cut it short): every event it will ever have is in the store."""
         async for stored in stored_events:
             yield stored.sequence, stored.event
         if record.status is FlowStatus.RUNNING:
             # Stopped by a store failure, its end not written yet: a stream ends with
             # `finished`, or with an error that says to come back.
             raise StoreUnavailableError(
-                _END_NOT_RECORDED.format(flow_id=flow_id), metadata={"flowId": flow_id}
+                _END_NOT_RECORDED.format(flow_id=record.flow_id),
+                metadata={"flowId": record.flow_id},
             )
+
+    def events(self, attachment: Attachment) -> AsyncIterator[tuple[int, Event]]:
+        """Every (sequence, event) of the attached execution, until its end (what
+        StreamFlow sends)."""
+        if attachment.run is not None:
+            return attachment.run.follow(0)
+        assert attachment.ended is not None  # an ended execution's, read when found
+        return attachment.ended
 
     async def drain(self, attachment: Attachment) -> list[Event]:
         """Every event of the execution, once it has ended (what ExecuteFlow returns)."""
-        run = self._live.get(attachment.flow_id)
+        run = attachment.run
         if run is not None:
             await run.wait_done()
             if run.error is not None:
                 raise run.error
             return run.events
-        return [event async for _, event in self.follow(attachment.flow_id, 0)]
+        return [event async for _, event in self.events(attachment)]
 
     # -- the drive: engine -> store -> followers -----------------------------------------
 

@@ -42,7 +42,6 @@ from flowsvc.errors import (
     FlowsvcError,
     FlowValidationError,
     InvalidArgumentError,
-    NotFoundError,
     ResponseTooLargeError,
     TooManyExecutionsError,
     Violation,
@@ -332,24 +331,15 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def ExecuteFlow(
         self, request: pb.ExecuteFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExecuteFlowResponse:
-        while True:
-            attachment = await self._start(request)
-            completed = False
-            try:
-                events = await self.manager.drain(attachment)
-                completed = True
-            except NotFoundError:
-                if attachment.created:
-                    raise
-                # A retry found its ended execution by request_id, and retention deleted
-                # it (and the request_id with it) before it was read: run the flow anew.
-                completed = True
-                continue
-            finally:
-                self.manager.release(
-                    attachment, completed=completed, gone="" if completed else _gone(context)
-                )
-            break
+        attachment = await self._start(request)
+        completed = False
+        try:
+            events = await self.manager.drain(attachment)
+            completed = True
+        finally:
+            self.manager.release(
+                attachment, completed=completed, gone="" if completed else _gone(context)
+            )
         return convert.execute_response_from_events(
             attachment.flow_id, events, self.max_response_bytes
         )
@@ -358,25 +348,16 @@ class FlowServicer(pb_grpc.FlowServiceServicer):
     async def StreamFlow(
         self, request: pb.StreamFlowRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncGenerator[pb.StreamFlowResponse, None]:
-        while True:
-            attachment = await self._start(request)
-            completed = sent = False
-            try:
-                async for sequence, event in self.manager.follow(attachment.flow_id):
-                    sent = True
-                    yield convert.event_to_pb(event, sequence, pb.StreamFlowResponse)
-                completed = True
-            except NotFoundError:
-                if attachment.created or sent:
-                    raise
-                # As in ExecuteFlow: retention deleted the execution this retry found.
-                completed = True
-                continue
-            finally:
-                self.manager.release(
-                    attachment, completed=completed, gone="" if completed else _gone(context)
-                )
-            return
+        attachment = await self._start(request)
+        completed = False
+        try:
+            async for sequence, event in self.manager.events(attachment):
+                yield convert.event_to_pb(event, sequence, pb.StreamFlowResponse)
+            completed = True
+        finally:
+            self.manager.release(
+                attachment, completed=completed, gone="" if completed else _gone(context)
+            )
 
     @streaming
     async def WatchExecution(
