@@ -294,7 +294,7 @@ class FlowEngine:
                     stop.began = True
                     stop._running = me
                     try:
-                        record, retryable = await self._attempt(
+                        record, retryable, asked_wait = await self._attempt(
                             node, flow_id, flow.name, step, attempt, flow_input, history,
                             latest, deadline,
                         )  # fmt: skip
@@ -325,8 +325,12 @@ class FlowEngine:
                         continue
                     # Back off before the next attempt: bounded by the flow's deadline,
                     # cut short by a stop.
-                    # The server's cap bounds every backoff, the defaults included.
-                    delay = min(node.retry.backoff(attempt), self.limits.max_backoff_s)
+                    # At least what the failed call asked for (an HTTP Retry-After);
+                    # the server's cap bounds every backoff, the defaults included.
+                    delay = node.retry.backoff(attempt)
+                    if asked_wait is not None and asked_wait > delay:
+                        delay = asked_wait
+                    delay = min(delay, self.limits.max_backoff_s)
                     if deadline is not None and loop.time() + delay >= deadline:
                         delay = max(0.0, deadline - loop.time())
                         status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
@@ -390,9 +394,10 @@ class FlowEngine:
         history: list[StepRecord],
         latest: Mapping[str, StepRecord],
         deadline: float | None,
-    ) -> tuple[StepRecord, bool]:
-        """Run one attempt of a task: its record, and whether a failure may be retried.
-        Every outcome is a record (never an exception, but for cancellation)."""
+    ) -> tuple[StepRecord, bool, float | None]:
+        """Run one attempt of a task: its record, whether a failure may be retried, and
+        the wait it asked for before a retry. Every outcome is a record (never an
+        exception, but for cancellation)."""
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         sync = None if node.spec.is_async else _SyncRun(self._abandon)
@@ -451,7 +456,7 @@ class FlowEngine:
                 duration_s=round(duration, 6),
                 error=record.error,
             )
-        return record, retryable
+        return record, retryable, result.retry_after_s
 
     async def _with_timeouts(
         self,

@@ -123,6 +123,9 @@ class TaskResult:
     error: str | None = None
     #: False: a failure that retrying cannot fix (the retry policy is not applied).
     retryable: bool = True
+    #: Seconds the failed call asked to be left alone (an HTTP Retry-After): the wait
+    #: before the next attempt is at least this, within the server's backoff cap.
+    retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, TaskStatus):
@@ -137,6 +140,8 @@ class TaskResult:
             object.__setattr__(self, "data", {})
         if self.error is not None and not isinstance(self.error, str):
             object.__setattr__(self, "error", str(self.error))  # error=exc: its text
+        if self.retry_after_s is not None:
+            _check_retry_after(self.retry_after_s)
 
     @property
     def succeeded(self) -> bool:
@@ -148,17 +153,38 @@ class TaskResult:
 
     @classmethod
     def failure(
-        cls, error: str, data: Mapping[str, Any] | None = None, *, retryable: bool = True
+        cls,
+        error: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        retryable: bool = True,
+        retry_after_s: float | None = None,
     ) -> TaskResult:
         text = error if isinstance(error, str) else str(error)  # error=exc: its text
-        return _built(cls, TaskStatus.FAILURE, dict(data) if data else {}, text, retryable)
+        if retry_after_s is not None:
+            _check_retry_after(retry_after_s)
+        return _built(
+            cls, TaskStatus.FAILURE, dict(data) if data else {}, text, retryable, retry_after_s
+        )
+
+
+def _check_retry_after(value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < float("inf")
+    ):
+        raise ValueError(
+            f"TaskResult.retry_after_s must be a finite number of seconds >= 0, not {value!r}"
+        )
 
 
 # What success() and failure() build with: their fields need no normalising, so they
 # skip the frozen dataclass's __init__ (object.__setattr__ per field, and __post_init__)
 # and set the slots directly, three times faster: most tasks return through them.
-_SET_STATUS, _SET_DATA, _SET_ERROR, _SET_RETRYABLE = (
-    vars(TaskResult)[name].__set__ for name in ("status", "data", "error", "retryable")
+_SET_STATUS, _SET_DATA, _SET_ERROR, _SET_RETRYABLE, _SET_RETRY_AFTER = (
+    vars(TaskResult)[name].__set__
+    for name in ("status", "data", "error", "retryable", "retry_after_s")
 )
 
 
@@ -168,12 +194,14 @@ def _built(
     data: Mapping[str, Any],
     error: str | None,
     retryable: bool,
+    retry_after_s: float | None = None,
 ) -> TaskResult:
     result = object.__new__(cls)
     _SET_STATUS(result, status)
     _SET_DATA(result, data)
     _SET_ERROR(result, error)
     _SET_RETRYABLE(result, retryable)
+    _SET_RETRY_AFTER(result, retry_after_s)
     return result
 
 

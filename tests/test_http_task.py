@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import socket
 import threading
@@ -11,9 +12,10 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import grpc
 import httpx
@@ -23,7 +25,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
-from flowsvc.tasks.http import MAX_BODY_BYTES
+from flowsvc.tasks.http import MAX_BODY_BYTES, retry_after
 from tests.support import chain, to_dict
 
 pb = flow_service_pb2
@@ -150,6 +152,17 @@ def make_handler(remote: Remote) -> type[BaseHTTPRequestHandler]:
                     remote.flaky_counts[key] = count = remote.flaky_counts.get(key, 0) + 1
                 if count <= 2:
                     self._json(500, {"ok": False, "count": count})
+                else:
+                    self._json(200, {"ok": True})
+            elif path.startswith("/busy/"):
+                # Busy the first time, with ?retry_after= as its Retry-After (and ?code=).
+                key = path.rsplit("/", 1)[1]
+                with remote.lock:
+                    remote.flaky_counts[key] = count = remote.flaky_counts.get(key, 0) + 1
+                if count == 1:
+                    code = int(seen.query.get("code", ["503"])[0])
+                    after = seen.query["retry_after"][0]
+                    self._answer(code, b"busy", "text/plain", **{"Retry-After": after})
                 else:
                     self._json(200, {"ok": True})
             elif path == "/big":
@@ -537,6 +550,69 @@ async def test_408_and_429_are_retried(stub, remote: Remote, code: int) -> None:
     resp = await execute(stub, retry(http_flow(url=remote.url(f"/status/{code}")), 2))
     assert [r.attempt for r in resp.execution_history] == [1, 2]
     assert len(remote.seen(f"/status/{code}")) == 2
+
+
+def _gap_s(first: flow_pb2.TaskResult, second: flow_pb2.TaskResult) -> float:
+    """Seconds from the end of one attempt to the start of the next."""
+    ended = first.started_at.ToNanoseconds() + first.duration.ToNanoseconds()
+    return (second.started_at.ToNanoseconds() - ended) / 1e9
+
+
+@pytest.mark.parametrize("code", [503, 429])
+async def test_a_retry_after_in_seconds_is_waited_for(stub, remote: Remote, code: int) -> None:
+    """A busy server's Retry-After: 1 holds the retry back a second, though the policy's
+    backoff is 10 ms: the retry is not sent before the server said it could take it."""
+    url = remote.url(f"/busy/{uuid.uuid4().hex}?code={code}&retry_after=1")
+    resp = await execute(stub, retry(http_flow(url=url), 2))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    first, second = resp.execution_history
+    assert to_dict(first.data)["headers"]["retry-after"] == "1"
+    assert _gap_s(first, second) >= 0.9  # a lower bound (clocks of ms): never flaky
+
+
+async def test_a_retry_after_as_a_date_is_waited_for(stub, remote: Remote) -> None:
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    url = remote.url(f"/busy/{uuid.uuid4().hex}?" + urlencode({"retry_after": when}))
+    resp = await execute(stub, retry(http_flow(url=url), 2))
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    first, second = resp.execution_history
+    # The date is whole seconds, 2 to 3 s after the first attempt ended.
+    assert _gap_s(first, second) >= 1.5
+
+
+async def test_a_retry_after_on_a_failure_not_retried_changes_nothing(stub, remote) -> None:
+    url = remote.url(f"/busy/{uuid.uuid4().hex}?code=403&retry_after=3600")
+    resp = await execute(stub, retry(http_flow(url=url), 2))
+    (only,) = resp.execution_history
+    assert resp.status == flow_pb2.FLOW_STATUS_FAILED and only.error.startswith("HTTP 403")
+
+
+NOW = datetime(2026, 11, 26, 8, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("", None),
+        ("5", 5.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("-1", None),
+        ("1.5", None),  # RFC 9110: whole seconds only
+        ("soon", None),
+        ("\u0663", None),  # an Arabic-Indic digit: str.isdigit, but not HTTP's
+        ("9" * 5000, 86400.0),  # past the cap; int() would refuse so many digits
+        ("Thu, 26 Nov 2026 08:00:30 GMT", 30.0),  # IMF-fixdate
+        ("Thursday, 26-Nov-26 08:01:00 GMT", 60.0),  # RFC 850
+        ("Thu Nov 26 08:00:10 2026", 10.0),  # asctime
+        ("Wed, 25 Nov 2026 08:00:30 GMT", 0.0),  # a date passed: at once
+        ("Sat, 26 Dec 2026 08:00:00 GMT", 86400.0),  # a month away: the cap
+        ("Thu, 99 Nov 2026 08:00:30 GMT", None),
+    ],
+)
+def test_retry_after_values(header: str | None, seconds: float | None) -> None:
+    assert retry_after(header, NOW) == seconds
 
 
 async def test_timeout_does_not_block_the_server(stub, health_stub, remote: Remote) -> None:

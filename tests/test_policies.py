@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from flowsvc import (
     TaskStatus,
 )
 from flowsvc.models import RetryPolicy
+from flowsvc.validation import Limits
 from tests.support import chain, flow_pb, to_dict
 
 pb = flow_service_pb2
@@ -271,6 +273,48 @@ def test_retries_until_success_recording_every_attempt(registry: TaskRegistry) -
     assert execution.status is FlowStatus.SUCCEEDED
     # Waits of 0.05 s, then 0.1 s capped to 0.08 s (lower bounds only: never flaky).
     assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.08
+
+
+def test_a_failure_that_asks_for_a_wait_is_retried_no_sooner(registry: TaskRegistry) -> None:
+    """TaskResult.retry_after_s (an HTTP Retry-After) raises the wait before the retry
+    above the policy's backoff; a shorter one leaves the backoff as it is."""
+    calls = flaky(registry, fail_times=1, retry_after_s=0.3)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+    execution = run(registry, Flow("t", "flaky", (Task("flaky", retry=policy),)))
+    assert execution.status is FlowStatus.SUCCEEDED
+    assert calls[1] - calls[0] >= 0.3  # lower bound only: never flaky
+
+    calls = flaky(registry, fail_times=1, name="shorter", retry_after_s=0.01)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.2)
+    execution = run(registry, Flow("t", "shorter", (Task("shorter", retry=policy),)))
+    assert execution.status is FlowStatus.SUCCEEDED
+    assert calls[1] - calls[0] >= 0.2
+
+
+def test_the_wait_a_failure_asks_for_is_bounded_by_the_server_cap(registry) -> None:
+    """A day's Retry-After waits no longer than the server's --max-backoff-seconds."""
+    calls = flaky(registry, fail_times=1, retry_after_s=86400.0)
+    engine = FlowEngine(registry, limits=dataclasses.replace(Limits(), max_backoff_s=0.05))
+    flow = Flow("t", "flaky", (Task("flaky", retry=RetryPolicy(max_attempts=2)),))
+
+    async def main() -> FlowStatus:
+        # Uncapped, the wait would be a day (and the 1 s default backoff): 60 s is far.
+        execution = await asyncio.wait_for(engine.run(engine.prepare(flow), {}), 60)
+        return execution.status
+
+    assert asyncio.run(main()) is FlowStatus.SUCCEEDED
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "5", True, None])
+def test_a_wait_that_is_not_a_number_of_seconds_is_refused(value) -> None:
+    if value is None:  # no wait asked for
+        assert TaskResult.failure("busy", retry_after_s=None).retry_after_s is None
+        return
+    with pytest.raises(ValueError, match="retry_after_s must be a finite number"):
+        TaskResult.failure("busy", retry_after_s=value)
+    with pytest.raises(ValueError, match="retry_after_s must be a finite number"):
+        TaskResult(status="failure", error="busy", retry_after_s=value)
 
 
 def test_a_task_is_told_which_attempt_it_is(registry: TaskRegistry) -> None:

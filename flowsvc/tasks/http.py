@@ -10,19 +10,23 @@ here, as it arrives, and only as far as MAX_BODY_BYTES: a few KiB that would dec
 gigabytes (a "zip bomb") cost no more memory than a plain body.
 
 Failures that retrying may fix (connection errors, 5xx, 408, 425, 429) are retryable; other
-4xx answers are not, so a retry policy does not repeat a request the server refused.
+4xx answers are not, so a retry policy does not repeat a request the server refused. A
+retryable answer's `Retry-After` (seconds, or an HTTP date) is the least wait before the
+retry (TaskResult.retry_after_s): a server that says when to come back is not asked sooner.
 The client (connection pool) is shared by every flow on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import json as jsonlib
 import re
 import weakref
 import zlib
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -174,7 +178,31 @@ async def http(
         f"HTTP {response.status_code} from {method.upper()} {_shown(request.url)}",
         data,
         retryable=retryable,
+        retry_after_s=retry_after(response.headers.get("retry-after")) if retryable else None,
     )
+
+
+#: The longest Retry-After taken: a wait the server's backoff cap then lowers further.
+MAX_RETRY_AFTER_S = 86400.0
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks to wait (RFC 9110: a number of seconds, or an
+    HTTP date); None when there is none or it is neither."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit() and text.isascii():
+        # Past 9 digits, past the cap (and int() refuses some thousands of them).
+        return min(float(int(text)), MAX_RETRY_AFTER_S) if len(text) <= 9 else MAX_RETRY_AFTER_S
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": a time in UTC, as every HTTP date is
+        when = when.replace(tzinfo=UTC)
+    wait = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(wait, 0.0), MAX_RETRY_AFTER_S)
 
 
 #: The most Content-Encoding layers a body may have ("gzip, gzip" is two); each one
