@@ -101,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
         default=3.0,
         help=f"seconds to wait for the answer (above 0, at most {MAX_PROBE_TIMEOUT:,.0f})",
     )
+    probe.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the system's CAs (or --tls-ca's)",
+    )
+    probe.add_argument("--tls-ca", default=None, help="PEM CA certificates to trust (TLS)")
+    probe.add_argument(
+        "--tls-cert", default=None, help="PEM client certificate, for mutual TLS (TLS)"
+    )
+    probe.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    probe.add_argument(
+        "--tls-server-name",
+        default=None,
+        help="name the server's certificate must hold (default: the address's host)",
+    )
     for command in (serve, run, validate, probe):
         _add_version(command)
     return parser
@@ -381,14 +396,16 @@ def _local_address() -> str:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from flowsvc.probe import check
+    from flowsvc.probe import check, tls_credentials
 
+    tls_wanted = args.tls or any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))
     try:
         address = args.address or _local_address()
+        tls = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls_wanted else None
     except ValueError as exc:
         print(f"flowsvc: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    ok, text = check(address, args.service, args.timeout)
+    ok, text = check(address, args.service, args.timeout, tls, args.tls_server_name)
     print(text)
     return EXIT_OK if ok else EXIT_FLOW_FAILED
 

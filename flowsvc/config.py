@@ -114,6 +114,11 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def _optional_file(text: str) -> str:
+    """A file's path, or empty (blank) for none: a chart's empty default turns it off."""
+    return text if text.strip() else ""
+
+
 def _synchronous(text: str) -> str:
     value = text.upper()
     if value not in {"FULL", "NORMAL"}:
@@ -197,6 +202,13 @@ class Settings:
     max_in_flight: int = 1000
     #: Finished executions older than this many seconds are deleted (0: keep forever).
     retention_seconds: float = 7 * 24 * 3600.0
+    #: PEM file of the server's certificate chain: with tls_key, the port speaks TLS.
+    tls_cert: str = ""
+    #: PEM file of the certificate's private key (unencrypted).
+    tls_key: str = ""
+    #: PEM file of the CAs that sign client certificates: set, every client must present
+    #: one (mutual TLS).
+    tls_client_ca: str = ""
 
     @property
     def limits(self) -> Limits:
@@ -233,6 +245,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "db_max_bytes": _Integer(0, MAX_DB_BYTES),
     "max_in_flight": _Integer(1, MAX_IN_FLIGHT),
     "retention_seconds": _Seconds(MAX_RETENTION_SECONDS, zero=True),
+    "tls_cert": _optional_file,
+    "tls_key": _optional_file,
+    "tls_client_ca": _optional_file,
 }
 
 
@@ -324,6 +339,18 @@ def from_sources(
         except ValueError as exc:
             raise ValueError(f"{source}={raw!r}: {exc}") from None
     settings = Settings(**values)
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        given, missing = ("tls_cert", "tls_key") if settings.tls_cert else ("tls_key", "tls_cert")
+        raise ValueError(
+            f"{flag_name(given)} / {env_name(given)} needs {flag_name(missing)} / "
+            f"{env_name(missing)} too (a certificate and its private key)"
+        )
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise ValueError(
+            f"{flag_name('tls_client_ca')} / {env_name('tls_client_ca')} needs "
+            f"{flag_name('tls_cert')} and {flag_name('tls_key')}: clients are asked for a "
+            "certificate only over TLS"
+        )
     if settings.default_max_steps > settings.max_steps_cap:
         raise ValueError(
             f"{flag_name('default_max_steps')} / {env_name('default_max_steps')} "
@@ -358,4 +385,7 @@ _FIELD_DOCS = {
     "db_max_bytes": "largest the database may grow (0: no cap)",
     "max_in_flight": "most executions running at once",
     "retention_seconds": "delete finished executions older than this (0: never)",
+    "tls_cert": "PEM certificate chain: with --tls-key, the port speaks TLS (reread when changed)",
+    "tls_key": "PEM private key of --tls-cert, unencrypted",
+    "tls_client_ca": "PEM CA certificates: set, clients must present a certificate they signed",
 }

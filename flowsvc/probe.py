@@ -5,14 +5,49 @@ grpc_health_probe cannot be fetched on our machines, so the image carries this.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """(True, "SERVING") when `address` reports `service` SERVING within `timeout` seconds."""
+def tls_credentials(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to the server: trusting the CAs of file `ca` (None: the system's), and showing
+    the client certificate `cert` with its `key` when given (mutual TLS). ValueError
+    naming a file that cannot be read, or a certificate without its key."""
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together (a certificate and its key)")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    tls: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> tuple[bool, str]:
+    """(True, "SERVING") when `address` reports `service` SERVING within `timeout` seconds;
+    over TLS with `tls`, checking the certificate against `server_name` if given (else
+    the address's host)."""
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     try:
-        with grpc.insecure_channel(address) as channel:
+        with (
+            grpc.insecure_channel(address)
+            if tls is None
+            else grpc.secure_channel(address, tls, options=options)
+        ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:

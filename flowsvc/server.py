@@ -58,6 +58,7 @@ from flowsvc.store.memory import MemoryStore
 from flowsvc.store.sqlite import SQLiteStore
 from flowsvc.tasks import http as http_task
 from flowsvc.threads import TaskThreads
+from flowsvc.tls import ServerTLS
 
 logger = logging.getLogger("flowsvc.server")
 
@@ -618,6 +619,10 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     if registry is None:
         registry = TaskRegistry.with_builtins()
         load_task_modules(settings.task_modules, registry)
+    # Checked before the store is opened: a bad certificate changes nothing on disk.
+    tls = None
+    if settings.tls_cert:
+        tls = ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     executor = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
     engine = FlowEngine(registry, settings.limits, executor)
     health_servicer = _HealthServicer()
@@ -664,7 +669,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
             raise  # not a full one: its own message
         raise _full_at_start(settings, exc) from exc
     try:
-        server, port, servicer = await _listen(settings, manager, health_servicer)
+        server, port, servicer = await _listen(settings, manager, health_servicer, tls)
     except BaseException:
         await manager.close()  # and with it the store, and its lock on the database
         raise
@@ -674,6 +679,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         "server started",
         listen=settings.listen,
         port=port,
+        tls="off" if tls is None else "mutual" if settings.tls_client_ca else "on",
         db=settings.db,
         interrupted_by_crash=len(recovered),
         tasks=registry.names(),
@@ -689,7 +695,10 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
 
 
 async def _listen(
-    settings: Settings, manager: ExecutionManager, health_servicer: _HealthServicer
+    settings: Settings,
+    manager: ExecutionManager,
+    health_servicer: _HealthServicer,
+    tls: ServerTLS | None = None,
 ) -> tuple[grpc.aio.Server, int, FlowServicer]:
     """The gRPC server with every service, listening and SERVING; its port; its
     FlowService servicer."""
@@ -750,7 +759,10 @@ async def _listen(
             "listening on that socket)"
         )
     try:
-        port = server.add_insecure_port(settings.listen)
+        if tls is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, tls.credentials())
     except RuntimeError as exc:  # grpc: "Failed to bind to address ...", and no reason
         reason = _bind_problem(settings.listen) or str(exc)
         raise OSError(f"cannot listen on {settings.listen}: {reason}") from exc
