@@ -127,6 +127,12 @@ PREPARED_CACHE_SIZE = 512
 #: prepared flow holds about twice that in memory. Counting entries only, 512 distinct
 #: flows of 3.5 MB (each retained 13 MB) could take a client's server to 7 GB.
 PREPARED_CACHE_BYTES = 32 * 1024 * 1024
+#: What the cache counts for each reference ("${input.a}") in a flow's params, besides
+#: its bytes: compiled, one holds about 430 bytes of memory (its Ref, _Whole or _Text,
+#: and its place in the template's list of references), where its request bytes and
+#: JSON count 13. Counted at half that, as the rest is (memory about twice the count):
+#: without it, flows of references held 18 times what the cache counted.
+REFERENCE_CACHE_BYTES = 256
 #: At most one line per this many seconds for the calls refused at --max-in-flight.
 REFUSALS_LOG_SECONDS = 10.0
 
@@ -144,6 +150,13 @@ class _Prepared:
     flow_json: str
     flow_digest: str
     flow_bytes: int  # the flow's size in an answer (0: not measured, no limit)
+
+
+def _cache_bytes(key: bytes, prepared: _Prepared) -> int:
+    """What a prepared flow counts for in the cache: its request bytes and JSON, and its
+    references (see REFERENCE_CACHE_BYTES)."""
+    references = sum(len(node.template.refs()) for node in prepared.plan.nodes.values())
+    return len(key) + len(prepared.flow_json) + references * REFERENCE_CACHE_BYTES
 
 
 def _interrupted(message: str) -> Callable[[ExecutionRecord], FlowFinished]:
@@ -358,7 +371,7 @@ class ExecutionManager:
         self._unrecorded: dict[str, str] = {}
         self._secret = b""
         self._prepared: OrderedDict[bytes, _Prepared] = OrderedDict()
-        self._prepared_bytes = 0  # len(key) + len(flow_json) of every cached flow
+        self._prepared_bytes = 0  # _cache_bytes() of every cached flow
         # Calls refused at the cap: logged, but counted, as a burst can bring thousands.
         self._refusals = Tally(
             logger,
@@ -560,7 +573,7 @@ class ExecutionManager:
     def _remember(self, key: bytes, prepared: _Prepared) -> None:
         """Keep a prepared flow in the cache, under its canonical bytes (once: two calls
         may have built the same large flow in threads at once)."""
-        size = len(key) + len(prepared.flow_json)
+        size = _cache_bytes(key, prepared)
         # A flow bigger than a 16th of the cache is not kept: it would push out many.
         if key not in self._prepared and size <= PREPARED_CACHE_BYTES // 16:
             self._prepared[key] = prepared
@@ -570,7 +583,7 @@ class ExecutionManager:
                 or self._prepared_bytes > PREPARED_CACHE_BYTES
             ):
                 old_key, old = self._prepared.popitem(last=False)
-                self._prepared_bytes -= len(old_key) + len(old.flow_json)
+                self._prepared_bytes -= _cache_bytes(old_key, old)
 
     async def start(
         self,

@@ -2692,6 +2692,45 @@ async def test_the_prepared_flow_cache_is_bounded_by_bytes(stub, server: FlowSer
     assert len(cached) >= 10  # flows of 2 MB (request and JSON) are still cached
 
 
+async def test_the_prepared_flow_cache_counts_what_references_hold_in_memory(
+    stub, server: FlowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache counted a flow's request bytes and JSON only, "about twice that in
+    # memory". A compiled "${input.a}" (13 bytes of request and JSON) holds about 430
+    # bytes: flows of references held 18 times what was counted (17 flows of under 1 MB
+    # each, 31 MB counted, held 600 MB). With a cache of 1 MiB, 30 flows of 2,000
+    # references held 18 MB.
+    import tracemalloc
+
+    from flowsvc import executions
+
+    monkeypatch.setattr(executions, "PREPARED_CACHE_BYTES", 1024 * 1024)
+    cached = server.manager._prepared
+    tracemalloc.start()
+    try:
+        for i in range(30):
+            flow = chain(("echo", {"p": ["${input.a}"] * 2000}))
+            flow.name = f"flow {i}"
+            resp = await stub.ExecuteFlow(
+                pb.ExecuteFlowRequest(flow=flow, input={"a": 1}), timeout=30
+            )
+            assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+        gc.collect()
+        with_cache = tracemalloc.get_traced_memory()[0]
+        entries = len(cached)
+        cached.clear()
+        gc.collect()
+        held = with_cache - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held <= 3 * 1024 * 1024, (entries, held)
+    # A flow with a few references is still cached.
+    flow = chain(("echo", {"p": "${input.a}", "q": ["${input.a}"] * 3}))
+    resp = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, input={"a": 1}), timeout=30)
+    assert resp.status == flow_pb2.FLOW_STATUS_SUCCEEDED, resp.message
+    assert len(cached) == 1
+
+
 async def test_a_new_database_is_readable_by_its_owner_only(tmp_path: Path, registry) -> None:
     # It holds every execution's input and params (an http task's Authorization header):
     # under the usual umask 022 it, its WAL and its lock file were created world-readable.
