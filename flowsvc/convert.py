@@ -106,21 +106,40 @@ def struct_to_pb(data: Mapping[str, Any], out: struct_pb2.Struct) -> None:
             out.update(json_copy(data))
 
 
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
+#: A Duration's nanos, as protobuf defines it: within a second, of the sign of its seconds.
+_MAX_NANOS = 999_999_999
+
+
+def _seconds(duration: duration_pb2.Duration, field: str) -> float:
+    """A Duration in seconds; FlowValidationError naming `field` for one that protobuf
+    calls invalid (nanos past a second, or of the other sign than seconds), which an
+    encoder that checks nothing sends as given: adding them up would run, and store, a
+    length that nobody wrote."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if abs(nanos) > _MAX_NANOS or (seconds > 0 > nanos) or (seconds < 0 < nanos):
+        raise FlowValidationError.one(
+            field,
+            f"is not a valid Duration (seconds {seconds}, nanos {nanos}): nanos must be "
+            f"within +-{_MAX_NANOS:,} and of the sign of seconds",
+        )
+    return seconds + nanos / 1e9
 
 
 def _duration(seconds: float, out: duration_pb2.Duration) -> None:
     out.FromNanoseconds(round(seconds * 1e9))
 
 
-def retry_from_pb(pb: flow_pb2.RetryPolicy) -> RetryPolicy:
+def retry_from_pb(pb: flow_pb2.RetryPolicy, prefix: str = "retry") -> RetryPolicy:
     """Unset fields take their documented defaults."""
     return RetryPolicy(
         max_attempts=pb.max_attempts or 1,
-        initial_backoff_s=_seconds(pb.initial_backoff) if pb.HasField("initial_backoff") else 1.0,
+        initial_backoff_s=_seconds(pb.initial_backoff, f"{prefix}.initial_backoff")
+        if pb.HasField("initial_backoff")
+        else 1.0,
         backoff_multiplier=pb.backoff_multiplier or 2.0,
-        max_backoff_s=_seconds(pb.max_backoff) if pb.HasField("max_backoff") else 60.0,
+        max_backoff_s=_seconds(pb.max_backoff, f"{prefix}.max_backoff")
+        if pb.HasField("max_backoff")
+        else 60.0,
         non_retryable_errors=tuple(pb.non_retryable_errors),
     )
 
@@ -130,8 +149,8 @@ def task_from_pb(pb: flow_pb2.Task, prefix: str = "task") -> Task:
         name=pb.name,
         description=pb.description,
         params=struct_from_pb(pb.params, f"{prefix}.params", FlowValidationError),
-        timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
-        retry=retry_from_pb(pb.retry) if pb.HasField("retry") else NO_RETRY,
+        timeout_s=_seconds(pb.timeout, f"{prefix}.timeout") if pb.HasField("timeout") else None,
+        retry=retry_from_pb(pb.retry, f"{prefix}.retry") if pb.HasField("retry") else NO_RETRY,
     )
 
 
@@ -140,7 +159,7 @@ def flow_from_pb(pb: flow_pb2.Flow) -> Flow:
     return Flow(
         name=pb.name,
         start_task=pb.start_task,
-        timeout_s=_seconds(pb.timeout) if pb.HasField("timeout") else None,
+        timeout_s=_seconds(pb.timeout, "flow.timeout") if pb.HasField("timeout") else None,
         tasks=tuple(task_from_pb(t, f"flow.tasks[{i}]") for i, t in enumerate(pb.tasks)),
         conditions=tuple(
             Condition(

@@ -970,3 +970,40 @@ async def test_an_unknown_method_is_unimplemented_naming_it(channel, path: str) 
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
     assert path in err.details()
     assert "flowmanager.v1.FlowService" in err.details()
+
+
+# --- Durations that protobuf calls invalid -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("place", "seconds", "nanos"),
+    [
+        ("flow.timeout", 1, 2_000_000_000),  # nanos past a second: read as 3 s
+        ("flow.tasks[0].timeout", 1, -500_000_000),  # signs differ: read as 0.5 s
+        ("flow.tasks[0].retry.initial_backoff", 0, 1_000_000_000),
+        ("flow.tasks[0].retry.max_backoff", -1, 1),
+    ],
+)
+async def test_an_invalid_duration_is_refused_not_read_as_another_length(
+    stub, calls: list[str], place: str, seconds: int, nanos: int
+) -> None:
+    # Encoders that check nothing (protobufjs in Node) send what the caller gave, and
+    # seconds + nanos would have run the flow with a length nobody wrote, stored as if
+    # it had been submitted so.
+    flow = chain("count")
+    task = flow.tasks[0]
+    task.retry.max_attempts = 2
+    duration = {
+        "flow.timeout": flow.timeout,
+        "flow.tasks[0].timeout": task.timeout,
+        "flow.tasks[0].retry.initial_backoff": task.retry.initial_backoff,
+        "flow.tasks[0].retry.max_backoff": task.retry.max_backoff,
+    }[place]
+    duration.seconds, duration.nanos = seconds, nanos
+    description = one(await execute_violations(stub, flow), place)
+    assert "not a valid Duration" in description, description
+    validated = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert [(v.field, v.description) for v in validated.violations] == [(place, description)]
+    assert calls == []
