@@ -335,10 +335,13 @@ def test_executions_are_kept_and_can_be_looked_up(grpcurl_server: ServerProcess)
 def test_every_grpcurl_command_of_the_readme_is_one_run_here() -> None:
     # The README says each of its grpcurl commands is run, as written, by this file: a
     # command added there (or changed) without its twin here would go untested.
+    from tests import test_tls  # its TLS command, run against a server with TLS
+
     readme = (ROOT / "README.md").read_text()
     tested = {
         value.replace("HOST:PORT", "localhost:50051")
-        for value in globals().values()
+        for module in (globals(), vars(test_tls))
+        for value in module.values()
         if isinstance(value, str) and value.startswith("grpcurl ")
     }
     shown = [line.split(" < ")[0] for line in readme.splitlines() if line.startswith("grpcurl ")]

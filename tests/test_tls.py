@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -319,8 +320,22 @@ def mutual_server(tmp_path, pki) -> Iterator[tuple[dict[str, Path], int]]:
         yield {"ca": pki["ca"].pem, "cert": client_cert, "key": client_key}, server.port
 
 
+#: The README's command, verbatim (HOST:PORT: the server's address); run in the folder of
+#: the certificates, which have the README's names.
+GRPCURL_MUTUAL_LIST = "grpcurl -cacert ca.pem -cert client.pem -key client.key HOST:PORT list"
+
+
 def test_grpcurl_over_mutual_tls(mutual_server) -> None:
     files, port = mutual_server
+    argv = shlex.split(GRPCURL_MUTUAL_LIST.replace("HOST:PORT", f"localhost:{port}"))
+    readme = subprocess.run(
+        [str(GRPCURL), *argv[1:]],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=files["ca"].parent,
+    )
+    assert b"flowmanager.v1.FlowService" in readme.stdout, readme.stderr.decode()
     flow = json.dumps({"flow": _noop_flow()})
     base = [str(GRPCURL), "-cacert", str(files["ca"])]
     mutual = [*base, "-cert", str(files["cert"]), "-key", str(files["key"])]
@@ -331,10 +346,6 @@ def test_grpcurl_over_mutual_tls(mutual_server) -> None:
     )
     assert ran.returncode == 0, ran.stderr.decode()
     assert json.loads(ran.stdout)["status"] == "FLOW_STATUS_SUCCEEDED"
-    listed = subprocess.run(
-        [*mutual, address, "list"], capture_output=True, timeout=60, check=False
-    )
-    assert b"flowmanager.v1.FlowService" in listed.stdout, listed.stderr.decode()
     # Without a client certificate the handshake fails: nothing is answered.
     alone = subprocess.run(
         [*base, "-d", flow, address, method], capture_output=True, timeout=60, check=False
