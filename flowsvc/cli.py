@@ -356,8 +356,10 @@ def _wait_for_stragglers(exit_by: float | None) -> float:
 
 def _stuck_task_threads(exit_by: float | None = None) -> list[str]:
     """The sync-task threads still running a second from now, or at `exit_by` (those of a
-    pool shut down end at once when idle)."""
-    deadline = time.monotonic() + 1.0 if exit_by is None else exit_by
+    pool shut down end at once when idle). Even past `exit_by` they get a moment,
+    MIN_STRAGGLER_WAIT in all: an idle one, just told to stop, was named as running."""
+    now = time.monotonic()
+    deadline = now + 1.0 if exit_by is None else max(exit_by, now + MIN_STRAGGLER_WAIT)
     stuck = []
     for thread in threading.enumerate():
         if thread.name.startswith(TASK_THREAD_PREFIX):

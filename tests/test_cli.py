@@ -65,6 +65,10 @@ STUCK_TASKS = """
     def stuck_sync():
         threading.Event().wait()
         return TaskResult(status="success")
+
+    @register_task("quick_sync")
+    def quick_sync():
+        return TaskResult(status="success")
     """
 
 
@@ -760,6 +764,30 @@ async def test_shutdown_names_stuck_sync_threads_beside_tasks_ignoring_cancel(
         over = next(line["ts"] for line in lines if line["msg"].startswith("grace period over"))
         gap = datetime.fromisoformat(last["ts"]) - datetime.fromisoformat(over)
         assert gap.total_seconds() < 1.7, gap
+
+
+async def test_shutdown_does_not_name_idle_sync_threads_as_still_running(
+    tmp_path: Path,
+) -> None:
+    """A sync task that has returned leaves its thread idle in the pool: at exit, after a
+    task that ignores its cancellation used up the time left, that thread was named among
+    "sync tasks still running" (it was looked at without a moment to end)."""
+    write_module(tmp_path, "idle_thread", STUCK_TASKS)
+    env = {"PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "idle_thread"}
+    with server_process(tmp_path, "--grace-seconds", "0.2", env=env) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            done = await stub.ExecuteFlow(
+                flow_service_pb2.ExecuteFlowRequest(flow=chain("quick_sync"))
+            )
+            assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            call = stub.StreamFlow(flow_service_pb2.StreamFlowRequest(flow=chain("stubborn")))
+            await call.read()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(srv.proc.wait, 60) == 0
+        last = [m for m in srv.log_lines() if m["logger"] == "flowsvc.cli"][-1]
+        assert last["msg"] == "exiting with tasks that ignore cancellation", last
+        assert "threads" not in last, last
 
 
 async def test_shutdown_cuts_off_a_task_that_ignores_cancellation(tmp_path: Path) -> None:
