@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import grpc
 from flowmanager.v1 import flow_pb2, flow_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,3 +42,62 @@ async def test_a_long_loop_of_quick_async_tasks_leaves_the_event_loop_turns(regi
         assert len(rest) == steps + 1  # every step, then `finished`
         assert rest[-1].finished.status == flow_pb2.FLOW_STATUS_FAILED  # max_steps reached
         assert await call.code() == grpc.StatusCode.OK
+
+
+class _CountingDict(dict[str, Any]):
+    """The in-memory store's executions, counting the look-ups of one."""
+
+    looked_up = 0
+
+    def __getitem__(self, key: str) -> Any:
+        _CountingDict.looked_up += 1
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        _CountingDict.looked_up += 1
+        return super().get(key, default)
+
+
+async def test_a_page_of_the_in_memory_store_costs_its_size_not_its_place(registry) -> None:
+    # The in-memory store skipped every newer execution, one by one, to reach a page
+    # token's place: near the end of 200,000 executions one entry cost 40 ms of the
+    # event loop, and paging to the end by 50 took minutes (quadratic).
+    count = 1200
+    flow = flow_pb(["noop"], name="many")
+    async with serving(Settings(listen="127.0.0.1:0", db=":memory:"), registry) as served:
+        stub = served.stub
+        for _ in range(count // 100):
+            await asyncio.gather(
+                *(stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow)) for _ in range(100))
+            )
+        store: Any = served.server.manager.store
+        # Retention deletes the oldest 300 (a compaction of the index follows later).
+        assert await store.delete_finished_before(datetime.now(UTC) + timedelta(1), 300) == 300
+        expected = [flow_id for flow_id in reversed(store._entries)]
+        assert len(expected) == count - 300
+        store._entries = _CountingDict(store._entries)
+
+        seen: list[str] = []
+        token = ""
+        while True:
+            _CountingDict.looked_up = 0
+            page = await stub.ListExecutions(
+                pb.ListExecutionsRequest(page_size=7, page_token=token)
+            )
+            seen += [execution.flow_id for execution in page.executions]
+            token = page.next_page_token
+            if not token:
+                # The last looks past the oldest, at the ids deleted since a compaction.
+                assert _CountingDict.looked_up <= 7 + 300
+                break
+            # A page looks at its own entries, and the one after for the token.
+            assert _CountingDict.looked_up <= 8
+        assert seen == expected
+        # Most of them deleted: the index is compacted, and still agrees.
+        assert await store.delete_finished_before(datetime.now(UTC) + timedelta(1), 800) == 800
+        latest = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow))
+        page = await stub.ListExecutions(pb.ListExecutionsRequest(page_size=1000))
+        assert [execution.flow_id for execution in page.executions] == [
+            latest.flow_id,
+            *expected[:100],
+        ]
