@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 
+from flowsvc.convert import flow_from_pb
+from flowsvc.models import new_flow_id
+from flowsvc.store import NewExecution
+from flowsvc.store.codec import dumps, flow_to_json
+from flowsvc.store.sqlite import SQLiteStore
 from tests.support import chain, flow_pb, server_process
 
 pb = flow_service_pb2
@@ -128,3 +134,49 @@ async def test_a_retry_after_a_restart_gets_the_execution_its_request_id_made(
             await _kill(srv)
     assert answers[1].flow_id == answers[0].flow_id
     assert answers[1] == answers[0]  # the same answer: the recorded execution
+
+
+async def test_an_execution_cut_off_before_its_started_event_streams_started_first(
+    tmp_path: Path,
+) -> None:
+    """A kill -9 between the commit of an execution's record (made before anything runs)
+    and the commit of its `started` event left it with no event at all: recovery closed it
+    with a lone `finished` at sequence 1, so a WatchExecution of it began without the
+    `started` every stream begins with."""
+    db = str(tmp_path / "early.db")
+    flow = flow_from_pb(chain("noop"))
+    store = SQLiteStore(db)
+    await store.open()
+    flow_id = new_flow_id()
+    created = store.create_nowait(
+        NewExecution(
+            flow_id=flow_id,
+            flow=flow,
+            flow_json=dumps(flow_to_json(flow)),
+            input={},
+            request_id="early",
+            request_hash="",
+            created_at=datetime.now(UTC),
+        )
+    )
+    assert await created is None  # the record is committed; the crash comes now
+    await store.close()
+
+    with server_process(tmp_path, "--db", db) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            watched = [
+                m async for m in stub.WatchExecution(pb.WatchExecutionRequest(flow_id=flow_id))
+            ]
+            assert [(m.sequence, m.WhichOneof("event")) for m in watched] == [
+                (1, "started"),
+                (2, "finished"),
+            ]
+            assert watched[0].started.flow_id == flow_id
+            assert watched[0].started.flow_name == flow.name
+            assert watched[1].finished.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+            assert watched[1].finished.steps == 0
+            got = (await stub.GetExecution(pb.GetExecutionRequest(flow_id=flow_id))).execution
+            assert got.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+            assert got.last_sequence == 2
+            assert not got.execution_history

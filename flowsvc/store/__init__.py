@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
-from flowsvc.models import Event, Flow, FlowFinished, FlowStatus
+from flowsvc.models import Event, Flow, FlowFinished, FlowStarted, FlowStatus
 
 
 class NewExecution(NamedTuple):
@@ -142,6 +142,17 @@ class ExecutionStore(Protocol):
         """A random key kept with the data (signs page tokens across restarts)."""
 
 
+def closing_events(record: ExecutionRecord, final: FlowFinished) -> list[tuple[int, Event]]:
+    """The events that close a cut-off execution, numbered after its last committed one:
+    `final`, preceded by a `started` when none was committed (a crash or a store failure
+    between the commit of its record and that of its first event), since every stream of
+    an execution begins with `started`."""
+    if record.last_sequence:
+        return [(record.last_sequence + 1, final)]
+    started = FlowStarted(record.flow_id, record.flow.name, record.created_at)
+    return [(1, started), (2, final)]
+
+
 __all__ = [
     "ExecutionRecord",
     "ExecutionStore",
@@ -150,4 +161,5 @@ __all__ = [
     "NewExecution",
     "OnCommit",
     "StoredEvent",
+    "closing_events",
 ]

@@ -24,6 +24,7 @@ from flowsvc.store import (
     NewExecution,
     OnCommit,
     StoredEvent,
+    closing_events,
 )
 
 
@@ -204,7 +205,9 @@ class MemoryStore:
         for flow_id, entry in list(self._entries.items()):
             if entry.status is not FlowStatus.RUNNING or (only is not None and flow_id not in only):
                 continue
-            self._append(flow_id, len(entry.events) + 1, make_final(entry.record()))
+            record = entry.record()
+            for sequence, event in closing_events(record, make_final(record)):
+                self._append(flow_id, sequence, event)
             done.append(flow_id)
         return done
 

@@ -48,6 +48,7 @@ from flowsvc.store import (
     NewExecution,
     OnCommit,
     StoredEvent,
+    closing_events,
 )
 from flowsvc.store.codec import (
     KIND_FINISHED,
@@ -780,18 +781,33 @@ class SQLiteStore:
             for row in rows:
                 record = _record(row)
                 final = make_final(record)
-                ends.append((record, final, *event_to_json(final)))
+                ends.append(
+                    (
+                        record,
+                        final,
+                        [
+                            (sequence, *event_to_json(event), event)
+                            for sequence, event in closing_events(record, final)
+                        ],
+                    )
+                )
             # The store may be full: these ends are what the reserve is kept for. Room for
-            # the largest record rewritten whole, and for every end's event and message
+            # the largest record rewritten whole, and for every end's events and message
             # (twice: the pages they fill are not full), however many executions end.
             largest = max((len(row[2].encode()) + len(row[3].encode()) for row in rows), default=0)
             events = sum(
-                2 * (len(body.encode()) + len(final.message.encode()) + len(record.flow_id))
-                for record, final, _, body in ends
+                2
+                * (
+                    sum(len(body.encode()) for _, _, body, _ in written)
+                    + len(final.message.encode())
+                    + len(record.flow_id)
+                )
+                for record, final, written in ends
             )
             with self._room_for_ends(conn, largest + events) if ends else contextlib.nullcontext():
-                for record, final, kind, body in ends:
-                    _insert_event(conn, record.flow_id, record.last_sequence + 1, kind, body, final)
+                for record, _, written in ends:
+                    for sequence, kind, body, event in written:
+                        _insert_event(conn, record.flow_id, sequence, kind, body, event)
                     done.append(record.flow_id)
             # Their drives have ended, and every event they queued was taken before this
             # job: nothing more of theirs comes to be refused. Kept, they piled up with
