@@ -586,10 +586,15 @@ class FlowServer:
 
     async def _settle(self, stop_by: float) -> None:
         """Let the calls that still come (gRPC may hold some unanswered) be answered
-        UNAVAILABLE, until none has come for SETTLE_QUIET_SECONDS (see there)."""
-        until = min(time.monotonic() + SETTLE_MAX_SECONDS, stop_by - FINAL_RPC_MIN_SECONDS)
+        UNAVAILABLE, until none has come for SETTLE_QUIET_SECONDS (see there), counted
+        from now at the earliest: the callers of the flows that have just ended are being
+        answered, and a client sends its next call the moment it has its answer. Counted
+        from the last call only, which those callers made long before, the server stopped
+        at once and their next calls ended CANCELLED."""
+        began = time.monotonic()
+        until = min(began + SETTLE_MAX_SECONDS, stop_by - FINAL_RPC_MIN_SECONDS)
         while (now := time.monotonic()) < until:
-            quiet = now - self._servicer.last_call
+            quiet = now - max(self._servicer.last_call, began)
             if quiet >= SETTLE_QUIET_SECONDS:
                 return
             await asyncio.sleep(min(SETTLE_QUIET_SECONDS - quiet, until - now))

@@ -407,6 +407,21 @@ async def test_a_draining_server_answers_the_calls_still_coming_before_it_stops(
     assert stopped - server._servicer.last_call >= SETTLE_QUIET_SECONDS
 
 
+async def test_a_draining_server_waits_its_quiet_period_after_the_flows_end(server) -> None:
+    """The quiet period before the server stops listening was counted from the last
+    call's arrival only: the callers of the flows the grace period ended had called long
+    before, so the server stopped at once, and the next call each sent the moment it was
+    answered ended CANCELLED (up to 14 of 16 under SIGTERM, found by p51), not
+    UNAVAILABLE. It now counts from the settle's start at the earliest. (White-box: the
+    last call long ago, the settle must still wait the quiet period; a lower bound.)"""
+    from flowsvc.server import SETTLE_QUIET_SECONDS
+
+    server._servicer.last_call = time.monotonic() - 100.0
+    began = time.monotonic()
+    await server._settle(stop_by=began + 30.0)
+    assert time.monotonic() - began >= SETTLE_QUIET_SECONDS
+
+
 async def stall_reports(stub, caplog, task: str) -> list[logging.LogRecord]:
     """Run a flow of `task` (one that blocks the event loop) and wait for the loop's
     "unblocked" line; returns the "blocked" reports."""
