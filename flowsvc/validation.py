@@ -232,14 +232,18 @@ def _check_seconds(path: str, value: float | None, cap: float, bad: Bad) -> None
     if value is None:
         return
     if value <= 0:
-        bad(path, f"must be positive, not {value:g}s")
+        bad(path, f"must be positive, not {_seconds(value)}s")
     elif value > cap:
         bad(path, f"{_seconds(value)}s is over this server's cap of {_seconds(cap)}s")
 
 
 def _seconds(value: float) -> str:
-    """Seconds as short as they read ("30", "1e+07"), but never rounded to another value:
-    a duration a nanosecond over its cap must not read as the cap itself."""
+    """Seconds as they were written ("30", "10000000", "0.5"), never rounded to another
+    value: a duration a nanosecond over its cap must not read as the cap itself. Whole
+    seconds are shown whole (not "3.15576e+11" nor "315576000001.0"); past 1e15 they
+    are shown as a float, every digit of which a double still holds."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
     text = f"{value:.10g}"
     return text if float(text) == value else repr(value)
 

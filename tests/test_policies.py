@@ -450,6 +450,29 @@ async def test_a_value_just_over_a_cap_is_not_shown_equal_to_it(stub) -> None:
     assert shown["flow.tasks[0].timeout"] == "10000000s is over this server's cap of 3600s"
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "shown"),
+    [
+        (315576000001, 0, "315576000001s is over this server's cap of 3600s"),
+        (10**15 + 2, 0, "1000000000000002.0s is over this server's cap of 3600s"),
+        (2**63 - 1, 0, "9.223372036854776e+18s is over this server's cap of 3600s"),
+        (-(2**63), 0, "must be positive, not -9.223372036854776e+18s"),
+        (-5, 0, "must be positive, not -5s"),
+        (-1, -500_000_000, "must be positive, not -1.5s"),
+    ],
+)
+async def test_durations_are_shown_as_they_were_written(stub, seconds, nanos, shown) -> None:
+    """Whole seconds whole, whatever their size, and a value past a double's exact
+    integers in full: before, "3.15576e+11s" or "315576000001.0s", and "-9.22337e+18s"
+    for one but "9.223372036854776e+18s" for its opposite (found by p50)."""
+    flow = flow_pb(["noop"])
+    flow.tasks[0].timeout.seconds, flow.tasks[0].timeout.nanos = seconds, nanos
+    validated = await stub.ValidateFlow(pb.ValidateFlowRequest(flow=flow))
+    assert {v.field: v.description for v in validated.violations} == {
+        "flow.tasks[0].timeout": shown
+    }
+
+
 async def test_non_retryable_errors_are_bounded(stub) -> None:
     """Each failure is searched for every marker: 200,000 markers and a 60 KB error held
     the event loop (every flow, the health check) for 7 s per failed attempt."""
