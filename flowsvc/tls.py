@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import threading
 from pathlib import Path
@@ -86,6 +87,13 @@ class ServerTLS:
                 f"--tls-cert {self.cert} and --tls-key {self.key} are not a PEM certificate "
                 f"chain and its private key: {_reason(exc)}"
             ) from None
+        kind = _key_kind(cert)
+        if kind is not None:
+            raise ValueError(
+                f"--tls-cert {self.cert} holds {kind}, which gRPC's TLS does not serve with "
+                "(every handshake would fail): give a certificate of an RSA, ECDSA P-256, "
+                "P-384 or P-521, or Ed25519 key"
+            )
         if self.client_ca:
             try:
                 context.load_verify_locations(cafile=self.client_ca)
@@ -128,6 +136,87 @@ class ServerTLS:
             self._config = config
             log_event(logger, logging.INFO, "TLS certificate reloaded", cert=self.cert)
             return config
+
+
+#: The keys gRPC's TLS (BoringSSL) serves with, by the algorithm of a certificate's public
+#: key (and its curve), in DER. OpenSSL, which checks the files, takes more: a DSA, Ed448,
+#: RSA-PSS, brainpool or secp256k1 key passed the checks, then gRPC refused to listen
+#: ("cannot listen ...: Failed to bind") or, for a renewal, kept the certificate in use
+#: while "TLS certificate reloaded" was logged.
+_SERVED_KEYS = {
+    (bytes.fromhex("2a864886f70d010101"), None),  # rsaEncryption
+    (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d030107")),  # EC, P-256
+    (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2b81040022")),  # EC, P-384
+    (bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2b81040023")),  # EC, P-521
+    (bytes.fromhex("2b6570"), None),  # Ed25519
+}
+_KEY_NAMES = {
+    bytes.fromhex("2a8648ce380401"): "a DSA key",
+    bytes.fromhex("2b6571"): "an Ed448 key",
+    bytes.fromhex("2a864886f70d01010a"): "an RSA-PSS key",
+}
+_EC = bytes.fromhex("2a8648ce3d0201")
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _key_kind(chain: bytes) -> str | None:
+    """What key the first certificate of PEM `chain` (the one served) holds, if it is one
+    gRPC cannot serve with; None if it can (or if the certificate cannot be read here:
+    the ssl module's checks have passed, and gRPC is left to judge)."""
+    found = _PEM_CERT.search(chain)
+    if found is None:
+        return None
+    try:
+        der = ssl.PEM_cert_to_DER_cert(found.group().decode("ascii"))
+        _, at, _ = _element(der, 0)  # Certificate
+        _, at, _ = _element(der, at)  # its TBSCertificate
+        if der[at] == 0xA0:  # [0] version
+            at = _element(der, at)[2]
+        for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+            at = _element(der, at)[2]
+        _, at, _ = _element(der, at)  # subjectPublicKeyInfo
+        _, at, end = _element(der, at)  # its AlgorithmIdentifier
+        tag, start, after = _element(der, at)
+        if tag != 0x06:
+            return None
+        algorithm, parameter = der[start:after], None
+        if after < end and der[after] == 0x06:  # an EC key's named curve
+            _, start, stop = _element(der, after)
+            parameter = der[start:stop]
+    except (ValueError, IndexError):
+        return None
+    if (algorithm, parameter) in _SERVED_KEYS:
+        return None
+    if algorithm == _EC:
+        return f"an EC key on curve {_dotted(parameter)}"
+    return _KEY_NAMES.get(algorithm) or f"a key of algorithm {_dotted(algorithm)}"
+
+
+def _element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at `at`: its tag, where its content starts, and where it ends."""
+    tag, length = der[at], der[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(der[at : at + count], "big")
+        at += count
+    if at + length > len(der):
+        raise ValueError("truncated")
+    return tag, at, at + length
+
+
+def _dotted(oid: bytes | None) -> str:
+    """An OBJECT IDENTIFIER's content, in its dotted form ("1.3.101.113")."""
+    if not oid:
+        return "(none)"
+    numbers, value = [], 0
+    for byte in oid:
+        value = value << 7 | byte & 0x7F
+        if not byte & 0x80:
+            numbers.append(value)
+            value = 0
+    first = min(numbers[0] // 40, 2)
+    return ".".join(map(str, [first, numbers[0] - 40 * first, *numbers[1:]]))
 
 
 def _reason(exc: BaseException) -> str:

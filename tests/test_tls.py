@@ -24,7 +24,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -88,9 +88,12 @@ class CA:
             .not_valid_after(NOW + datetime.timedelta(days=1))
         )
 
-    def issue(self, name: str, *, server: bool = True) -> tuple[Path, Path]:
-        """A certificate (for localhost and 127.0.0.1 if `server`) and its key: their files."""
-        key = _key()
+    def issue(
+        self, name: str, *, server: bool = True, key: ec.EllipticCurvePrivateKey | None = None
+    ) -> tuple[Path, Path]:
+        """A certificate (for localhost and 127.0.0.1 if `server`) and its key (a new P-256
+        one unless given): their files."""
+        key = key or _key()
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             self._builder(
@@ -223,6 +226,25 @@ async def test_a_renewed_certificate_is_served_to_new_connections(pki, registry,
         assert len([r for r in caplog.records if "not taken" in r.getMessage()]) == 1
 
 
+async def test_a_renewal_with_a_key_grpc_cannot_serve_with_is_not_taken(
+    pki, registry, caplog
+) -> None:
+    """A renewed certificate of a key that OpenSSL takes and gRPC's TLS does not (Ed448):
+    logged as not taken, and the certificate in use stays; never "reloaded" while gRPC
+    keeps the old one."""
+    caplog.set_level(logging.INFO, logger="flowsvc.tls")
+    cert, key = pki["ca"].issue("server")
+    async with tls_server(tls_settings(cert, key), registry) as server:
+        odd_cert, odd_key = pki["other"].issue("odd", key=ed448.Ed448PrivateKey.generate())
+        os.replace(odd_key, key)
+        os.replace(odd_cert, cert)
+        async with channel(server.port, pki["ca"].pem) as chan:
+            assert (await execute(chan)).status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert not any("reloaded" in r.getMessage() for r in caplog.records), caplog.text
+        (taken,) = [r for r in caplog.records if "not taken" in r.getMessage()]
+        assert "an Ed448 key" in getattr(taken, "error", ""), caplog.text
+
+
 # -- settings and start-up errors -------------------------------------------------------
 
 
@@ -256,6 +278,12 @@ def _bad_files(tmp_path: Path, pki: dict[str, CA], case: str) -> tuple[Settings,
     if case == "key of another certificate":
         _, other_key = pki["other"].issue("other")
         return tls_settings(cert, other_key), "are not a PEM certificate chain and its private"
+    if case == "key gRPC cannot serve with":
+        # OpenSSL takes a brainpool key, gRPC's TLS (BoringSSL) does not.
+        return (
+            tls_settings(*pki["ca"].issue("bp", key=ec.generate_private_key(ec.BrainpoolP256R1()))),
+            "holds an EC key on curve 1.3.36.3.3.2.8.1.1.7, which gRPC's TLS does not serve",
+        )
     if case == "encrypted key":
         encrypted = tmp_path / "encrypted.key"
         encrypted.write_bytes(_key_pem(_key(), password=b"secret"))
@@ -270,6 +298,7 @@ CASES = [
     "not a certificate",
     "key of another certificate",
     "encrypted key",
+    "key gRPC cannot serve with",
     "client CA not a certificate",
 ]
 
