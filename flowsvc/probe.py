@@ -5,6 +5,7 @@ grpc_health_probe cannot be fetched on our machines, so the image carries this.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,8 @@ def tls_credentials(
 ) -> grpc.ChannelCredentials:
     """TLS to the server: trusting the CAs of file `ca` (None: the system's), and showing
     the client certificate `cert` with its `key` when given (mutual TLS). ValueError
-    naming a file that cannot be read, or a certificate without its key."""
+    naming a file that cannot be read or is not what it should be (a CA file without a
+    certificate, a key of another certificate), or a certificate without its key."""
     if bool(cert) != bool(key):
         raise ValueError("--tls-cert and --tls-key go together (a certificate and its key)")
 
@@ -28,7 +30,32 @@ def tls_credentials(
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror}") from None
 
-    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+    files = read(ca), read(key), read(cert)
+    # Checked here (gRPC would only fail the handshake, "Failed to create security
+    # handshaker", and the probe would call the server unhealthy for a file of its own).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if ca:
+            context.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--tls-ca {ca} is not a PEM file of CA certificates: {exc}") from None
+    try:
+        if cert and key:
+            context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, OSError, _EncryptedKey) as exc:
+        raise ValueError(
+            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and its "
+            f"unencrypted private key: {exc or 'the key is encrypted'}"
+        ) from None
+    return grpc.ssl_channel_credentials(*files)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
 
 
 def check(

@@ -413,3 +413,13 @@ def test_the_probe_checks_health_over_mutual_tls(mutual_server) -> None:
         assert failed.returncode == 1 and "UNAVAILABLE" in failed.stdout, (args, failed)
     half = probe("--tls-ca", str(files["ca"]), "--tls-cert", str(files["cert"]))
     assert half.returncode == 2 and "go together" in half.stderr
+    # A file of the probe's own that is no certificate: a bad configuration (exit 2,
+    # naming it), not a server reported unhealthy.
+    junk = files["ca"].parent / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for args in (
+        ("--tls-ca", str(junk)),
+        ("--tls-cert", str(junk), "--tls-key", str(files["key"])),
+    ):
+        bad = probe(*args)
+        assert bad.returncode == 2 and str(junk) in bad.stderr, (args, bad)
