@@ -5,11 +5,12 @@ grpc_health_probe cannot be fetched on our machines, so the image carries this.
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flowsvc.tls import check_cas, check_pair
 
 
 def tls_credentials(
@@ -33,29 +34,11 @@ def tls_credentials(
     files = read(ca), read(key), read(cert)
     # Checked here (gRPC would only fail the handshake, "Failed to create security
     # handshaker", and the probe would call the server unhealthy for a file of its own).
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        if ca:
-            context.load_verify_locations(cafile=ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"--tls-ca {ca} is not a PEM file of CA certificates: {exc}") from None
-    try:
-        if cert and key:
-            context.load_cert_chain(cert, key, password=_no_password)
-    except (ssl.SSLError, OSError, _EncryptedKey) as exc:
-        raise ValueError(
-            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and its "
-            f"unencrypted private key: {exc or 'the key is encrypted'}"
-        ) from None
+    if ca:
+        check_cas(ca, "--tls-ca")
+    if cert and key:
+        check_pair(cert, key, server=False)
     return grpc.ssl_channel_credentials(*files)
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> str:
-    raise _EncryptedKey
 
 
 def check(

@@ -74,19 +74,7 @@ class ServerTLS:
             client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         except OSError as exc:
             raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.cert, self.key, password=_no_password)
-        except _EncryptedKey:
-            raise ValueError(
-                f"--tls-key {self.key} is encrypted: give the key unencrypted (readable "
-                "by the server's user only)"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(
-                f"--tls-cert {self.cert} and --tls-key {self.key} are not a PEM certificate "
-                f"chain and its private key: {_reason(exc)}"
-            ) from None
+        check_pair(self.cert, self.key, server=True)
         kind = _key_kind(cert)
         if kind is not None:
             raise ValueError(
@@ -95,13 +83,7 @@ class ServerTLS:
                 "P-384 or P-521, or Ed25519 key"
             )
         if self.client_ca:
-            try:
-                context.load_verify_locations(cafile=self.client_ca)
-            except (ssl.SSLError, OSError) as exc:
-                raise ValueError(
-                    f"--tls-client-ca {self.client_ca} is not a PEM file of CA certificates: "
-                    f"{_reason(exc)}"
-                ) from None
+            check_cas(self.client_ca, "--tls-client-ca")
         if self._stamps() != self._stamp:
             raise ValueError("the files changed while they were read")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
@@ -219,12 +201,43 @@ def _dotted(oid: bytes | None) -> str:
     return ".".join(map(str, [first, numbers[0] - 40 * first, *numbers[1:]]))
 
 
+def check_pair(cert: str, key: str, *, server: bool) -> None:
+    """ValueError, naming the files and what is wrong, unless `cert` is a PEM certificate
+    (chain) and `key` its unencrypted private key: checked with the ssl module, which
+    says what is wrong, where gRPC would only fail each handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(
+            f"--tls-key {key} is encrypted: give the key unencrypted (readable by its user only)"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its "
+            f"private key: {_reason(exc)}"
+        ) from None
+
+
+def check_cas(path: str, flag: str) -> None:
+    """ValueError unless `path` is a PEM file of CA certificates (`flag` names it)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"{flag} {path} is not a PEM file of CA certificates: {_reason(exc)}"
+        ) from None
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
+    if isinstance(exc, ssl.SSLError) and "PEM lib" in str(exc):
+        # OpenSSL's only word for a PEM block it could not read whole.
+        return "no complete PEM block could be read (a truncated or damaged file?)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
 
 
-__all__ = ["ServerTLS"]
+__all__ = ["ServerTLS", "check_cas", "check_pair"]

@@ -284,6 +284,10 @@ def _bad_files(tmp_path: Path, pki: dict[str, CA], case: str) -> tuple[Settings,
             tls_settings(*pki["ca"].issue("bp", key=ec.generate_private_key(ec.BrainpoolP256R1()))),
             "holds an EC key on curve 1.3.36.3.3.2.8.1.1.7, which gRPC's TLS does not serve",
         )
+    if case == "truncated certificate":
+        truncated = tmp_path / "truncated.pem"
+        truncated.write_bytes(cert.read_bytes()[:200])
+        return tls_settings(truncated, key), "no complete PEM block could be read"
     if case == "encrypted key":
         encrypted = tmp_path / "encrypted.key"
         encrypted.write_bytes(_key_pem(_key(), password=b"secret"))
@@ -297,6 +301,7 @@ CASES = [
     "missing",
     "not a certificate",
     "key of another certificate",
+    "truncated certificate",
     "encrypted key",
     "key gRPC cannot serve with",
     "client CA not a certificate",
