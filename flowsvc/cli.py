@@ -276,6 +276,11 @@ async def _serve(settings: config.Settings) -> float | None:
     else:
         address = f"{settings.listen.rsplit(':', 1)[0]}:{server.port}"
     print(f"flowsvc: serving on {address}", flush=True)
+    if server.metrics_endpoint is not None:
+        host = settings.metrics_listen.rsplit(":", 1)[0]
+        print(
+            f"flowsvc: metrics on http://{host}:{server.metrics_endpoint.port}/metrics", flush=True
+        )
     await stop.wait()
     await server.shutdown()
     # The flows stopped when the grace period ran out had CUT_OFF_SECONDS from then,

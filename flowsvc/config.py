@@ -114,6 +114,15 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def _optional_listen(text: str) -> str:
+    """host:port as for --listen (no unix socket: a scraper speaks TCP), or empty: off."""
+    if not text.strip():
+        return ""
+    if text.startswith(("unix:", "unix-abstract:")):
+        raise ValueError(f"must be host:port (a scraper connects over TCP), not {text!r}")
+    return _listen(text)
+
+
 def _optional_file(text: str) -> str:
     """A file's path, or empty (blank) for none: a chart's empty default turns it off."""
     return text if text.strip() else ""
@@ -202,6 +211,8 @@ class Settings:
     max_in_flight: int = 1000
     #: Finished executions older than this many seconds are deleted (0: keep forever).
     retention_seconds: float = 7 * 24 * 3600.0
+    #: host:port of the Prometheus metrics endpoint (GET /metrics); empty: none.
+    metrics_listen: str = ""
     #: PEM file of the server's certificate chain: with tls_key, the port speaks TLS.
     tls_cert: str = ""
     #: PEM file of the certificate's private key (unencrypted).
@@ -245,6 +256,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "db_max_bytes": _Integer(0, MAX_DB_BYTES),
     "max_in_flight": _Integer(1, MAX_IN_FLIGHT),
     "retention_seconds": _Seconds(MAX_RETENTION_SECONDS, zero=True),
+    "metrics_listen": _optional_listen,
     "tls_cert": _optional_file,
     "tls_key": _optional_file,
     "tls_client_ca": _optional_file,
@@ -385,6 +397,7 @@ _FIELD_DOCS = {
     "db_max_bytes": "largest the database may grow (0: no cap)",
     "max_in_flight": "most executions running at once",
     "retention_seconds": "delete finished executions older than this (0: never)",
+    "metrics_listen": "host:port for Prometheus metrics, GET /metrics (empty: none)",
     "tls_cert": "PEM certificate chain: with --tls-key, the port speaks TLS (reread when changed)",
     "tls_key": "PEM private key of --tls-cert, unencrypted",
     "tls_client_ca": "PEM CA certificates: set, clients must present a certificate they signed",

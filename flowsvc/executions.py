@@ -43,6 +43,7 @@ from flowsvc.errors import (
 )
 from flowsvc.logs import Tally
 from flowsvc.logs import event as log_event
+from flowsvc.metrics import Metrics
 from flowsvc.models import (
     Event,
     Flow,
@@ -341,11 +342,13 @@ class ExecutionManager:
         on_store_health: Callable[[bool], Any] | None = None,
         flow_bytes: Callable[[Flow], int] | None = None,
         input_bytes: Callable[[Mapping[str, Any]], int] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`flow_bytes` and `input_bytes` measure a flow and an input as an execution's
         answer carries them: with `settings.max_record_bytes`, what the size check at
-        submission adds up."""
+        submission adds up. `metrics`, if given, counts each committed event."""
         self.engine = engine
+        self.metrics = metrics
         self._flow_bytes = flow_bytes
         self._input_bytes = input_bytes
         self.store = store
@@ -996,6 +999,7 @@ class ExecutionManager:
         append = self.store.append_nowait
         on_commit = run.on_commit
         flow_id = run.flow_id
+        metrics = self.metrics
         try:
             events = self.engine.events(plan, flow_input, flow_id, run.stop)
             try:
@@ -1003,6 +1007,8 @@ class ExecutionManager:
                     sequence += 1
                     run.unpublished += 1
                     append(flow_id, sequence, event, on_commit)
+                    if metrics is not None:
+                        metrics.event(event)
                     if run.unpublished > MAX_UNCOMMITTED:
                         await run.commits_down_to(MAX_UNCOMMITTED // 2)
                     elif not sequence % EVENTS_PER_TURN:
@@ -1053,6 +1059,8 @@ class ExecutionManager:
             self._live.pop(run.flow_id, None)
             if not self._live and not self._starting:
                 self._idle.set()
+            if metrics is not None:
+                metrics.cut_off(flow_id)  # counted interrupted if it has no finished event
 
     # -- look-ups ----------------------------------------------------------------------------
 

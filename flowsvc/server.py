@@ -44,6 +44,7 @@ from flowsvc.errors import (
 )
 from flowsvc.executions import CUT_OFF_SECONDS, ExecutionManager, ManagerSettings
 from flowsvc.logs import event as log_event
+from flowsvc.metrics import Metrics, MetricsEndpoint
 from flowsvc.registry import TaskRegistry, default_registry
 from flowsvc.servicer import (
     FlowServicer,
@@ -515,8 +516,11 @@ class FlowServer:
         health_servicer: _HealthServicer,
         executor: TaskThreads,
         settings: Settings,
+        metrics_endpoint: MetricsEndpoint | None = None,
     ) -> None:
         self.server = server
+        #: Serves GET /metrics (with --metrics-listen), else None.
+        self.metrics_endpoint = metrics_endpoint
         self.port = port
         self._servicer = servicer
         #: Reports an event loop that a task blocks (see flowsvc.stalls).
@@ -579,6 +583,8 @@ class FlowServer:
         # Whatever still runs now (a task ignoring cancellation) is cut off, recorded
         # INTERRUPTED, and the store is closed.
         await self.manager.close()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
         await http_task.aclose_clients()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stalls.stop()
@@ -628,6 +634,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     tls = None
     if settings.tls_cert:
         tls = ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    metrics = Metrics() if settings.metrics_listen else None
     executor = TaskThreads(settings.sync_task_workers, name=TASK_THREAD_PREFIX)
     engine = FlowEngine(registry, settings.limits, executor)
     health_servicer = _HealthServicer()
@@ -666,6 +673,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         on_store_health=store_health,
         flow_bytes=convert.flow_bytes,
         input_bytes=convert.input_bytes,
+        metrics=metrics,
     )
     try:
         recovered = await manager.open()
@@ -673,9 +681,14 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         if _FULL not in str(exc):
             raise  # not a full one: its own message
         raise _full_at_start(settings, exc) from exc
+    endpoint = None
     try:
-        server, port, servicer = await _listen(settings, manager, health_servicer, tls)
+        if metrics is not None:
+            endpoint = await _serve_metrics(settings.metrics_listen, metrics, manager)
+        server, port, servicer = await _listen(settings, manager, health_servicer, tls, metrics)
     except BaseException:
+        if endpoint is not None:
+            await endpoint.close()
         await manager.close()  # and with it the store, and its lock on the database
         raise
     log_event(
@@ -684,6 +697,7 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         "server started",
         listen=settings.listen,
         port=port,
+        metrics_port=endpoint.port if endpoint is not None else None,
         tls="off" if tls is None else "mutual" if settings.tls_client_ca else "on",
         db=settings.db,
         interrupted_by_crash=len(recovered),
@@ -696,7 +710,43 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
         else "asyncio",
         version=package_version(),
     )
-    return FlowServer(server, port, servicer, manager, health_servicer, executor, settings)
+    return FlowServer(
+        server, port, servicer, manager, health_servicer, executor, settings, endpoint
+    )
+
+
+async def _serve_metrics(
+    listen: str, metrics: Metrics, manager: ExecutionManager
+) -> MetricsEndpoint:
+    """The metrics endpoint, listening, with the gauges read at each scrape."""
+    metrics.gauges.append(
+        ("flowsvc_executions_in_flight", "Executions running now.", lambda: manager.in_flight)
+    )
+    metrics.gauges.append(
+        (
+            "flowsvc_store_healthy",
+            "1 while the execution store can write, else 0 (health is NOT_SERVING).",
+            lambda: manager.store_healthy,
+        )
+    )
+    store = manager.store
+    if isinstance(store, SQLiteStore):
+        metrics.gauges.append(
+            (
+                "flowsvc_store_commits",
+                "Transactions the SQLite store has committed (each a batch of jobs).",
+                lambda: store.commits,
+            )
+        )
+        metrics.gauges.append(
+            ("flowsvc_store_jobs", "Jobs the SQLite store has run.", lambda: store.jobs)
+        )
+    endpoint = MetricsEndpoint(metrics)
+    try:
+        await endpoint.start(listen)
+    except OSError as exc:
+        raise OSError(f"cannot listen on --metrics-listen {listen}: {exc.strerror}") from exc
+    return endpoint
 
 
 async def _listen(
@@ -704,10 +754,11 @@ async def _listen(
     manager: ExecutionManager,
     health_servicer: _HealthServicer,
     tls: ServerTLS | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.aio.Server, int, FlowServicer]:
     """The gRPC server with every service, listening and SERVING; its port; its
     FlowService servicer."""
-    servicer = FlowServicer(manager, settings.max_response_bytes)
+    servicer = FlowServicer(manager, settings.max_response_bytes, metrics)
 
     server = grpc.aio.server(
         options=[

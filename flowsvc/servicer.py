@@ -47,6 +47,7 @@ from flowsvc.errors import (
     Violation,
 )
 from flowsvc.executions import OFF_LOOP_BYTES, Attachment, ExecutionManager, parse_flow_id
+from flowsvc.metrics import Metrics
 from flowsvc.models import Event, Flow
 from flowsvc.store import ExecutionRecord
 
@@ -198,9 +199,26 @@ class _MalformedRequestError(FlowsvcError):
         self.request = request
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
-    status = rpc_status.to_status(_status_for(exc, method))
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: Exception,
+    method: str,
+    metrics: Metrics | None = None,
+) -> None:
+    found = _status_for(exc, method)
+    if metrics is not None:
+        metrics.rpc_error(method, _reason_of(found))
+    status = rpc_status.to_status(found)
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _reason_of(status: status_pb2.Status) -> str:
+    """The ErrorInfo reason a status carries (every status made here has one)."""
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Unpack(info):
+            return str(info.reason)
+    return "INTERNAL_ERROR"  # pragma: no cover
 
 
 async def abort_malformed(
@@ -227,6 +245,8 @@ def unary(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         self.last_call = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.rpc(fn.__name__)
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -234,7 +254,7 @@ def unary(
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc, fn.__name__)
+            await _abort(context, exc, fn.__name__, self.metrics)
             raise AssertionError("abort returned") from exc  # pragma: no cover
 
     return wrapper
@@ -250,6 +270,8 @@ def streaming(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> AsyncGenerator[Resp, None]:
         self.last_call = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.rpc(fn.__name__)
         try:
             if isinstance(request, MalformedRequest):
                 raise _MalformedRequestError(request)
@@ -262,7 +284,7 @@ def streaming(
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc, fn.__name__)
+            await _abort(context, exc, fn.__name__, self.metrics)
 
     return wrapper
 
@@ -292,9 +314,16 @@ def _gone(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class FlowServicer(pb_grpc.FlowServiceServicer):
     """flowmanager.v1.FlowService: convert, call the manager or engine, convert back."""
 
-    def __init__(self, manager: ExecutionManager, max_response_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        manager: ExecutionManager,
+        max_response_bytes: int = 0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.manager = manager
         self.engine = manager.engine
+        #: Counts calls and error statuses, if given.
+        self.metrics = metrics
         #: The largest answer carrying a whole execution (0: no limit).
         self.max_response_bytes = max_response_bytes
         #: When (monotonic) the last call reached a method: a draining server waits for

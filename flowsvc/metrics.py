@@ -1,0 +1,305 @@
+"""Prometheus metrics (--metrics-listen): what the server counts, and the HTTP endpoint.
+
+Counting is a few dict and list operations per event, done only when metrics are on (the
+manager and the servicer hold None otherwise, and pay one comparison). The figures that
+already exist elsewhere (executions in flight, the store's health and commits, the
+process's CPU and memory) are read when a scrape comes, not kept up to date.
+
+The endpoint is plain HTTP/1.1 on an address of its own, `GET /metrics` in Prometheus'
+text format (0.0.4); it shares the event loop, and a scrape of a busy server costs well
+under a millisecond of it. No TLS and no authentication: bind it where only the scraper
+reaches (the pod's network, 127.0.0.1 behind an agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flowsvc.models import Event, FlowFinished, FlowStarted, TaskCompleted
+
+#: Histogram buckets, in seconds: from a no-op step to a long task or flow.
+BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)
+#: The most bytes of a scrape's request line and headers read; beyond, 431.
+MAX_REQUEST_BYTES = 16 * 1024
+#: How long a scraper may take to send its request.
+REQUEST_TIMEOUT_SECONDS = 10.0
+
+
+class Histogram:
+    """Counts per bucket (not cumulative: summed when rendered), sum and count."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last: over every bucket (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+
+class Metrics:
+    """What one server counts. `gauges` are read at each scrape: (name, help, read),
+    read() giving a number or {labels: number}."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self.executions_started = 0
+        self.executions_ended: dict[str, int] = {}  # by status
+        self.execution_seconds = Histogram()
+        self.task_attempts: dict[tuple[str, str], int] = {}  # by (task, status)
+        self.task_seconds: dict[str, Histogram] = {}  # by task
+        self.rpcs: dict[str, int] = {}  # by method
+        self.rpc_errors: dict[tuple[str, str], int] = {}  # by (method, reason)
+        self.gauges: list[tuple[str, str, Callable[[], Any]]] = []
+        self._begun: dict[str, float] = {}  # flow_id -> its started event's time
+
+    # -- counted as it happens ----------------------------------------------------------
+
+    def event(self, event: Event) -> None:
+        """An execution's event, as it is committed (see ExecutionManager._drive)."""
+        if isinstance(event, TaskCompleted):
+            record = event.record
+            key = (record.task, record.status.value)
+            self.task_attempts[key] = self.task_attempts.get(key, 0) + 1
+            histogram = self.task_seconds.get(record.task)
+            if histogram is None:
+                histogram = self.task_seconds[record.task] = Histogram()
+            histogram.observe(record.duration_s)
+        elif isinstance(event, FlowStarted):
+            self.executions_started += 1
+            self._begun[event.flow_id] = event.started_at.timestamp()
+        elif isinstance(event, FlowFinished):
+            self.ended(event.flow_id, event.status.value, event.finished_at.timestamp())
+
+    def ended(self, flow_id: str, status: str, at: float | None = None) -> None:
+        """An execution ended (`status`) at `at` (Unix time; now if None)."""
+        self.executions_ended[status] = self.executions_ended.get(status, 0) + 1
+        began = self._begun.pop(flow_id, None)
+        if began is not None:
+            self.execution_seconds.observe(max(0.0, (at or time.time()) - began))
+
+    def cut_off(self, flow_id: str) -> None:
+        """The execution's drive is over: if it started but had no finished event (a
+        store failure, a shutdown cut it off), it ended interrupted."""
+        if flow_id in self._begun:
+            self.ended(flow_id, "interrupted")
+
+    def rpc(self, method: str) -> None:
+        self.rpcs[method] = self.rpcs.get(method, 0) + 1
+
+    def rpc_error(self, method: str, reason: str) -> None:
+        key = (method, reason)
+        self.rpc_errors[key] = self.rpc_errors.get(key, 0) + 1
+
+    # -- the text a scrape gets ------------------------------------------------------------
+
+    def render(self) -> str:
+        out: list[str] = []
+        counter = _Family(out, "counter")
+        counter(
+            "flowsvc_executions_started_total",
+            "Executions started.",
+            [((), self.executions_started)],
+        )
+        counter(
+            "flowsvc_executions_ended_total",
+            "Executions ended, by status.",
+            [((("status", s),), n) for s, n in sorted(self.executions_ended.items())],
+        )
+        _histogram(
+            out,
+            "flowsvc_execution_duration_seconds",
+            "From an execution's start to its end (executions started by this process).",
+            [((), self.execution_seconds)],
+        )
+        counter(
+            "flowsvc_task_attempts_total",
+            "Task attempts, by task and status (success, failure).",
+            [((("task", t), ("status", s)), n) for (t, s), n in sorted(self.task_attempts.items())],
+        )
+        _histogram(
+            out,
+            "flowsvc_task_duration_seconds",
+            "How long each task attempt ran, by task.",
+            [((("task", t),), h) for t, h in sorted(self.task_seconds.items())],
+        )
+        counter(
+            "flowsvc_rpcs_total",
+            "FlowService calls received, by method.",
+            [((("method", m),), n) for m, n in sorted(self.rpcs.items())],
+        )
+        counter(
+            "flowsvc_rpc_errors_total",
+            "FlowService calls that ended with an error status, by method and reason "
+            "(the ErrorInfo reason; a client's own deadline or cancel is not counted).",
+            [((("method", m), ("reason", r)), n) for (m, r), n in sorted(self.rpc_errors.items())],
+        )
+        gauge = _Family(out, "gauge")
+        for name, text, read in self.gauges:
+            value = read()
+            if isinstance(value, dict):
+                gauge(name, text, sorted(value.items()))
+            else:
+                gauge(name, text, [((), value)])
+        _process(out, self.started_at)
+        return "".join(out)
+
+
+class _Family:
+    """Writes metric families of one type into `out`."""
+
+    def __init__(self, out: list[str], kind: str) -> None:
+        self.out, self.kind = out, kind
+
+    def __call__(
+        self, name: str, text: str, samples: Iterable[tuple[tuple[tuple[str, str], ...], Any]]
+    ) -> None:
+        self.out.append(f"# HELP {name} {text}\n# TYPE {name} {self.kind}\n")
+        for labels, value in samples:
+            self.out.append(f"{name}{_labels(labels)} {_number(value)}\n")
+
+
+def _histogram(
+    out: list[str],
+    name: str,
+    text: str,
+    series: Iterable[tuple[tuple[tuple[str, str], ...], Histogram]],
+) -> None:
+    out.append(f"# HELP {name} {text}\n# TYPE {name} histogram\n")
+    for labels, histogram in series:
+        total = 0
+        for bound, count in zip((*BUCKETS, float("inf")), histogram.counts, strict=True):
+            total += count
+            le = "+Inf" if bound == float("inf") else _number(bound)
+            out.append(f"{name}_bucket{_labels((*labels, ('le', le)))} {total}\n")
+        out.append(f"{name}_sum{_labels(labels)} {_number(histogram.sum)}\n")
+        out.append(f"{name}_count{_labels(labels)} {total}\n")
+
+
+def _process(out: list[str], started_at: float) -> None:
+    """The process's standard metrics, from /proc (Linux; left out elsewhere)."""
+    gauge, counter = _Family(out, "gauge"), _Family(out, "counter")
+    gauge(
+        "process_start_time_seconds", "Start time of the process (Unix time).", [((), started_at)]
+    )
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError):
+        return
+    counter("process_cpu_seconds_total", "User and system CPU time.", [((), cpu)])
+    gauge("process_resident_memory_bytes", "Resident memory.", [((), rss)])
+    gauge("process_open_fds", "Open file descriptors.", [((), fds)])
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{key}="{_escape(value)}"' for key, value in labels)
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value))
+
+
+# -- the endpoint ---------------------------------------------------------------------------
+
+
+class MetricsEndpoint:
+    """`GET /metrics` on `host:port`, over plain HTTP/1.1, one request per connection."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        self._server = await asyncio.start_server(
+            self._answer, host or None, int(port), limit=MAX_REQUEST_BYTES
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(
+                    reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS
+                )
+            except (asyncio.LimitOverrunError, ValueError):
+                await _reply(writer, 431, "request header fields too large\n")
+                return
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            method, _, rest = head.partition(b" ")
+            target = rest.partition(b" ")[0].split(b"?", 1)[0]
+            if target != b"/metrics":
+                await _reply(writer, 404, "not found: metrics are at /metrics\n")
+            elif method not in (b"GET", b"HEAD"):
+                await _reply(writer, 405, "method not allowed: GET /metrics\n", allow=True)
+            else:
+                body = self.metrics.render()
+                await _reply(writer, 200, body, head_only=method == b"HEAD", metrics=True)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
+
+
+async def _reply(
+    writer: asyncio.StreamWriter,
+    code: int,
+    body: str,
+    *,
+    head_only: bool = False,
+    metrics: bool = False,
+    allow: bool = False,
+) -> None:
+    data = body.encode()
+    kind = "text/plain; version=0.0.4; charset=utf-8" if metrics else "text/plain; charset=utf-8"
+    headers = (
+        f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n"
+        + ("Allow: GET, HEAD\r\n" if allow else "")
+        + "\r\n"
+    )
+    writer.write(headers.encode() + (b"" if head_only else data))
+    await writer.drain()
+
+
+__all__ = ["Metrics", "MetricsEndpoint"]
