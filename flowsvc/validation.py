@@ -401,7 +401,11 @@ def _run_check(path: str, spec: TaskSpec, given: Mapping[str, Any], bad: Bad) ->
     assert spec.check is not None
     try:
         problems = [(str(name), str(problem)) for name, problem in spec.check(given)]
-    except Exception:
+    except BaseException:
+        # Whatever it raises, as a task's own exit(), KeyboardInterrupt or CancelledError
+        # (engine._invoke): a plain call that never awaits cannot be cancelled from
+        # outside, so each is the check's own. Let through, exit() and KeyboardInterrupt
+        # stopped the server, and a CancelledError left the call unanswered.
         logger.exception("params check failed", extra={"task": spec.name})
         return
     for name, problem in problems:

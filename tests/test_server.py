@@ -56,6 +56,36 @@ async def test_a_task_calling_exit_or_cancelling_itself_fails_and_the_server_ser
     assert fine.status == flow_pb2.FLOW_STATUS_SUCCEEDED
 
 
+async def test_a_params_check_calling_exit_or_cancelling_itself_is_skipped_and_the_server_serves_on(
+    stub, registry
+) -> None:
+    # "One that raises is logged and skipped": a check's exit() or KeyboardInterrupt
+    # stopped the whole server, and its own CancelledError left the call unanswered.
+    def quits(params):
+        raise SystemExit(3)
+
+    def interrupts(params):
+        raise KeyboardInterrupt
+
+    def cancels_itself(params):
+        raise asyncio.CancelledError("my own")
+
+    def task(ctx: TaskContext) -> TaskResult:
+        return TaskResult.success({"ran": True})
+
+    for name, check in (("quits", quits), ("interrupts", interrupts), ("cancels", cancels_itself)):
+        registry.register(name, task, check=check)
+        flow = chain((name, {"x": 1}))
+        valid = await stub.ValidateFlow(flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=10)
+        assert valid.valid
+        response = await stub.ExecuteFlow(
+            flow_service_pb2.ExecuteFlowRequest(flow=flow), timeout=10
+        )
+        assert response.status == flow_pb2.FLOW_STATUS_SUCCEEDED, response.message
+    fine = await stub.ExecuteFlow(flow_service_pb2.ExecuteFlowRequest(flow=chain("noop")))
+    assert fine.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+
+
 async def test_history_is_a_list_with_repeats_in_order(stub, registry) -> None:
     attempts = {"n": 0}
 
