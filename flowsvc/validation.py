@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsvc.errors import Violation
-from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task
+from flowsvc.models import END, NO_RETRY, OUTCOMES, Flow, Task, clean_text
 from flowsvc.references import (
     AT_RUN_TIME,
     INPUT,
@@ -400,7 +400,10 @@ def _run_check(path: str, spec: TaskSpec, given: Mapping[str, Any], bad: Bad) ->
     task's module, not of the flow: it is logged and the params meet the task at run time."""
     assert spec.check is not None
     try:
-        problems = [(str(name), str(problem)) for name, problem in spec.check(given)]
+        # Escaped as a task's error text is: a lone surrogate would fail the status itself.
+        problems = [
+            (clean_text(str(name)), clean_text(str(problem))) for name, problem in spec.check(given)
+        ]
     except BaseException:
         # Whatever it raises, as a task's own exit(), KeyboardInterrupt or CancelledError
         # (engine._invoke): a plain call that never awaits cannot be cancelled from

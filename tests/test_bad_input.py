@@ -1007,3 +1007,29 @@ async def test_an_invalid_duration_is_refused_not_read_as_another_length(
     )
     assert [(v.field, v.description) for v in validated.violations] == [(place, description)]
     assert calls == []
+
+
+async def test_a_params_check_whose_text_holds_a_lone_surrogate_is_invalid_argument(
+    stub, registry
+) -> None:
+    # A check's problem (or param name) is the task module's text, which may hold what
+    # no UTF-8 message can carry: it was UNKNOWN with the server's exception text sent
+    # (ExecuteFlow), or INTERNAL (ValidateFlow). Escaped, as a task's error text is.
+    def check(params):
+        yield "x", "bad \udc80 value"
+        yield "\udc81", "no such param"
+
+    def checked(ctx) -> TaskResult:
+        return TaskResult.success()
+
+    registry.register("checked", checked, check=check)
+    flow = chain(("checked", {"x": 1}))
+    expected = [
+        ("flow.tasks[0].params.x", "bad \\udc80 value"),
+        ("flow.tasks[0].params.\\udc81", "no such param"),
+    ]
+    assert await execute_violations(stub, flow) == expected
+    answer = await stub.ValidateFlow(
+        flow_service_pb2.ValidateFlowRequest(flow=flow), timeout=TIMEOUT
+    )
+    assert [(v.field, v.description) for v in answer.violations] == expected
