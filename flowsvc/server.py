@@ -118,7 +118,7 @@ def load_task_modules(
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 loaded = ep.load()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() at import: see below
                 raise TaskModuleError(
                     f"cannot load entry point {ep.name} = {ep.value} (group "
                     f"{ENTRY_POINT_GROUP}): {type(exc).__name__}: {exc}"
@@ -134,7 +134,10 @@ def load_task_modules(
         before = len(default_registry)
         try:
             module = importlib.import_module(name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # A module that checks its configuration may sys.exit() as it is imported:
+            # let through, the server stopped with that code and no word of which module
+            # (none at all for a number). KeyboardInterrupt is still the operator's Ctrl-C.
             raise TaskModuleError(
                 f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
             ) from exc

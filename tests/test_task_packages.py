@@ -193,3 +193,20 @@ async def test_a_package_module_named_in_task_modules_brings_its_registry(
             line for line in srv.log_lines() if line["msg"] == "task module registered no tasks"
         ]
         assert [line["task_module"] for line in warned] == ["empty_tasks"]
+
+
+def test_a_task_module_that_exits_as_it_is_imported_is_named_at_start(tmp_path: Path) -> None:
+    # sys.exit() at import (a module checking its own configuration) stopped the server
+    # with that exit code and no word of which module, or nothing at all for a number.
+    (tmp_path / "quits_tasks.py").write_text("import sys\n\nsys.exit(3)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "FLOWSVC_TASK_MODULES": "quits_tasks"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    assert "cannot import task module 'quits_tasks': SystemExit: 3" in result.stderr
