@@ -314,8 +314,10 @@ class Template:
             return self.params
         if not self._refs:  # no reference, but objects or lists: new ones, read-only atop
             return MappingProxyType(_render(self._compiled, _no_lookup, [MAX_RENDERED]))
-        rendered: Mapping[str, Any] = _render(self._compiled, lookup, [MAX_RENDERED])
-        return rendered
+        # Read-only atop too, though this dict is the run's own: ctx.params is then the same
+        # whether or not the params hold a reference (a task that changed it worked in one
+        # flow and failed in another).
+        return MappingProxyType(_render(self._compiled, lookup, [MAX_RENDERED]))
 
 
 def compile_params(params: Mapping[str, Any]) -> Template:

@@ -669,6 +669,29 @@ async def test_read_only_params_returned_as_data_are_stored(stub, registry) -> N
     assert got.execution.execution_history[0] == response.execution_history[0]
 
 
+async def test_params_are_read_only_whether_or_not_they_hold_a_reference(stub, registry) -> None:
+    # ctx.params refused changes when its params were literal, and was a plain dict when
+    # one held a reference: the same task worked in one flow and failed in another.
+    from flowmanager.v1 import flow_service_pb2
+
+    from tests.support import chain
+
+    def meddle(ctx: TaskContext) -> TaskResult:
+        try:
+            ctx.params["x"] = "changed"  # type: ignore[index]
+        except TypeError:
+            return TaskResult.success({"refused": True, "seen": ctx.params["x"]})
+        return TaskResult.success({"refused": False, "seen": ctx.params["x"]})
+
+    registry.register("meddle", meddle)
+    for params in ({"x": "original"}, {"x": "${input.x}"}, {"x": "${input.x}", "o": {}}):
+        request = flow_service_pb2.ExecuteFlowRequest(flow=chain(("meddle", params)))
+        request.input.update({"x": "original"})
+        response = await stub.ExecuteFlow(request, timeout=10)
+        data = dict(response.execution_history[0].data)
+        assert data == {"refused": True, "seen": "original"}, params
+
+
 class _Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no text")
