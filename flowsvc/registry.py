@@ -82,11 +82,27 @@ def _json_type(annotation: Any) -> list[str] | str | None:
     return None
 
 
-def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The function's annotations, resolved; one that cannot be (a name imported only
+    under TYPE_CHECKING, with `from __future__ import annotations`) is left out alone,
+    not with every other: `n: int` still says integer, and still gets an int."""
     try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # unresolvable annotations: describe names only
-        hints = {}
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: S110  (resolved one by one below)
+        pass
+    namespace = getattr(inspect.unwrap(fn), "__globals__", None)
+    hints: dict[str, Any] = {}
+    for name, annotation in getattr(fn, "__annotations__", {}).items():
+        single = types.SimpleNamespace(__annotations__={name: annotation})
+        try:
+            hints.update(typing.get_type_hints(single, globalns=namespace))
+        except Exception:  # noqa: S112  (unresolvable: it says nothing we can check)
+            continue
+    return hints
+
+
+def _schema_from_signature(fn: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:
+    hints = _type_hints(fn)
     properties: dict[str, Any] = {}
     required: list[str] = []
     for p in signature.parameters.values():

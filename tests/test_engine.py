@@ -387,6 +387,36 @@ def test_a_task_taking_no_params_refuses_those_a_flow_gives_it(registry) -> None
     engine.prepare(Flow("p", "plain", (Task("plain"),)))
 
 
+async def test_one_annotation_that_cannot_be_resolved_does_not_hide_the_others(
+    stub, registry
+) -> None:
+    # A name imported only under TYPE_CHECKING (with `from __future__ import annotations`)
+    # made every annotation of the task unreadable: `n: int` got 3.0, "abc" was taken
+    # for it, and ListTasks showed no type at all.
+    from flowmanager.v1 import flow_service_pb2
+
+    from tests.support import chain, to_dict
+
+    def typed(*, n: int, label: str = "x", price: object = None) -> TaskResult:
+        return TaskResult.success({"n": type(n).__name__})
+
+    typed.__annotations__["price"] = "NotImportedAtRunTime | None"
+    registry.register("typed", typed)
+    tasks = await stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=10)
+    (listed,) = [task for task in tasks.tasks if task.name == "typed"]
+    properties = to_dict(listed.params_schema)["properties"]
+    assert (properties["n"]["type"], properties["label"]["type"]) == ("integer", "string")
+    assert "type" not in properties["price"]
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain(("typed", {"n": 3})))
+    response = await stub.ExecuteFlow(request, timeout=10)
+    assert dict(response.execution_history[0].data) == {"n": "int"}, response.message
+    request = flow_service_pb2.ExecuteFlowRequest(flow=chain(("typed", {"n": "abc"})))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "flow.tasks[0].params.n: must be integer, not string" in info.value.details()
+
+
 def test_a_param_annotated_int_gets_an_int(registry) -> None:
     # JSON numbers arrive as floats: 7 in the flow, 7.0 in Python, without this.
     seen: list[tuple[object, ...]] = []
