@@ -177,6 +177,8 @@ def _name_problem(name: str) -> str | None:
     for bad in (".", "}"):
         if bad in name:
             return f"holds {bad!r}, which would cut ${{{name}.data...}} short"
+    if "${" in name:
+        return f"holds '${{', which would nest a reference in ${{{name}.data...}}"
     return None
 
 

@@ -474,10 +474,11 @@ def test_a_task_s_own_check_refuses_params_before_the_flow_runs(registry, caplog
         registry.register("odd", ranged, check="yes")
 
 
-@pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", " padded"])
+@pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", "a${b", " padded"])
 def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
-    # "end" routes to the end, "input" is the input's reference root, and "." or "}" cut
-    # a reference to the task short: registered, they would only fail later.
+    # "end" routes to the end, "input" is the input's reference root, "." or "}" cut
+    # a reference to the task short, and "${" would nest one (refused): registered, they
+    # would only fail later.
     with pytest.raises(TaskRegistrationError, match="no flow could use it"):
         TaskRegistry().register(name, TaskResult.success)
 
