@@ -198,6 +198,12 @@ def _inspect(
         raise TaskRegistrationError(f"task {name!r}: {fn!r} is not callable")
     if check is not None and not callable(check):
         raise TaskRegistrationError(f"task {name!r}: its check {check!r} is not callable")
+    if inspect.iscoroutinefunction(check) or inspect.isasyncgenfunction(check):
+        # Never awaited: it would be logged as failed, and skipped, for every flow.
+        raise TaskRegistrationError(
+            f"task {name!r}: its check {check!r} is async: a check is a plain def that "
+            "returns or yields (param, problem) pairs"
+        )
     if not name or not isinstance(name, str):
         raise TaskRegistrationError(f"task name must be a non-empty string, not {name!r}")
     problem = _name_problem(name)

@@ -473,6 +473,18 @@ def test_a_task_s_own_check_refuses_params_before_the_flow_runs(registry, caplog
     with pytest.raises(TaskRegistrationError, match="not callable"):
         registry.register("odd", ranged, check="yes")
 
+    # An async check is never awaited: it would be logged as failed, and skipped, for
+    # every flow. Refused when it is registered, as a generator task is.
+    async def awaits(params):
+        return []
+
+    async def streams(params):
+        yield "low", "never seen"
+
+    for check in (awaits, streams):
+        with pytest.raises(TaskRegistrationError, match="is async: a check is a plain def"):
+            registry.register("odd", ranged, check=check)
+
 
 @pytest.mark.parametrize("name", ["end", "input", "a.b", "x}", "a${b", " padded"])
 def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
