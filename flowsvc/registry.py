@@ -11,6 +11,7 @@ registrations with another.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -182,9 +183,25 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _described(fn: Callable[..., Any]) -> Any:
+    """What a task's description and source name: the function a functools.partial calls
+    (a partial's own docstring and repr say nothing of the task, and its repr holds a
+    memory address)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _source(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of the task's function, or of the class of a callable object."""
+    fn = _described(fn)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or '?'}:{qualname}"
+
+
 def _description(fn: Callable[..., Any]) -> str:
     """The task's docstring, as ListTasks shows it (a lone surrogate escaped: \\udc80)."""
-    return clean_text(inspect.cleandoc(fn.__doc__ or "").strip())
+    return clean_text(inspect.cleandoc(_described(fn).__doc__ or "").strip())
 
 
 def _inspect(
@@ -233,7 +250,7 @@ def _inspect(
             f"task {name!r}: a task takes no argument or one (a TaskContext), "
             f"not {len(required)}: {signature}"
         )
-    where = source or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+    where = source or _source(fn)
     keyword = frozenset(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
     takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     int_params: frozenset[str] = frozenset()

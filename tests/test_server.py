@@ -331,6 +331,34 @@ async def test_list_tasks_describes_the_registry(stub, registry) -> None:
     assert by_name["task1"].source == "flowsvc.tasks.builtin:fetch_data"
 
 
+async def test_list_tasks_describes_a_partial_or_a_callable_object_by_what_it_runs(
+    stub, registry
+) -> None:
+    # A functools.partial was described by partial's own docstring, and its source was its
+    # repr, with a memory address; a callable object's source was its repr too.
+    import functools
+
+    def send(ctx: TaskContext, *, region: str) -> TaskResult:
+        """Send to one region."""
+        return TaskResult.success({"region": region})
+
+    class Sender:
+        """Send through a configured client."""
+
+        def __call__(self) -> TaskResult:
+            return TaskResult.success()
+
+    registry.register("send_eu", functools.partial(send, region="eu"))
+    registry.register("sender", Sender())
+    response = await stub.ListTasks(flow_service_pb2.ListTasksRequest(), timeout=10)
+    by_name = {t.name: t for t in response.tasks}
+    assert by_name["send_eu"].description == "Send to one region."
+    assert by_name["send_eu"].source.endswith(".<locals>.send")
+    assert by_name["sender"].description == "Send through a configured client."
+    assert by_name["sender"].source.endswith(".<locals>.Sender")
+    assert " at 0x" not in by_name["send_eu"].source + by_name["sender"].source
+
+
 async def test_reflection_serves_the_options_other_languages_generate_with(server) -> None:
     # A client may generate its SDK from what reflection serves (grpcurl -protoset-out,
     # buf). Without go_package protoc-gen-go refused the files; without
