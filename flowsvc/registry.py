@@ -160,6 +160,39 @@ def _json_problem(value: Any, path: str) -> str | None:
     return f"{path or 'it'} is a {type(value).__name__}, not JSON"
 
 
+#: The JSON Schema type names a flow's params are checked against.
+_JSON_TYPE_NAMES = frozenset(_JSON_TYPES.values())
+
+
+def _schema_problem(schema: Any) -> str | None:
+    """Where a declared params schema stops being one that flowsvc reads (an object;
+    `properties` an object of objects, each `type` a JSON type name or a list of them,
+    each `minimum` a number; `required` a list of names), None when it is. Only what
+    the checks before a flow runs read (see validation._check_against_schema)."""
+    if not isinstance(schema, Mapping):
+        return f"it is a {type(schema).__name__}, not an object"
+    properties = schema.get("properties", {})
+    if not isinstance(properties, Mapping):
+        return f"properties is a {type(properties).__name__}, not an object"
+    for name, prop in properties.items():
+        if not isinstance(prop, Mapping):
+            return f"properties.{name} is a {type(prop).__name__}, not an object"
+        json_type = prop.get("type")
+        names = json_type if isinstance(json_type, list | tuple) else [json_type]
+        if json_type is not None and not all(t in _JSON_TYPE_NAMES for t in names):
+            known = ", ".join(sorted(_JSON_TYPE_NAMES))
+            return f"properties.{name}.type is {json_type!r:.60}, not one of {known} (or a list)"
+        minimum = prop.get("minimum")
+        if minimum is not None and (
+            isinstance(minimum, bool) or not isinstance(minimum, int | float)
+        ):
+            return f"properties.{name}.minimum is {minimum!r:.60}, not a number"
+    required = schema.get("required", [])
+    if not isinstance(required, list | tuple) or not all(isinstance(n, str) for n in required):
+        return f"required is {required!r:.60}, not a list of param names"
+    return None
+
+
 def _is_integer(json_type: Any) -> bool:
     """A schema type that says integer: "integer", or a list holding it (int | None)."""
     return json_type == "integer" or (isinstance(json_type, list) and "integer" in json_type)
@@ -230,6 +263,11 @@ def _inspect(
         problem = _json_problem(params_schema, "")
         if problem:  # ListTasks could not send it, for any task
             raise TaskRegistrationError(f"task {name!r}: its params schema is not JSON: {problem}")
+        problem = _schema_problem(params_schema)
+        if problem:  # every flow using the task would fail to validate, or ListTasks to list
+            raise TaskRegistrationError(
+                f"task {name!r}: its params schema cannot be read: {problem}"
+            )
     if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise TaskRegistrationError(
             f"task {name!r}: {fn!r} is a generator function: called, it returns a "

@@ -495,6 +495,35 @@ def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
         TaskRegistry().register(name, TaskResult.success)
 
 
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        (["a"], "is a list, not an object"),
+        ({"properties": ["a"]}, "properties is a list, not an object"),
+        ({"properties": {"a": "integer"}}, "properties.a is a str, not an object"),
+        ({"properties": {"a": {"type": 5}}}, "properties.a.type is 5"),
+        ({"properties": {"a": {"type": "int"}}}, "properties.a.type is 'int'"),
+        ({"properties": {"a": {"type": ["integer", "nul"]}}}, "properties.a.type is ['integer"),
+        ({"properties": {"a": {"minimum": "3"}}}, "properties.a.minimum is '3', not a number"),
+        ({"required": "ab"}, "required is 'ab', not a list of param names"),
+        ({"required": ["a", 1]}, "required is ['a', 1], not a list of param names"),
+    ],
+)
+def test_a_declared_params_schema_flowsvc_cannot_read_is_refused_when_registered(
+    schema: object, problem: str
+) -> None:
+    # Accepted, such a schema made every flow using the task INTERNAL (a list as
+    # properties, a string as a property, a type that is not a name), or ListTasks
+    # INTERNAL for every client (a list as the schema); a type name flowsvc does not
+    # know ("int") checked nothing, and a string as `required` required each letter.
+    def declared(ctx: TaskContext) -> TaskResult:
+        return TaskResult.success()
+
+    with pytest.raises(TaskRegistrationError, match="its params schema") as info:
+        TaskRegistry().register("declared", declared, params=schema)  # type: ignore[arg-type]
+    assert problem in str(info.value)
+
+
 def test_registry_refuses_tasks_with_two_required_arguments() -> None:
     with pytest.raises(TaskRegistrationError, match="no argument or one"):
         TaskRegistry().register("bad", lambda a, b: None)
