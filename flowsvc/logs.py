@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-#: One encoder for every line (json.dumps with options builds one per call).
-_encode = json.JSONEncoder(default=str).encode
+#: One encoder for every line (json.dumps with options builds one per call). NaN and the
+#: infinities are no JSON (`NaN` in a line is refused by strict parsers): refused here.
+_encode = json.JSONEncoder(default=str, allow_nan=False).encode
 #: The most characters of a traceback a line keeps: its start (where it was raised from)
 #: and its end (the exception's type and text), without what lies between. A task may
 #: raise an exception whose text is megabytes long; its line must stay a line.
@@ -54,7 +55,19 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["traceback"] = _bounded(self.formatException(record.exc_info))
-        return _encode(out)
+        try:
+            return _encode(out)
+        except ValueError:  # a NaN, an infinity or a cycle in an extra field (a task's own)
+            return _encode({key: _encodable(value) for key, value in out.items()})
+
+
+def _encodable(value: Any) -> Any:
+    """`value` if it encodes as JSON, else its text: the line is still written, and JSON."""
+    try:
+        _encode(value)
+    except ValueError:
+        return str(value)
+    return value
 
 
 def _bounded(text: str) -> str:

@@ -137,3 +137,27 @@ def test_a_short_traceback_is_kept_whole(logged) -> None:
         logger.warning("task raised", exc_info=True)
     (line,) = lines(stream)
     assert line["traceback"].endswith("ValueError: short") and "cut" not in line["traceback"]
+
+
+def _strict(line: str) -> dict:
+    """`line` as JSON that any parser reads: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_nan_or_infinity_or_a_cycle_in_an_extra_field_still_makes_a_json_line(logged) -> None:
+    # A task's own line with a float('nan') in `extra` was written as `"ratio": NaN`,
+    # which strict JSON parsers (Go's, jq's, most log pipelines') refuse.
+    logger, stream, handler = logged
+    cycle: list[object] = []
+    cycle.append(cycle)
+    logger.info(
+        "measured", extra={"ratio": float("nan"), "top": [float("-inf")], "loop": cycle, "n": 1}
+    )
+    handler.flush()
+    (line,) = [_strict(text) for text in stream.getvalue().splitlines()]
+    assert (line["msg"], line["ratio"], line["top"], line["n"]) == ("measured", "nan", "[-inf]", 1)
+    assert line["loop"] == "[[...]]"
