@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+#: The fields every line has (beside "traceback", for a line with an exception).
+_OWN = frozenset(("ts", "level", "logger", "msg"))
 #: One encoder for every line (json.dumps with options builds one per call). NaN and the
 #: infinities are no JSON (`NaN` in a line is refused by strict parsers): refused here.
 _encode = json.JSONEncoder(default=str, allow_nan=False).encode
@@ -52,7 +54,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+                # A line's own fields stay its own: a task's extra={"level": "gold"} is kept
+                # beside them, not over them (a pipeline filters on level and reads ts).
+                out[f"extra_{key}" if key in _OWN else key] = value
         if record.exc_info:
             out["traceback"] = _bounded(self.formatException(record.exc_info))
         try:

@@ -161,3 +161,19 @@ def test_a_nan_or_infinity_or_a_cycle_in_an_extra_field_still_makes_a_json_line(
     (line,) = [_strict(text) for text in stream.getvalue().splitlines()]
     assert (line["msg"], line["ratio"], line["top"], line["n"]) == ("measured", "nan", "[-inf]", 1)
     assert line["loop"] == "[[...]]"
+
+
+def test_an_extra_field_named_like_a_line_s_own_does_not_replace_it(logged) -> None:
+    # A task logging extra={"level": "gold", "ts": ...} rewrote the line's own level and
+    # time: a pipeline filtering on level saw "gold", and the line's time was the task's.
+    logger, stream, handler = logged
+    logger.error("member not found", extra={"level": "gold", "ts": "2020-01-01", "logger": "mine"})
+    handler.flush()
+    (line,) = lines(stream)
+    assert (line["level"], line["logger"]) == ("error", logger.name)
+    assert line["ts"] != "2020-01-01"
+    assert (line["extra_level"], line["extra_ts"], line["extra_logger"]) == (
+        "gold",
+        "2020-01-01",
+        "mine",
+    )
