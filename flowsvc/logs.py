@@ -46,12 +46,18 @@ class JsonFormatter(logging.Formatter):
         return f"{self._second_text}.{int((created - second) * 1000):03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            message, args = record.getMessage(), None
+        except Exception:  # its args do not fit its text (a task's "%d" given a string)
+            message, args = str(record.msg), repr(record.args)
         out: dict[str, Any] = {
             "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message,
         }
+        if args is not None:  # the line is still written, with what would not fit
+            out["args"] = args
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 # A line's own fields stay its own: a task's extra={"level": "gold"} is kept

@@ -177,3 +177,13 @@ def test_an_extra_field_named_like_a_line_s_own_does_not_replace_it(logged) -> N
         "2020-01-01",
         "mine",
     )
+
+
+def test_a_message_whose_args_do_not_fit_it_is_still_a_json_line() -> None:
+    # logger.info("%d items", "three") in a task made the formatter raise: logging printed
+    # its multi-line "--- Logging error ---" on stderr, and the line itself was lost.
+    record = logging.makeLogRecord(
+        {"name": "acme", "levelname": "INFO", "msg": "%d items", "args": ("three",), "task": "t"}
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["msg"], line["args"], line["task"]) == ("%d items", "('three',)", "t")
