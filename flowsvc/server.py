@@ -111,11 +111,13 @@ def load_task_modules(
 ) -> None:
     """Add to `registry` the tasks of installed packages (entry-point group
     `flowsvc.tasks`) and of `modules`. An entry point names a TaskRegistry object
-    (`pkg.tasks:registry`) or a module whose @register_task calls fill the default
-    registry; a module in `modules` is of the second kind. Raises TaskModuleError, and
-    TaskRegistrationError for a name registered twice (naming both sources)."""
+    (`pkg.tasks:registry`) or a module, as `modules` do: a module's @register_task
+    calls fill the default registry, and its own TaskRegistry objects are merged.
+    Raises TaskModuleError, and TaskRegistrationError for a name registered twice
+    (naming both sources)."""
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            before = len(default_registry)
             try:
                 loaded = ep.load()
             except (Exception, SystemExit) as exc:  # sys.exit() at import: see below
@@ -125,7 +127,9 @@ def load_task_modules(
                 ) from exc
             if isinstance(loaded, TaskRegistry):
                 registry.merge(loaded)
-            elif not isinstance(loaded, types.ModuleType):
+            elif isinstance(loaded, types.ModuleType):
+                _add_module(loaded, before, registry, f"{ep.name} = {ep.value}")
+            else:
                 raise TaskModuleError(
                     f"entry point {ep.name} = {ep.value} is a {type(loaded).__name__}; "
                     "it must name a module or a flowsvc.TaskRegistry"
@@ -141,28 +145,39 @@ def load_task_modules(
             raise TaskModuleError(
                 f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
             ) from exc
-        # A module that builds its own TaskRegistry (as a task package does for its entry
-        # point) brings that registry's tasks.
-        own = [
-            value
-            for value in vars(module).values()
-            if isinstance(value, TaskRegistry) and value is not default_registry
-        ]
-        for found in own:
-            registry.merge(found)
-        if (
-            not own
-            and len(default_registry) == before
-            and not any(spec.fn.__module__ == name for spec in default_registry)
-        ):
-            log_event(
-                logger,
-                logging.WARNING,
-                "task module registered no tasks",
-                task_module=name,
-                hint="register tasks with @register_task, or define a flowsvc.TaskRegistry",
-            )
+        _add_module(module, before, registry)
     registry.merge(default_registry)
+
+
+def _add_module(
+    module: types.ModuleType, before: int, registry: TaskRegistry, entry_point: str = ""
+) -> None:
+    """Merge the TaskRegistry objects a task module builds (as a task package does for
+    its entry point); warn of a module that brings no task (`before`: the default
+    registry's size before it was imported)."""
+    own = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, TaskRegistry) and value is not default_registry
+    ]
+    for found in own:
+        registry.merge(found)
+    name = module.__name__
+    if (
+        not own
+        and len(default_registry) == before
+        and not any(spec.fn.__module__ == name for spec in default_registry)
+    ):
+        fields: dict[str, Any] = {"task_module": name}
+        if entry_point:  # the installed package's, which the operator did not name
+            fields["entry_point"] = entry_point
+        log_event(
+            logger,
+            logging.WARNING,
+            "task module registered no tasks",
+            hint="register tasks with @register_task, or define a flowsvc.TaskRegistry",
+            **fields,
+        )
 
 
 def _bind_problem(listen: str) -> str | None:

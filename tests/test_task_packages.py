@@ -210,3 +210,61 @@ def test_a_task_module_that_exits_as_it_is_imported_is_named_at_start(tmp_path: 
     )
     assert result.returncode == 2, result
     assert "cannot import task module 'quits_tasks': SystemExit: 3" in result.stderr
+
+
+def _package(root: Path, name: str, entry_point: str, code: str) -> Path:
+    """A task package `name` (module `name_tasks`) whose flowsvc.tasks entry point is
+    `entry_point` and whose module holds `code`."""
+    module = name.replace("-", "_")
+    (root / module).mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["setuptools>=77"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "{name}"
+            version = "0.1.0"
+
+            [project.entry-points."flowsvc.tasks"]
+            {module} = "{entry_point}"
+
+            [tool.setuptools]
+            packages = ["{module}"]
+            """
+        )
+    )
+    (root / module / "__init__.py").write_text(textwrap.dedent(code))
+    return root
+
+
+async def test_an_entry_point_naming_a_module_brings_its_registry_or_is_warned_of(
+    tmp_path: Path,
+) -> None:
+    # An entry point naming the module (`pkg.tasks`, without `:registry`) brought only
+    # its @register_task tasks: those in its TaskRegistry were silently missing, though
+    # --task-modules brings them; and one bringing nothing was not warned of.
+    site = tmp_path / "site"
+    registry_code = """
+        from flowsvc import TaskRegistry, TaskResult
+
+        registry = TaskRegistry()
+
+        @registry.task("in_a_registry")
+        def in_a_registry():
+            return TaskResult.success()
+        """
+    pip_install(_package(tmp_path / "a", "reg-tasks", "reg_tasks", registry_code), site, tmp_path)
+    pip_install(_package(tmp_path / "b", "none-tasks", "none_tasks", "X = 1\n"), site, tmp_path)
+    with server_process(tmp_path, env={"PYTHONPATH": str(site)}) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            names = {t.name for t in (await stub.ListTasks(pb.ListTasksRequest())).tasks}
+            assert "in_a_registry" in names
+        warned = [
+            line for line in srv.log_lines() if line["msg"] == "task module registered no tasks"
+        ]
+        assert [line["task_module"] for line in warned] == ["none_tasks"]
+        assert warned[0]["entry_point"] == "none_tasks = none_tasks"
