@@ -1000,6 +1000,16 @@ class ExecutionManager:
         on_commit = run.on_commit
         flow_id = run.flow_id
         metrics = self.metrics
+        if metrics is not None:
+            # Counted once committed, as the clients see it: an event whose commit failed
+            # (the execution is recorded INTERRUPTED) is not counted, its finish least.
+            count = metrics.event
+
+            def on_commit(event: Event, error: BaseException | None) -> None:
+                run.on_commit(event, error)
+                if run.error is None:  # published
+                    count(event)
+
         try:
             events = self.engine.events(plan, flow_input, flow_id, run.stop)
             try:
@@ -1007,8 +1017,6 @@ class ExecutionManager:
                     sequence += 1
                     run.unpublished += 1
                     append(flow_id, sequence, event, on_commit)
-                    if metrics is not None:
-                        metrics.event(event)
                     if run.unpublished > MAX_UNCOMMITTED:
                         await run.commits_down_to(MAX_UNCOMMITTED // 2)
                     elif not sequence % EVENTS_PER_TURN:

@@ -122,6 +122,43 @@ async def test_a_running_execution_is_in_flight_and_a_cut_off_one_ends_interrupt
     assert set(ended) <= {(("status", "cancelled"),), (("status", "interrupted"),)}
 
 
+async def test_an_execution_a_store_failure_cut_off_ends_interrupted_not_as_its_engine_said(
+    registry, tmp_path: Path
+) -> None:
+    # Events were counted as they were queued for commit: a flow whose result did not fit
+    # under --db-max-bytes was counted ended succeeded, while its record said INTERRUPTED
+    # and its caller was told UNAVAILABLE.
+    @registry.task("too_large")
+    async def too_large() -> TaskResult:
+        return TaskResult.success({"pad": "x" * 400_000})
+
+    settings = Settings(
+        listen="127.0.0.1:0",
+        db=str(tmp_path / "full.db"),
+        db_max_bytes=300_000,
+        metrics_listen="127.0.0.1:0",
+    )
+    server = await build_server(settings, registry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("too_large")), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.to_thread(wait_until, lambda: server.manager.store_healthy)
+            (record,) = (await stub.ListExecutions(pb.ListExecutionsRequest())).executions
+            assert record.status == flow_pb2.FLOW_STATUS_INTERRUPTED
+        found = samples(await asyncio.to_thread(scrape, server.metrics_endpoint.port))
+    finally:
+        await server.shutdown(grace=0)
+    ended = {k[1]: v for k, v in found.items() if k[0] == "flowsvc_executions_ended_total"}
+    assert ended == {(("status", "interrupted"),): 1}
+    assert found[("flowsvc_executions_started_total", ())] == 1
+    assert found[("flowsvc_execution_duration_seconds_count", ())] == 1
+    attempts = [k for k in found if k[0] == "flowsvc_task_attempts_total"]
+    assert attempts == []  # its one attempt's result was never committed
+
+
 def metrics_port(srv) -> int:
     """The port of a `flowsvc serve` subprocess's metrics, from the line it prints."""
     line = wait_until(lambda: _metrics_line(srv.log_path))
