@@ -235,6 +235,8 @@ class MetricsEndpoint:
         self.metrics = metrics
         self._server: asyncio.Server | None = None
         self.port = 0
+        #: The connections being answered, with the tasks answering them.
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
 
     async def start(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -245,12 +247,24 @@ class MetricsEndpoint:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening, and end the connections still open (a scraper sending its
+        request slowly, or not reading the answer): left open, their tasks were cancelled
+        as the event loop closed, and asyncio logged an ERROR with a traceback for each;
+        on Python 3.12 and later, wait_closed() also waited for them (up to
+        REQUEST_TIMEOUT_SECONDS, or for ever for a scraper that does not read)."""
         if self._server is not None:
             self._server.close()
+            for writer in self._open:
+                writer.transport.abort()  # its task ends on the lost connection
+            if self._open:
+                await asyncio.wait(self._open.values(), timeout=1.0)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[writer] = task
         try:
             try:
                 head = await asyncio.wait_for(
@@ -273,6 +287,7 @@ class MetricsEndpoint:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._open.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

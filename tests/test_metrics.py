@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -201,6 +202,27 @@ def test_the_address_is_printed_and_a_busy_port_refuses_to_start(tmp_path: Path)
     assert busy.returncode == 2, busy.stderr
     assert f"cannot listen on --metrics-listen 127.0.0.1:{port}: " in busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+def test_a_scrape_connection_open_at_shutdown_neither_logs_a_traceback_nor_holds_the_exit(
+    tmp_path: Path,
+) -> None:
+    # Its task was cancelled as the event loop closed, and asyncio logged an ERROR with a
+    # CancelledError traceback for it (on Python 3.12 and later, the exit also waited for
+    # it: up to 10 s for one that sends nothing).
+    with server_process(tmp_path, "--db", ":memory:", "--metrics-listen", "127.0.0.1:0") as srv:
+        port = metrics_port(srv)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10),
+            socket.create_connection(("127.0.0.1", port), timeout=10) as half,
+        ):
+            half.sendall(b"GET /metrics HTTP/1.1\r\n")
+            assert "flowsvc_rpcs_total" in scrape(port)  # both have been taken
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(timeout=30) == 0
+    log = srv.log_path.read_text()
+    assert '"msg": "stopped"' in log
+    assert "Traceback" not in log and "Exception in callback" not in log, log
 
 
 @pytest.mark.parametrize("value", ["unix:/tmp/m.sock", "9464", "::1:9464", "h:70000"])
