@@ -67,16 +67,25 @@ class JsonFormatter(logging.Formatter):
             out["traceback"] = _bounded(self.formatException(record.exc_info))
         try:
             return _encode(out)
-        except ValueError:  # a NaN, an infinity or a cycle in an extra field (a task's own)
+        except _UNENCODABLE:  # in an extra field (a task's own): see _encodable
             return _encode({key: _encodable(value) for key, value in out.items()})
+
+
+#: What JSON refuses in a value: NaN, an infinity or a cycle (ValueError), a dict key that
+#: is not a string, number, bool or None (TypeError), a nesting deeper than Python's
+#: recursion limit (RecursionError).
+_UNENCODABLE = (ValueError, TypeError, RecursionError)
 
 
 def _encodable(value: Any) -> Any:
     """`value` if it encodes as JSON, else its text: the line is still written, and JSON."""
     try:
         _encode(value)
-    except ValueError:
-        return str(value)
+    except _UNENCODABLE:
+        try:
+            return str(value)
+        except Exception:  # its text is too deep as well, or its __str__ raises
+            return f"<{type(value).__name__} that cannot be written>"
     return value
 
 
@@ -114,7 +123,12 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         # Whatever goes wrong here (a closed or broken stderr) is logging's to report, as
         # StreamHandler does: never the error of the code that logged.
         try:
-            self._lines.append(self.format(record) + self.terminator)
+            line = self.format(record) + self.terminator
+        except Exception:  # this line only: the lines waiting before it are still written
+            self.handleError(record)
+            return
+        try:
+            self._lines.append(line)
             if len(self._lines) >= self.BATCH_LINES or record.levelno >= logging.WARNING:
                 self._write()
             elif not self._armed.is_set():

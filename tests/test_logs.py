@@ -187,3 +187,54 @@ def test_a_message_whose_args_do_not_fit_it_is_still_a_json_line() -> None:
     )
     line = json.loads(JsonFormatter().format(record))
     assert (line["msg"], line["args"], line["task"]) == ("%d items", "('three',)", "t")
+
+
+def test_a_non_string_key_or_a_deep_nesting_in_an_extra_field_still_makes_a_json_line(
+    logged, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A task's extra={"pairs": {("a", "b"): 2}} (TypeError) or a structure nested past the
+    # recursion limit (RecursionError) lost its line, with a '--- Logging error ---'
+    # dump on stderr, and the emit's clean-up dropped the lines waiting to be written
+    # before it: the INFO lines of every other flow of the last 0.1 s.
+    logger, stream, handler = logged
+    for n in range(3):
+        logger.info("before %d", n)
+    deep: list[object] = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    logger.info("counted", extra={"pairs": {("a", "b"): 2}, "n": 1})
+    logger.info("walked", extra={"tree": deep})
+    handler.flush()
+    written = [_strict(text) for text in stream.getvalue().splitlines()]
+    assert [line["msg"] for line in written] == [
+        "before 0",
+        "before 1",
+        "before 2",
+        "counted",
+        "walked",
+    ]
+    assert (written[3]["pairs"], written[3]["n"]) == ("{('a', 'b'): 2}", 1)
+    assert written[4]["tree"] == "<list that cannot be written>"
+    assert "Logging error" not in capsys.readouterr().err
+
+
+def test_a_line_that_cannot_be_formatted_does_not_take_the_waiting_lines_with_it(
+    logged, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger, stream, handler = logged
+
+    class Broken(JsonFormatter):
+        def format(self, record: logging.LogRecord) -> str:
+            if record.msg == "broken":
+                raise RuntimeError("cannot format")
+            return super().format(record)
+
+    handler.setFormatter(Broken())
+    logger.info("kept 1")
+    logger.info("broken")
+    logger.info("kept 2")
+    handler.flush()
+    assert [line["msg"] for line in lines(stream)] == ["kept 1", "kept 2"]
+    assert "cannot format" in capsys.readouterr().err  # logging's own report of it
