@@ -179,7 +179,11 @@ def _schema_problem(schema: Any) -> str | None:
             return f"properties.{name} is a {type(prop).__name__}, not an object"
         json_type = prop.get("type")
         names = json_type if isinstance(json_type, list | tuple) else [json_type]
-        if json_type is not None and not all(t in _JSON_TYPE_NAMES for t in names):
+        # A dict or a list among them (a JSON Schema "type": {"anyOf": ...}) is no name,
+        # and cannot be looked up in the set: TypeError, blamed on the task's module.
+        if json_type is not None and not all(
+            isinstance(t, str) and t in _JSON_TYPE_NAMES for t in names
+        ):
             known = ", ".join(sorted(_JSON_TYPE_NAMES))
             return f"properties.{name}.type is {json_type!r:.60}, not one of {known} (or a list)"
         minimum = prop.get("minimum")

@@ -504,6 +504,8 @@ def test_registry_refuses_names_no_flow_could_use(name: str) -> None:
         ({"properties": {"a": {"type": 5}}}, "properties.a.type is 5"),
         ({"properties": {"a": {"type": "int"}}}, "properties.a.type is 'int'"),
         ({"properties": {"a": {"type": ["integer", "nul"]}}}, "properties.a.type is ['integer"),
+        ({"properties": {"a": {"type": {"anyOf": ["string"]}}}}, "properties.a.type is {'anyOf"),
+        ({"properties": {"a": {"type": ["string", ["null"]]}}}, "properties.a.type is ['string"),
         ({"properties": {"a": {"minimum": "3"}}}, "properties.a.minimum is '3', not a number"),
         ({"required": "ab"}, "required is 'ab', not a list of param names"),
         ({"required": ["a", 1]}, "required is ['a', 1], not a list of param names"),
