@@ -6,8 +6,9 @@ already exist elsewhere (executions in flight, the store's health and commits, t
 process's CPU and memory) are read when a scrape comes, not kept up to date.
 
 The endpoint is plain HTTP/1.1 on an address of its own, `GET /metrics` in Prometheus'
-text format (0.0.4); it shares the event loop, and a scrape of a busy server costs well
-under a millisecond of it. No TLS and no authentication: bind it where only the scraper
+text format (0.0.4); it shares the event loop. A scrape costs it about 30 us for each
+task name that has run (its histogram's lines): under a millisecond for a few dozen
+tasks, 60 ms for 2,000. No TLS and no authentication: bind it where only the scraper
 reaches (the pod's network, 127.0.0.1 behind an agent).
 """
 
@@ -46,8 +47,8 @@ class Histogram:
 
 
 class Metrics:
-    """What one server counts. `gauges` are read at each scrape: (name, help, read),
-    read() giving a number or {labels: number}."""
+    """What one server counts. `read_at_scrape` are figures kept elsewhere: (name, help,
+    type, read), read() giving a number or {labels: number}."""
 
     def __init__(self) -> None:
         self.started_at = time.time()
@@ -58,7 +59,7 @@ class Metrics:
         self.task_seconds: dict[str, Histogram] = {}  # by task
         self.rpcs: dict[str, int] = {}  # by method
         self.rpc_errors: dict[tuple[str, str], int] = {}  # by (method, reason)
-        self.gauges: list[tuple[str, str, Callable[[], Any]]] = []
+        self.read_at_scrape: list[tuple[str, str, str, Callable[[], Any]]] = []
         self._begun: dict[str, float] = {}  # flow_id -> its started event's time
 
     # -- counted as it happens ----------------------------------------------------------
@@ -142,13 +143,13 @@ class Metrics:
             "(the ErrorInfo reason; a client's own deadline or cancel is not counted).",
             [((("method", m), ("reason", r)), n) for (m, r), n in sorted(self.rpc_errors.items())],
         )
-        gauge = _Family(out, "gauge")
-        for name, text, read in self.gauges:
+        for name, text, kind, read in self.read_at_scrape:
             value = read()
+            family = _Family(out, kind)
             if isinstance(value, dict):
-                gauge(name, text, sorted(value.items()))
+                family(name, text, sorted(value.items()))
             else:
-                gauge(name, text, [((), value)])
+                family(name, text, [((), value)])
         _process(out, self.started_at)
         return "".join(out)
 
@@ -267,9 +268,7 @@ class MetricsEndpoint:
         self._open[writer] = task
         try:
             try:
-                head = await asyncio.wait_for(
-                    reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS
-                )
+                head = await asyncio.wait_for(_request_head(reader), REQUEST_TIMEOUT_SECONDS)
             except (asyncio.LimitOverrunError, ValueError):
                 await _reply(writer, 431, "request header fields too large\n")
                 return
@@ -291,6 +290,20 @@ class MetricsEndpoint:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+async def _request_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers, up to the empty line that ends them: CRLF as HTTP
+    says, or a bare LF, as RFC 9112 lets a server take (nc, hand-written probes).
+    ValueError past MAX_REQUEST_BYTES."""
+    head = b""
+    while True:
+        line = await reader.readuntil(b"\n")
+        head += line
+        if len(head) > MAX_REQUEST_BYTES:
+            raise ValueError("request head too large")
+        if line in (b"\r\n", b"\n"):
+            return head
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}

@@ -736,28 +736,41 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
 async def _serve_metrics(
     listen: str, metrics: Metrics, manager: ExecutionManager
 ) -> MetricsEndpoint:
-    """The metrics endpoint, listening, with the gauges read at each scrape."""
-    metrics.gauges.append(
-        ("flowsvc_executions_in_flight", "Executions running now.", lambda: manager.in_flight)
+    """The metrics endpoint, listening, with the figures read at each scrape."""
+    read = metrics.read_at_scrape
+    read.append(
+        (
+            "flowsvc_executions_in_flight",
+            "Executions running now.",
+            "gauge",
+            lambda: manager.in_flight,
+        )
     )
-    metrics.gauges.append(
+    read.append(
         (
             "flowsvc_store_healthy",
             "1 while the execution store can write, else 0 (health is NOT_SERVING).",
+            "gauge",
             lambda: manager.store_healthy,
         )
     )
     store = manager.store
     if isinstance(store, SQLiteStore):
-        metrics.gauges.append(
+        read.append(
             (
-                "flowsvc_store_commits",
+                "flowsvc_store_commits_total",
                 "Transactions the SQLite store has committed (each a batch of jobs).",
+                "counter",
                 lambda: store.commits,
             )
         )
-        metrics.gauges.append(
-            ("flowsvc_store_jobs", "Jobs the SQLite store has run.", lambda: store.jobs)
+        read.append(
+            (
+                "flowsvc_store_jobs_total",
+                "Jobs the SQLite store has run.",
+                "counter",
+                lambda: store.jobs,
+            )
         )
     endpoint = MetricsEndpoint(metrics)
     try:

@@ -109,8 +109,8 @@ async def test_a_running_execution_is_in_flight_and_a_cut_off_one_ends_interrupt
             assert (await call.read()).WhichOneof("event") == "started"
             found = samples(await asyncio.to_thread(scrape, port))
             assert found[("flowsvc_executions_in_flight", ())] == 1
-            assert found[("flowsvc_store_commits", ())] >= 1  # SQLite's own figures
-            assert found[("flowsvc_store_jobs", ())] >= 2
+            assert found[("flowsvc_store_commits_total", ())] >= 1  # SQLite's own figures
+            assert found[("flowsvc_store_jobs_total", ())] >= 2
             server.manager.stop_all("the test stops it")
             await server.manager.cut_off(wait=0)
             call.cancel()
@@ -182,6 +182,11 @@ def test_other_paths_and_methods_are_refused(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             raw.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n")
             assert raw.recv(100).startswith(b"HTTP/1.1 431 ")
+        # Lines ended by a bare LF (nc, a hand-written probe) are taken too: before, no
+        # answer came until the 10 s request timeout closed the connection.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET /metrics HTTP/1.0\nHost: x\n\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 200 ")
         # A silent or half-sent request does not hold the server: others still scrape.
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             assert "flowsvc_rpcs_total" in scrape(port)
