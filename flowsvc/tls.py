@@ -190,13 +190,15 @@ def _element(der: bytes, at: int) -> tuple[int, int, int]:
 def _dotted(oid: bytes | None) -> str:
     """An OBJECT IDENTIFIER's content, in its dotted form ("1.3.101.113")."""
     if not oid:
-        return "(none)"
+        return "(not named: explicit parameters)"
     numbers, value = [], 0
     for byte in oid:
         value = value << 7 | byte & 0x7F
         if not byte & 0x80:
             numbers.append(value)
             value = 0
+    if not numbers:  # every byte says "more follows": not an OID, shown as its bytes
+        return oid.hex()
     first = min(numbers[0] // 40, 2)
     return ".".join(map(str, [first, numbers[0] - 40 * first, *numbers[1:]]))
 

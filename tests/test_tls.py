@@ -428,3 +428,13 @@ def test_the_probe_checks_health_over_mutual_tls(mutual_server) -> None:
     ):
         bad = probe(*args)
         assert bad.returncode == 2 and str(junk) in bad.stderr, (args, bad)
+
+
+def test_an_algorithm_identifier_that_is_no_oid_is_named_by_its_bytes() -> None:
+    """White-box: the DER reader names a key's algorithm from its OID; bytes that never end
+    an OID (every one 0x80 or more) raised IndexError (p57), now shown as they are."""
+    from flowsvc.tls import _dotted
+
+    assert _dotted(bytes.fromhex("2b6571")) == "1.3.101.113"  # Ed448
+    assert _dotted(bytes.fromhex("8182")) == "8182"
+    assert _dotted(None) == "(not named: explicit parameters)"
