@@ -47,7 +47,7 @@ class ServerTLS:
         except OSError as exc:
             raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
         self._config = self._load()
-        self._refused: tuple[tuple[int, int, int], ...] | None = None
+        self._refused: tuple[tuple[int, int, int, int], ...] | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -56,13 +56,14 @@ class ServerTLS:
             require_client_authentication=bool(self.client_ca),
         )
 
-    def _stamps(self) -> tuple[tuple[int, int, int], ...]:
+    def _stamps(self) -> tuple[tuple[int, int, int, int], ...]:
         """What tells a changed file: its inode (a file renamed over it, as Kubernetes
-        does for a mounted secret), its size and its modification time."""
+        does for a mounted secret), its size, its modification time and its status change
+        time (a chmod or chown: a file the server could not read may be readable now)."""
         stamps = []
         for path in self._paths:
             found = os.stat(path)
-            stamps.append((found.st_ino, found.st_size, found.st_mtime_ns))
+            stamps.append((found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
         return tuple(stamps)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:

@@ -245,6 +245,42 @@ async def test_a_renewal_with_a_key_grpc_cannot_serve_with_is_not_taken(
         assert "an Ed448 key" in getattr(taken, "error", ""), caplog.text
 
 
+async def test_a_renewal_the_server_could_not_read_is_taken_once_it_can(
+    pki, registry, caplog, monkeypatch
+) -> None:
+    """A renewal job that writes the key unreadable by the server's user (root's, mode
+    0600) is refused; once the operator fixes it (chown, chmod: only the file's status
+    change time moves), new connections get the new certificate without a restart."""
+    caplog.set_level(logging.INFO, logger="flowsvc.tls")
+    read_bytes = Path.read_bytes
+
+    def as_another_user(path: Path) -> bytes:
+        # The tests may run as root, who reads any file: a file of mode 0 stands for one
+        # the server's user may not read.
+        if path.stat().st_mode & 0o777 == 0:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", as_another_user)
+    cert, key = pki["ca"].issue("server")
+    async with tls_server(tls_settings(cert, key), registry) as server:
+        new_cert, new_key = pki["other"].issue("renewed")
+        new_key.chmod(0)
+        os.replace(new_cert, cert)
+        os.replace(new_key, key)
+        async with channel(server.port, pki["other"].pem) as chan:
+            assert (await refused(chan)).code() == grpc.StatusCode.UNAVAILABLE
+        errors = [getattr(r, "error", "") for r in caplog.records]
+        assert any("Permission denied" in error for error in errors), errors
+
+        changed = key.stat().st_ctime_ns
+        # The file system's clock ticks coarsely: chmod until the status change time moves.
+        wait_until(lambda: key.chmod(0o600) or key.stat().st_ctime_ns != changed)
+        async with channel(server.port, pki["other"].pem) as chan:
+            assert (await execute(chan)).status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        assert any("reloaded" in r.getMessage() for r in caplog.records), caplog.text
+
+
 # -- settings and start-up errors -------------------------------------------------------
 
 
