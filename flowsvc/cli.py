@@ -30,6 +30,7 @@ from typing import Any, NoReturn, TypeVar
 from flowmanager.v1 import flow_service_pb2 as pb
 from google.protobuf import json_format
 
+import flowsvc.grpc_env  # noqa: F401  (before grpc is imported: see its docstring)
 from flowsvc import config, convert, logs
 from flowsvc.engine import FlowEngine, StopHandle
 from flowsvc.errors import FlowsvcError, FlowValidationError, InvalidArgumentError

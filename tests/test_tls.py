@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -388,6 +389,33 @@ def mutual_server(tmp_path, pki) -> Iterator[tuple[dict[str, Path], int]]:
         )
         assert started["tls"] == "mutual", started
         yield {"ca": pki["ca"].pem, "cert": client_cert, "key": client_key}, server.port
+
+
+def test_failed_handshakes_leave_the_log_json(tmp_path, pki, monkeypatch) -> None:
+    """A plaintext client on the TLS port (a probe, a scanner): gRPC's C core logged a line
+    of its own format on stderr for each failed handshake, among the server's JSON lines."""
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    cert, key = pki["ca"].issue("server")
+    args = ("--db", ":memory:", "--tls-cert", str(cert), "--tls-key", str(key))
+    with server_process(tmp_path, *args) as server:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as plain:
+                plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                while plain.recv(4096):  # until the server closes the connection
+                    pass
+        probed = subprocess.run(
+            [sys.executable, "-m", "flowsvc", "probe", "--address", server.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert probed.returncode == 1, probed
+        wait_until(lambda: any(line.get("msg") == "server started" for line in server.log_lines()))
+    lines = server.log_path.read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == [
+        f"flowsvc: serving on 127.0.0.1:{server.port}"
+    ], lines
 
 
 #: The README's command, verbatim (HOST:PORT: the server's address); run in the folder of

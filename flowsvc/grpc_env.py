@@ -1,0 +1,13 @@
+"""gRPC's C core logs on stderr by itself, in its own format: a line such as `I1126
+08:35:59 ssl_transport_security.cc:2563] Handshake failed ...` for every failed TLS
+handshake (a plaintext client, a port scanner, a client of another CA), in among the
+server's JSON lines. The core reads GRPC_VERBOSITY once, when grpc is imported: the
+command line imports this module before anything that imports grpc, so that only the
+core's errors reach stderr, unless GRPC_VERBOSITY is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
