@@ -26,6 +26,15 @@ from flowsvc.logs import event as log_event
 logger = logging.getLogger("flowsvc.tls")
 
 
+#: A PEM certificate, and a PEM private key of any kind (PKCS#8, PKCS#1, SEC1, encrypted).
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+#: OpenSSL's reasons for a key that is not the certificate's: of the same type
+#: (KEY_VALUES_MISMATCH) or of another (an RSA key for an EC certificate).
+_NOT_ITS_KEY = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
+
+
 class _EncryptedKey(Exception):
     pass
 
@@ -208,6 +217,19 @@ def check_pair(cert: str, key: str, *, server: bool) -> None:
     """ValueError, naming the files and what is wrong, unless `cert` is a PEM certificate
     (chain) and `key` its unencrypted private key: checked with the ssl module, which
     says what is wrong, where gRPC would only fail each handshake."""
+    try:
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    # OpenSSL says only "PEM lib" of a file without the block it looks for: said here.
+    if _CERTIFICATE not in cert_pem:
+        raise ValueError(
+            f"--tls-cert {cert} holds no PEM certificate (no {_CERTIFICATE.decode()} block)"
+        )
+    if not _PRIVATE_KEY.search(key_pem):
+        raise ValueError(
+            f"--tls-key {key} holds no PEM private key (no -----BEGIN ... PRIVATE KEY----- block)"
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_cert_chain(cert, key, password=_no_password)
@@ -216,6 +238,11 @@ def check_pair(cert: str, key: str, *, server: bool) -> None:
             f"--tls-key {key} is encrypted: give the key unencrypted (readable by its user only)"
         ) from None
     except (ssl.SSLError, OSError) as exc:
+        if getattr(exc, "reason", None) in _NOT_ITS_KEY:
+            raise ValueError(
+                f"--tls-key {key} is not the key of the first certificate in --tls-cert "
+                f"{cert} (the one served, which comes before its intermediates)"
+            ) from None
         raise ValueError(
             f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its "
             f"private key: {_reason(exc)}"

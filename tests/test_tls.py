@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,7 +45,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
+def _key_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, password: bytes | None = None
+) -> bytes:
     encryption = (
         serialization.BestAvailableEncryption(password)
         if password
@@ -294,7 +297,7 @@ async def test_a_renewal_the_server_could_not_read_is_taken_once_it_can(
     ],
 )
 def test_tls_settings_that_do_not_go_together_are_refused(variables, message) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         config.from_sources({}, variables)
 
 
@@ -311,10 +314,16 @@ def _bad_files(tmp_path: Path, pki: dict[str, CA], case: str) -> tuple[Settings,
     if case == "not a certificate":
         junk = tmp_path / "junk.pem"
         junk.write_text("not a certificate\n")
-        return tls_settings(junk, key), "are not a PEM certificate chain and its private key"
+        return tls_settings(junk, key), f"--tls-cert {junk} holds no PEM certificate"
+    if case == "no key in the key file":
+        return tls_settings(cert, cert), f"--tls-key {cert} holds no PEM private key"
     if case == "key of another certificate":
         _, other_key = pki["other"].issue("other")
-        return tls_settings(cert, other_key), "are not a PEM certificate chain and its private"
+        return tls_settings(cert, other_key), f"--tls-key {other_key} is not the key of the"
+    if case == "key of another type":
+        rsa_key = tmp_path / "rsa.key"
+        rsa_key.write_bytes(_key_pem(rsa.generate_private_key(65537, 2048)))
+        return tls_settings(cert, rsa_key), f"--tls-key {rsa_key} is not the key of the"
     if case == "key gRPC cannot serve with":
         # OpenSSL takes a brainpool key, gRPC's TLS (BoringSSL) does not.
         return (
@@ -337,8 +346,10 @@ def _bad_files(tmp_path: Path, pki: dict[str, CA], case: str) -> tuple[Settings,
 CASES = [
     "missing",
     "not a certificate",
+    "no key in the key file",
     "key of another certificate",
     "truncated certificate",
+    "key of another type",
     "encrypted key",
     "key gRPC cannot serve with",
     "client CA not a certificate",
@@ -348,7 +359,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 async def test_bad_tls_files_refuse_to_start_saying_which(tmp_path, pki, registry, case) -> None:
     settings, message = _bad_files(tmp_path, pki, case)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         await build_server(settings, registry)
 
 
