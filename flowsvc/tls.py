@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import ssl
+import stat
 import threading
 from pathlib import Path
 
@@ -80,6 +81,15 @@ class ServerTLS:
         what is wrong; gRPC would only fail each handshake). ValueError if they do not
         check out, or change while they are read."""
         try:
+            for path in self._paths:
+                # A pipe (a named one, or bash's <(...)) would block the read until a
+                # writer comes, and could be read only once: the files are read again.
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                    raise ValueError(
+                        f"{path} is not a regular file (a pipe, a socket or a device): the "
+                        "server reads it at start and again whenever it changes"
+                    )
             cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
             client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         except OSError as exc:

@@ -383,6 +383,25 @@ def test_flowsvc_serve_with_a_bad_key_exits_with_the_reason(tmp_path, pki) -> No
     assert "Traceback" not in result.stderr
 
 
+def test_a_pipe_for_a_tls_file_refuses_to_start_instead_of_hanging(tmp_path, pki) -> None:
+    """A named pipe (or bash's <(...)) has no writer: reading it blocked the server's
+    start for ever, deaf to SIGTERM."""
+    cert, _ = pki["ca"].issue("server")
+    pipe = tmp_path / "key.pipe"
+    os.mkfifo(pipe)
+    argv = [sys.executable, "-m", "flowsvc", "serve", "--listen", "127.0.0.1:0", "--db", ":memory:"]
+    result = subprocess.run(
+        [*argv, "--tls-cert", str(cert), "--tls-key", str(pipe)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{pipe} is not a regular file" in result.stderr
+
+
 # -- grpcurl and the probe, against `flowsvc serve` ------------------------------------
 
 
