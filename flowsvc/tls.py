@@ -36,6 +36,11 @@ _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 _NOT_ITS_KEY = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
 
 
+#: OpenSSL's verify codes for a certificate a client refuses whoever it trusts: not yet
+#: valid (9), expired (10), not for a server (26: its extended key usage lacks serverAuth).
+_REFUSED_BY_CLIENTS = frozenset({9, 10, 26})
+
+
 class _EncryptedKey(Exception):
     pass
 
@@ -106,6 +111,18 @@ class ServerTLS:
             check_cas(self.client_ca, "--tls-client-ca")
         if self._stamps() != self._stamp:
             raise ValueError("the files changed while they were read")
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(self.cert, self.key)  # checked by check_pair above
+        if refused := _refused_by_clients(server, self.cert):
+            # Served all the same (the server's clock may be the one that is wrong), but
+            # every handshake will fail on the client's side, where the server sees nothing.
+            log_event(
+                logger,
+                logging.WARNING,
+                "clients will refuse the TLS certificate",
+                cert=self.cert,
+                reason=refused,
+            )
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -267,6 +284,37 @@ def check_cas(path: str, flag: str) -> None:
         raise ValueError(
             f"{flag} {path} is not a PEM file of CA certificates: {_reason(exc)}"
         ) from None
+
+
+def _refused_by_clients(server: ssl.SSLContext, cert: str) -> str | None:
+    """Why any client refuses the first certificate of `server`'s chain (OpenSSL's words:
+    "certificate has expired", "certificate is not yet valid", "unsupported certificate
+    purpose"), or None. The ssl module reads no certificate's dates: this is a handshake
+    in memory with a client that trusts the certificate file itself."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False  # the names the clients use are not known here
+    client.load_verify_locations(cafile=cert)
+    client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate is its own anchor
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_side = server.wrap_bio(to_server, to_client, server_side=True)
+    client_side = client.wrap_bio(to_client, to_server)
+    for _ in range(4):  # the client sees the certificate in the server's first answer
+        try:
+            client_side.do_handshake()
+            return None
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLCertVerificationError as exc:
+            return exc.verify_message if exc.verify_code in _REFUSED_BY_CLIENTS else None
+        except ssl.SSLError:
+            return None
+        try:
+            server_side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            return None
+    return None
 
 
 def _reason(exc: BaseException) -> str:

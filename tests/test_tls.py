@@ -82,26 +82,33 @@ class CA:
         self.pem.write_bytes(_cert_pem(self.cert))
 
     @staticmethod
-    def _builder(subject: x509.Name, public_key) -> x509.CertificateBuilder:
+    def _builder(
+        subject: x509.Name, public_key, since: datetime.datetime = NOW
+    ) -> x509.CertificateBuilder:
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(hours=1))
-            .not_valid_after(NOW + datetime.timedelta(days=1))
+            .not_valid_before(since - datetime.timedelta(hours=1))
+            .not_valid_after(since + datetime.timedelta(days=1))
         )
 
     def issue(
-        self, name: str, *, server: bool = True, key: ec.EllipticCurvePrivateKey | None = None
+        self,
+        name: str,
+        *,
+        server: bool = True,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        since: datetime.datetime = NOW,
     ) -> tuple[Path, Path]:
         """A certificate (for localhost and 127.0.0.1 if `server`) and its key (a new P-256
-        one unless given): their files."""
+        one unless given): their files. Valid from an hour before `since` to a day after it."""
         key = key or _key()
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             self._builder(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key()
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), since
             )
             .issuer_name(self.cert.subject)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -283,6 +290,36 @@ async def test_a_renewal_the_server_could_not_read_is_taken_once_it_can(
         async with channel(server.port, pki["other"].pem) as chan:
             assert (await execute(chan)).status == flow_pb2.FLOW_STATUS_SUCCEEDED
         assert any("reloaded" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize(
+    ("issued", "reason"),
+    [
+        ({"since": NOW - datetime.timedelta(days=3)}, "certificate has expired"),
+        ({"since": NOW + datetime.timedelta(days=3)}, "certificate is not yet valid"),
+        ({"server": False}, "unsuitable certificate purpose"),  # a client's certificate
+    ],
+)
+async def test_a_certificate_every_client_refuses_is_logged(
+    pki, registry, caplog, issued, reason
+) -> None:
+    """Served all the same (the server's clock may be wrong), but said: every handshake
+    fails on the client's side, where the server sees nothing."""
+    caplog.set_level(logging.INFO, logger="flowsvc.tls")
+    cert, key = pki["ca"].issue("server", **issued)
+    async with tls_server(tls_settings(cert, key), registry) as server:
+        (warned,) = [r for r in caplog.records if r.getMessage().startswith("clients will refuse")]
+        assert (warned.levelno, warned.reason, warned.cert) == (logging.WARNING, reason, str(cert))
+        async with channel(server.port, pki["ca"].pem) as chan:
+            assert (await refused(chan)).code() == grpc.StatusCode.UNAVAILABLE
+
+        # Renewed with a good one: taken, and nothing more to say.
+        good_cert, good_key = pki["ca"].issue("renewed")
+        os.replace(good_key, key)
+        os.replace(good_cert, cert)
+        async with channel(server.port, pki["ca"].pem) as chan:
+            assert (await execute(chan)).status == flow_pb2.FLOW_STATUS_SUCCEEDED
+    assert len([r for r in caplog.records if "clients will refuse" in r.getMessage()]) == 1
 
 
 # -- settings and start-up errors -------------------------------------------------------
