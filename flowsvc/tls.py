@@ -268,7 +268,7 @@ def check_pair(cert: str, key: str, *, server: bool) -> None:
         if getattr(exc, "reason", None) in _NOT_ITS_KEY:
             raise ValueError(
                 f"--tls-key {key} is not the key of the first certificate in --tls-cert "
-                f"{cert} (the one served, which comes before its intermediates)"
+                f"{cert} (the one presented, which comes before its intermediates)"
             ) from None
         raise ValueError(
             f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its "
