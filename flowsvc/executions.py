@@ -307,12 +307,12 @@ class Attachment(NamedTuple):
     ended: AsyncIterator[tuple[int, Event]] | None = None
 
 
-def _cancelled_as_caller_left(record: ExecutionRecord) -> bool:
+def _cancelled_as_caller_left(record: ExecutionRecord) -> re.Match[str] | None:
     """The execution was cancelled because every caller went away (its message ends with
-    the reason the engine was given: see release)."""
-    return record.status is FlowStatus.CANCELLED and bool(
-        _ENDS_AS_CALLER_LEFT.search(record.message)
-    )
+    the reason the engine was given: see release): the match of that reason, else None."""
+    if record.status is not FlowStatus.CANCELLED:
+        return None
+    return _ENDS_AS_CALLER_LEFT.search(record.message)
 
 
 def _caller_left(reason: str | None) -> bool:
@@ -867,7 +867,8 @@ class ExecutionManager:
             if found is None or found.request_id is None:
                 return None
             record, run = found, None
-        if run is None and _cancelled_as_caller_left(record):
+        left = _cancelled_as_caller_left(record) if run is None else None
+        if left is not None:
             if _RAN_NOTHING.match(record.message):
                 # It ran nothing, yet holds its request_id: it gives it up in a commit of
                 # its own after its end's (see _drive), which a crash or a store failure
@@ -878,7 +879,9 @@ class ExecutionManager:
                 _RETRY_OF_LEFT.format(
                     request_id=record.request_id,
                     flow_id=record.flow_id,
-                    where=record.message.split(": ", 1)[0],  # "Flow cancelled during step 1 ..."
+                    # "Flow cancelled during step 1 ('task')": the message up to its reason
+                    # (a task's name may hold ": " too).
+                    where=record.message[: left.start()],
                 ),
                 reason="REQUEST_ID_ABANDONED",
                 metadata={"requestId": record.request_id, "flowId": record.flow_id},

@@ -954,6 +954,26 @@ async def test_a_retry_after_its_first_caller_left_during_a_task_is_failed_preco
     assert len(cancelled) == 1  # not run again
 
 
+async def test_a_retry_after_its_caller_left_names_where_a_task_whose_name_has_a_colon_stopped(
+    stub, registry
+) -> None:
+    """The FAILED_PRECONDITION of a retry says where the cancelled execution stopped:
+    its message up to the reason. Cut at the message's first ": ", a task named
+    "charge: card" read "(Flow cancelled during step 1 ('charge)"."""
+    started, _, cancelled = gate(registry, "charge: card")
+    flow = chain("charge: card")
+    first = stub.StreamFlow(pb.StreamFlowRequest(flow=flow, request_id="order-10"))
+    await first.read()
+    await started.wait()
+    first.cancel()
+    await eventually(lambda: cancelled)  # stopping: a retry now waits for its end
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=flow, request_id="order-10"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = info.value.details() or ""
+    assert details.endswith("(Flow cancelled during step 1 ('charge: card'))"), details
+
+
 async def test_a_retry_while_the_left_execution_still_stops_waits_for_its_end(
     stub, registry, caplog
 ) -> None:
