@@ -18,6 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -242,9 +243,16 @@ class MetricsEndpoint:
     async def start(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
-        self._server = await asyncio.start_server(
-            self._answer, host or None, int(port), limit=MAX_REQUEST_BYTES
-        )
+        if host == "::":
+            # Every address, IPv4 too, as `--listen [::]:50051` takes them: asyncio makes
+            # an IPv6 socket IPv6-only, and a scraper of the pod's IPv4 address was refused.
+            self._server = await asyncio.start_server(
+                self._answer, sock=_dual_stack(int(port)), limit=MAX_REQUEST_BYTES
+            )
+        else:
+            self._server = await asyncio.start_server(
+                self._answer, host or None, int(port), limit=MAX_REQUEST_BYTES
+            )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -290,6 +298,21 @@ class MetricsEndpoint:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def _dual_stack(port: int) -> socket.socket:
+    """A listening socket on every IPv6 and IPv4 address (`[::]`), at `port`."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(100)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 async def _request_head(reader: asyncio.StreamReader) -> bytes:

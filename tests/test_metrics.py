@@ -230,6 +230,33 @@ def test_a_scrape_connection_open_at_shutdown_neither_logs_a_traceback_nor_holds
     assert "Traceback" not in log and "Exception in callback" not in log, log
 
 
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+async def test_all_addresses_in_ipv6_form_take_ipv4_scrapers_too(registry) -> None:
+    # `--listen [::]:50051` takes IPv4 clients; `--metrics-listen [::]:9464` listened on
+    # IPv6 only (asyncio makes its IPv6 sockets IPv6-only): a scrape of 127.0.0.1, or of
+    # a pod's IPv4 address, was refused.
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", metrics_listen="[::]:0")
+    server = await build_server(settings, registry)
+    try:
+        port = server.metrics_endpoint.port
+        assert "flowsvc_rpcs_total" in await asyncio.to_thread(scrape, port)
+        url = f"http://[::1]:{port}/metrics"
+        answer = await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)
+        with answer:
+            assert answer.status == 200
+    finally:
+        await server.shutdown(grace=0)
+
+
 @pytest.mark.parametrize("value", ["unix:/tmp/m.sock", "9464", "::1:9464", "h:70000"])
 def test_a_metrics_address_that_is_not_host_port_is_a_bad_configuration(value) -> None:
     from flowsvc import config
