@@ -52,7 +52,7 @@ class Metrics:
     type, read), read() giving a number or {labels: number}."""
 
     def __init__(self) -> None:
-        self.started_at = time.time()
+        self.started_at = _process_start() or time.time()
         self.executions_started = 0
         self.executions_ended: dict[str, int] = {}  # by status
         self.execution_seconds = Histogram()
@@ -204,6 +204,19 @@ def _process(out: list[str], started_at: float) -> None:
     counter("process_cpu_seconds_total", "User and system CPU time.", [((), cpu)])
     gauge("process_resident_memory_bytes", "Resident memory.", [((), rss)])
     gauge("process_open_fds", "Open file descriptors.", [((), fds)])
+
+
+def _process_start() -> float | None:
+    """When the process started (Unix time), from /proc (Linux; else None): not when
+    metrics were set up, which comes a second or so later, after the imports."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])  # starttime
+        with open("/proc/stat", "rb") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

@@ -4,6 +4,7 @@ prometheus_client's own parser (what Prometheus reads)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -228,6 +229,31 @@ def test_a_scrape_connection_open_at_shutdown_neither_logs_a_traceback_nor_holds
     log = srv.log_path.read_text()
     assert '"msg": "stopped"' in log
     assert "Traceback" not in log and "Exception in callback" not in log, log
+
+
+def _started_by_proc() -> float:
+    """This process's start (Unix time), as the kernel tells it."""
+    stat = Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_bytes().splitlines()
+        if line.startswith(b"btime ")
+    )
+    return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc")
+async def test_process_start_time_is_when_the_process_started(registry) -> None:
+    # It was when the metrics were set up: a second or more after the process started
+    # (the imports), and in a test process later still.
+    started = _started_by_proc()
+    settings = Settings(listen="127.0.0.1:0", db=":memory:", metrics_listen="127.0.0.1:0")
+    server = await build_server(settings, registry)
+    try:
+        found = samples(await asyncio.to_thread(scrape, server.metrics_endpoint.port))
+    finally:
+        await server.shutdown(grace=0)
+    assert found[("process_start_time_seconds", ())] == pytest.approx(started, abs=0.05)
 
 
 def _ipv6() -> bool:
