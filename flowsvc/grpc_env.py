@@ -3,11 +3,13 @@
 handshake (a plaintext client, a port scanner, a client of another CA), in among the
 server's JSON lines. The core reads GRPC_VERBOSITY once, when grpc is imported: the
 command line imports this module before anything that imports grpc, so that only the
-core's errors reach stderr, unless GRPC_VERBOSITY is set.
+core's errors reach stderr, unless GRPC_VERBOSITY is set (a blank one, as a Compose or
+Helm value left empty gives, is not: gRPC takes it for its own default, which logs them).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+if not os.environ.get("GRPC_VERBOSITY", "").strip():
+    os.environ["GRPC_VERBOSITY"] = "ERROR"

@@ -458,10 +458,16 @@ def mutual_server(tmp_path, pki) -> Iterator[tuple[dict[str, Path], int]]:
         yield {"ca": pki["ca"].pem, "cert": client_cert, "key": client_key}, server.port
 
 
-def test_failed_handshakes_leave_the_log_json(tmp_path, pki, monkeypatch) -> None:
+@pytest.mark.parametrize("verbosity", [None, "", " "])
+def test_failed_handshakes_leave_the_log_json(tmp_path, pki, monkeypatch, verbosity) -> None:
     """A plaintext client on the TLS port (a probe, a scanner): gRPC's C core logged a line
-    of its own format on stderr for each failed handshake, among the server's JSON lines."""
-    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    of its own format on stderr for each failed handshake, among the server's JSON lines.
+    A blank GRPC_VERBOSITY (a Compose or Helm value left empty) is no verbosity either:
+    gRPC took it for its default, and logged the handshakes again."""
+    if verbosity is None:
+        monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    else:
+        monkeypatch.setenv("GRPC_VERBOSITY", verbosity)
     cert, key = pki["ca"].issue("server")
     args = ("--db", ":memory:", "--tls-cert", str(cert), "--tls-key", str(key))
     with server_process(tmp_path, *args) as server:
