@@ -379,7 +379,7 @@ _FIELD_DOCS = {
     "default_max_steps": "max_steps for flows that leave it at 0",
     "max_steps_cap": "largest max_steps a flow may ask for",
     "max_tasks": "most tasks one flow may declare",
-    "grace_seconds": "seconds running flows get on SIGTERM/SIGINT",
+    "grace_seconds": "seconds running flows get on SIGTERM, SIGINT or SIGHUP",
     "max_message_bytes": "largest request accepted, in bytes",
     "max_response_bytes": (
         "largest answer carrying a whole execution, in bytes; a larger one is "

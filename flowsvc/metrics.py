@@ -342,7 +342,7 @@ async def _request_head(reader: asyncio.StreamReader) -> bytes:
             return head
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
 
 
 async def _reply(
