@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 
 from flowsvc.models import Event, FlowFinished, FlowStarted, TaskCompleted
@@ -342,9 +343,6 @@ async def _request_head(reader: asyncio.StreamReader) -> bytes:
             return head
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
-
-
 async def _reply(
     writer: asyncio.StreamWriter,
     code: int,
@@ -357,7 +355,7 @@ async def _reply(
     data = body.encode()
     kind = "text/plain; version=0.0.4; charset=utf-8" if metrics else "text/plain; charset=utf-8"
     headers = (
-        f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n"
+        f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(data)}\r\nConnection: close\r\n"
         + ("Allow: GET, HEAD\r\n" if allow else "")
         + "\r\n"
