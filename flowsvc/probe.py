@@ -5,12 +5,10 @@ grpc_health_probe cannot be fetched on our machines, so the image carries this.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flowsvc.tls import check_cas, check_pair
+from flowsvc.tls import check_cas, check_pair, read_file
 
 
 def tls_credentials(
@@ -24,12 +22,8 @@ def tls_credentials(
         raise ValueError("--tls-cert and --tls-key go together (a certificate and its key)")
 
     def read(path: str | None) -> bytes | None:
-        if not path:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        # Read again by the checks below: a pipe is refused, not read twice.
+        return read_file(path, "the probe checks it, then gives it to gRPC") if path else None
 
     files = read(ca), read(key), read(cert)
     # Checked here (gRPC would only fail the handshake, "Failed to create security

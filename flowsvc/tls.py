@@ -85,20 +85,9 @@ class ServerTLS:
         """The files as gRPC takes them, once checked with the ssl module (which names
         what is wrong; gRPC would only fail each handshake). ValueError if they do not
         check out, or change while they are read."""
-        try:
-            for path in self._paths:
-                # A pipe (a named one, or bash's <(...)) would block the read until a
-                # writer comes, and could be read only once: the files are read again.
-                mode = os.stat(path).st_mode
-                if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-                    raise ValueError(
-                        f"{path} is not a regular file (a pipe, a socket or a device): the "
-                        "server reads it at start and again whenever it changes"
-                    )
-            cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
-            client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
-        except OSError as exc:
-            raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        why = "the server reads it at start and again whenever it changes"
+        cert, key = read_file(self.cert, why), read_file(self.key, why)
+        client_ca = read_file(self.client_ca, why) if self.client_ca else None
         check_pair(self.cert, self.key, server=True)
         kind = _key_kind(cert)
         if kind is not None:
@@ -240,6 +229,19 @@ def _dotted(oid: bytes | None) -> str:
     return ".".join(map(str, [first, numbers[0] - 40 * first, *numbers[1:]]))
 
 
+def read_file(path: str, why: str) -> bytes:
+    """The bytes of the TLS file `path`, which is read again (`why` says when).
+    ValueError naming it if it cannot be read, or is not a regular file: a pipe (a named
+    one, or bash's <(...)) would block the read until a writer comes, and could be read
+    only once."""
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode) and not stat.S_ISDIR(mode):
+            raise ValueError(f"{path} is not a regular file (a pipe, a socket or a device): {why}")
+        return Path(path).read_bytes()  # a directory: "Is a directory", below
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
 def check_pair(cert: str, key: str, *, server: bool) -> None:
     """ValueError, naming the files and what is wrong, unless `cert` is a PEM certificate
     (chain) and `key` its unencrypted private key: checked with the ssl module, which
@@ -328,4 +330,4 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-__all__ = ["ServerTLS", "check_cas", "check_pair"]
+__all__ = ["ServerTLS", "check_cas", "check_pair", "read_file"]

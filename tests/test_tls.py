@@ -575,3 +575,30 @@ def test_an_algorithm_identifier_that_is_no_oid_is_named_by_its_bytes() -> None:
     assert _dotted(bytes.fromhex("2b6571")) == "1.3.101.113"  # Ed448
     assert _dotted(bytes.fromhex("8182")) == "8182"
     assert _dotted(None) == "(not named: explicit parameters)"
+
+
+def test_a_pipe_for_a_probe_tls_file_is_a_bad_configuration(tmp_path, pki) -> None:
+    """The probe reads its files twice (checked, then given to gRPC): a named pipe with no
+    writer hung it past its --timeout, and bash's <(cat ca.pem) was read whole once, then
+    found empty and called 'not a PEM file of CA certificates'."""
+    pipe = tmp_path / "ca.pipe"
+    os.mkfifo(pipe)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowsvc",
+            "probe",
+            "--address",
+            "127.0.0.1:1",
+            "--tls-ca",
+            str(pipe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{pipe} is not a regular file" in result.stderr
