@@ -776,7 +776,11 @@ async def _serve_metrics(
     try:
         await endpoint.start(listen)
     except OSError as exc:
-        raise OSError(f"cannot listen on --metrics-listen {listen}: {exc.strerror}") from exc
+        # asyncio's words for a failed bind repeat the address, as a Python tuple: the
+        # errno's say what is wrong, as --listen's message does. A name that does not
+        # resolve has a negative errno, and its own words.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise OSError(f"cannot listen on --metrics-listen {listen}: {reason}") from exc
     return endpoint
 
 
