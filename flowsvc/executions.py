@@ -307,7 +307,7 @@ class Attachment(NamedTuple):
     ended: AsyncIterator[tuple[int, Event]] | None = None
 
 
-def _cancelled_as_caller_left(record: ExecutionRecord) -> re.Match[str] | None:
+def _caller_left_reason(record: ExecutionRecord) -> re.Match[str] | None:
     """The execution was cancelled because every caller went away (its message ends with
     the reason the engine was given: see release): the match of that reason, else None."""
     if record.status is not FlowStatus.CANCELLED:
@@ -867,7 +867,7 @@ class ExecutionManager:
             if found is None or found.request_id is None:
                 return None
             record, run = found, None
-        left = _cancelled_as_caller_left(record) if run is None else None
+        left = _caller_left_reason(record) if run is None else None
         if left is not None:
             if _RAN_NOTHING.match(record.message):
                 # It ran nothing, yet holds its request_id: it gives it up in a commit of

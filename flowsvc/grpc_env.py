@@ -5,6 +5,7 @@ server's JSON lines. The core reads GRPC_VERBOSITY once, when grpc is imported: 
 command line imports this module before anything that imports grpc, so that only the
 core's errors reach stderr, unless GRPC_VERBOSITY is set (a blank one, as a Compose or
 Helm value left empty gives, is not: gRPC takes it for its own default, which logs them).
+It is set in the process's environment, so processes that tasks start inherit it.
 """
 
 from __future__ import annotations

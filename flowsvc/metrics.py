@@ -44,6 +44,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count `value` (seconds) in its bucket and in the sum."""
         self.counts[bisect.bisect_left(BUCKETS, value)] += 1
         self.sum += value
 
@@ -96,15 +97,18 @@ class Metrics:
             self.ended(flow_id, "interrupted")
 
     def rpc(self, method: str) -> None:
+        """A FlowService call reached `method`."""
         self.rpcs[method] = self.rpcs.get(method, 0) + 1
 
     def rpc_error(self, method: str, reason: str) -> None:
+        """A call of `method` was answered with an error status of ErrorInfo `reason`."""
         key = (method, reason)
         self.rpc_errors[key] = self.rpc_errors.get(key, 0) + 1
 
     # -- the text a scrape gets ------------------------------------------------------------
 
     def render(self) -> str:
+        """Every metric, in Prometheus' text format (0.0.4)."""
         out: list[str] = []
         counter = _Family(out, "counter")
         counter(
@@ -255,6 +259,7 @@ class MetricsEndpoint:
         self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
 
     async def start(self, listen: str) -> None:
+        """Listen on `listen` (host:port; port 0 picks one: see `port`)."""
         host, _, port = listen.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if host == "::":

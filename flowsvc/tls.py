@@ -65,6 +65,8 @@ class ServerTLS:
         self._refused: tuple[tuple[int, int, int, int], ...] | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
+        """What add_secure_port takes: the files as loaded, and asked for again at each
+        handshake (see _fetch)."""
         return grpc.dynamic_ssl_server_credentials(
             self._config,
             self._fetch,  # type: ignore[arg-type]  # None means "the same": grpc's stubs omit it
@@ -88,7 +90,7 @@ class ServerTLS:
         why = "the server reads it at start and again whenever it changes"
         cert, key = read_file(self.cert, why), read_file(self.key, why)
         client_ca = read_file(self.client_ca, why) if self.client_ca else None
-        check_pair(self.cert, self.key, server=True)
+        server = check_pair(self.cert, self.key, server=True)
         kind = _key_kind(cert)
         if kind is not None:
             raise ValueError(
@@ -100,8 +102,6 @@ class ServerTLS:
             check_cas(self.client_ca, "--tls-client-ca")
         if self._stamps() != self._stamp:
             raise ValueError("the files changed while they were read")
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.load_cert_chain(self.cert, self.key)  # checked by check_pair above
         if refused := _refused_by_clients(server, self.cert):
             # Served all the same (the server's clock may be the one that is wrong), but
             # every handshake will fail on the client's side, where the server sees nothing.
@@ -242,10 +242,11 @@ def read_file(path: str, why: str) -> bytes:
         raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
 
-def check_pair(cert: str, key: str, *, server: bool) -> None:
+def check_pair(cert: str, key: str, *, server: bool) -> ssl.SSLContext:
     """ValueError, naming the files and what is wrong, unless `cert` is a PEM certificate
     (chain) and `key` its unencrypted private key: checked with the ssl module, which
-    says what is wrong, where gRPC would only fail each handshake."""
+    says what is wrong, where gRPC would only fail each handshake. Returns the context
+    that loaded them (a server's, or a client's)."""
     try:
         cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
     except OSError as exc:
@@ -276,6 +277,7 @@ def check_pair(cert: str, key: str, *, server: bool) -> None:
             f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its "
             f"private key: {_reason(exc)}"
         ) from None
+    return context
 
 
 def check_cas(path: str, flag: str) -> None:
