@@ -353,6 +353,39 @@ async def test_a_database_file_removed_under_the_server_stops_the_store(
         await eventually(not_serving)
 
 
+async def test_a_write_ahead_log_removed_under_the_server_stops_the_store(
+    tmp_path: Path, registry
+) -> None:
+    """The -wal file removed alone (to free a full disk): SQLite went on committing to the
+    unlinked file, clients were told OK, and a kill -9 then lost it all. The store says
+    so as for the database file (UNAVAILABLE, health NOT_SERVING), and first copies the
+    removed log's commits into the database file."""
+    db = tmp_path / "wal.db"
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, channel, stub):
+        health = health_pb2_grpc.HealthStub(channel)
+        first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        Path(f"{db}-wal").unlink()  # noqa: ASYNC240 (a test's rm)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "wal.db-wal is gone" in (info.value.details() or "")
+        # What a kill -9 would leave, the database file alone, holds what clients were told.
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(db.read_bytes())
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            row = conn.execute(
+                "SELECT status FROM executions WHERE flow_id = ?", (first.flow_id,)
+            ).fetchone()
+        assert row == ("succeeded",)
+
+        async def not_serving() -> bool:
+            check = await health.Check(health_pb2.HealthCheckRequest())
+            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await eventually(not_serving)
+
+
 async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     tmp_path: Path, registry
 ) -> None:

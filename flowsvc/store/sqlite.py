@@ -218,6 +218,11 @@ class SQLiteStore:
         #: (device, inode) of the database file as opened: a file removed or replaced
         #: under a running server would take every later commit with it, unseen.
         self._identity: tuple[int, int] | None = None
+        #: The same of its write-ahead log, once SQLite has made it (at the first write to
+        #: a new database): removed (to free a full disk ...), every later commit went to
+        #: the unlinked file, and a kill -9 lost what clients had been told.
+        self._wal_identity: tuple[int, int] | None = None
+        self._wal_saved = False
         self._lock_fd: int | None = None
         #: Commits made and jobs served, for the benchmarks' group-commit figures.
         self.commits = 0
@@ -356,15 +361,49 @@ class SQLiteStore:
             return f"the database file {self.path} is gone ({exc.strerror})"
         if (found.st_dev, found.st_ino) != self._identity:
             return f"the database file {self.path} was replaced by another"
+        # SQLite keeps the -wal file open, and at its path, while the connection is open.
+        wal = f"{self.path}-wal"
+        try:
+            found = os.stat(wal)
+        except OSError as exc:
+            if self._wal_identity is None:
+                return None  # not made yet
+            return f"the database's write-ahead log {wal} is gone ({exc.strerror})"
+        if self._wal_identity is None:
+            self._wal_identity = (found.st_dev, found.st_ino)
+        elif (found.st_dev, found.st_ino) != self._wal_identity:
+            return f"the database's write-ahead log {wal} was replaced by another"
         return None
+
+    def _save_wal(self, conn: sqlite3.Connection) -> None:
+        """Once, with the database file still at its path: copy the commits of a removed
+        write-ahead log into it, which clients may have been told of. Left in the removed
+        file, a kill -9 would lose them (a clean close copies them too)."""
+        if self._wal_saved or self._wal_identity is None:
+            return
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return
+        if (found.st_dev, found.st_ino) != self._identity:
+            return
+        self._wal_saved = True
+        try:
+            conn.execute("PRAGMA wal_checkpoint(FULL)")
+        except sqlite3.Error as exc:
+            logger.warning(
+                "commits of the removed write-ahead log not copied into the database",
+                extra={"db": self.path, "error": str(exc)},
+            )
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """Run a batch in one transaction and one commit; consecutive appends go in one
         executemany. If a job fails, the batch is rolled back and its jobs are run again
         one transaction each, so that only the failing job fails (the rare path)."""
         try:
-            moved = self._moved()  # a stat per batch: a few microseconds
+            moved = self._moved()  # two stats per batch: a few microseconds
             if moved is not None:
+                self._save_wal(conn)
                 raise StoreUnavailableError(
                     f"execution store unavailable: {moved} while the server ran; restart "
                     "the server to open a database again"
