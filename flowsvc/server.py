@@ -696,9 +696,21 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     try:
         recovered = await manager.open()
     except StoreUnavailableError as exc:
-        if _FULL not in str(exc):
-            raise  # not a full one: its own message
-        raise _full_at_start(settings, exc) from exc
+        if _FULL in str(exc):
+            raise _full_at_start(settings, exc) from exc
+        if settings.db in str(exc):
+            raise  # its own message, naming the file
+        # Refused by the write check (a read-only file, a lock held too long ...):
+        # "execution store unavailable: attempt to write a readonly database" said
+        # nothing of which file.
+        hint = (
+            ": give the server's user write access to it, its -wal and -shm files and its directory"
+            if "readonly" in str(exc)
+            else ""
+        )
+        raise StoreUnavailableError(
+            f"database {settings.db} cannot be written at start ({exc}){hint}"
+        ) from exc
     endpoint = None
     try:
         if metrics is not None:

@@ -313,7 +313,9 @@ async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "readonly database" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "readonly database" in last
+    assert f"database {db} cannot be written" in last, last  # which file, as the README says
     assert "serving on" not in result.stdout
 
 
