@@ -493,8 +493,19 @@ class ExecutionManager:
             await asyncio.wait(list(self._launching.values()))
         await self.cut_off()
         self._refusals.close()
-        with contextlib.suppress(StoreUnavailableError):
+        try:
             await self._record_ends()
+        except StoreUnavailableError as exc:
+            # Left RUNNING in the store (a full disk ...): the next start records them
+            # INTERRUPTED as if a crash had cut them off. Said here, or nothing did.
+            log_event(
+                logger,
+                logging.ERROR,
+                "execution ends not recorded: the store cannot write; the next start "
+                "records them interrupted",
+                flow_ids=sorted(self._unrecorded),
+                error=str(exc),
+            )
         await self.store.close()
 
     async def _record_ends(self) -> None:

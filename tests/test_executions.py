@@ -386,6 +386,29 @@ async def test_a_write_ahead_log_removed_under_the_server_stops_the_store(
         await eventually(not_serving)
 
 
+async def test_ends_a_failed_store_cannot_record_at_shutdown_are_logged(
+    tmp_path: Path, registry, caplog
+) -> None:
+    """A store that cannot write at shutdown (a full disk) leaves the executions it cut
+    off RUNNING, for the next start to record as a crash's: the shutdown used to say
+    nothing of them. The failure here: the -wal file removed under the server."""
+    caplog.set_level(logging.INFO, logger="flowsvc.executions")
+    started, release, _ = gate(registry)
+    db = tmp_path / "left.db"
+    async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
+        stream = stub.StreamFlow(pb.StreamFlowRequest(flow=chain("gated")))
+        flow_id = (await stream.read()).started.flow_id
+        await started.wait()
+        Path(f"{db}-wal").unlink()  # noqa: ASYNC240 (a test's rm)
+        release.set()  # its result cannot be committed: the execution is cut off
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(stream)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    [line] = [r for r in caplog.records if r.getMessage().startswith("execution ends not recorded")]
+    assert line.levelno == logging.ERROR
+    assert getattr(line, "flow_ids", None) == [flow_id]
+
+
 async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     tmp_path: Path, registry
 ) -> None:
