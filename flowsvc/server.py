@@ -634,11 +634,19 @@ _FULL = "database or disk is full"
 def _full_at_start(settings: Settings, exc: StoreUnavailableError) -> StoreUnavailableError:
     """A store full at start, once crash recovery and retention have run, refuses to start:
     say which database, at which cap, and what makes room."""
-    cap = f" at --db-max-bytes {settings.db_max_bytes}" if settings.db_max_bytes else ""
+    if not settings.db_max_bytes:
+        # No cap: the file system is full. A larger cap would change nothing, and rows
+        # deleted free no disk (SQLite keeps the pages; a full disk cannot even take the
+        # delete's write-ahead log).
+        return StoreUnavailableError(
+            f"database {settings.db} cannot be written: the disk holding it is full ({exc}); "
+            "free room on its file system (the database, its -wal and -shm files, and their "
+            "directory's other files share it)"
+        )
     return StoreUnavailableError(
-        f"database {settings.db} is full{cap} ({exc}), once crash recovery and retention "
-        "have run: start it with a larger --db-max-bytes (or free the disk), or delete ended "
-        "executions from it"
+        f"database {settings.db} is full at --db-max-bytes {settings.db_max_bytes} ({exc}), "
+        "once crash recovery and retention have run: start it with a larger --db-max-bytes "
+        "(or free the disk), or delete ended executions from it"
     )
 
 

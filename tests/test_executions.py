@@ -3123,6 +3123,21 @@ async def test_a_database_full_at_start_is_refused_naming_it_and_what_to_do(
     assert "delete ended executions" in message
 
 
+def test_a_disk_full_at_start_without_a_cap_says_to_free_the_disk(tmp_path: Path) -> None:
+    # Without --db-max-bytes, only the file system can be full (a new database on a full
+    # disk, seen on a full tmpfs): the message told to start "with a larger
+    # --db-max-bytes" and to "delete ended executions", neither of which frees a disk.
+    from flowsvc.errors import StoreUnavailableError
+    from flowsvc.server import _full_at_start
+
+    db = tmp_path / "new.db"
+    full = StoreUnavailableError(f"cannot open database {db}: database or disk is full")
+    message = str(_full_at_start(Settings(db=str(db)), full))
+    assert str(db) in message and "disk holding it is full" in message
+    assert "free room on its file system" in message
+    assert "--db-max-bytes" not in message and "delete ended executions" not in message
+
+
 async def test_a_start_refused_once_the_store_is_open_closes_it_and_frees_the_database(
     tmp_path: Path, registry
 ) -> None:
