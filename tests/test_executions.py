@@ -409,6 +409,43 @@ async def test_ends_a_failed_store_cannot_record_at_shutdown_are_logged(
     assert getattr(line, "flow_ids", None) == [flow_id]
 
 
+async def test_a_read_that_shares_a_failed_commit_is_still_answered(
+    tmp_path: Path, registry
+) -> None:
+    """A batch whose BEGIN or COMMIT fails (database locked; on a full disk, the commit's
+    write-ahead log) failed its reads too: GetExecution UNAVAILABLE, "database or disk is
+    full" on a full disk, now and then, though a read needs no room. White-box: the
+    store's thread is held while a write and a read queue behind it, and an outside
+    connection holds the write lock."""
+    db = tmp_path / "reads.db"
+    settings = Settings(listen="127.0.0.1:0", db=str(db), db_busy_timeout_ms=200)
+    async with serving(settings, registry) as (server, _, stub):
+        first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        store = server.manager.store
+        held = StoreHold(store)
+        outside = sqlite3.connect(db, isolation_level=None, timeout=0)
+        try:
+            outside.execute("BEGIN IMMEDIATE")  # the write lock, held
+            await held.hold()
+            write = asyncio.ensure_future(
+                stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
+            )
+            read = asyncio.ensure_future(
+                stub.GetExecution(pb.GetExecutionRequest(flow_id=first.flow_id), timeout=10)
+            )
+            await eventually(lambda: store._jobs.qsize() >= 2)  # one batch: both
+            await held.release()
+            got = await read
+            assert got.execution.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await write
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "locked" in (info.value.details() or "")
+        finally:
+            held.let_go()
+            outside.close()
+
+
 async def test_a_cancel_that_comes_as_the_flow_ends_is_failed_precondition(
     tmp_path: Path, registry
 ) -> None:

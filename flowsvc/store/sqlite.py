@@ -411,23 +411,17 @@ class SQLiteStore:
             self._transaction(conn, batch)
         except _JobFailed:
             for job in batch:
-                job.result = job.error = None
-                try:
-                    self._transaction(conn, [job])
-                except _JobFailed:
-                    self._lost(job)
-                except sqlite3.Error as exc:
-                    job.error = _unavailable(exc)
-                    self._lost(job)
-                except Exception as exc:  # a bug: fail the job, never the store thread
-                    logger.exception("store job failed")
-                    job.error = exc
-                    self._lost(job)
+                self._run_alone(conn, job)
         except (sqlite3.Error, StoreUnavailableError) as exc:
             # BEGIN (database locked past busy_timeout) or COMMIT (disk full) failed, or
-            # the file is gone: nothing of this batch is committed, so every job fails.
+            # the file is gone: nothing of this batch is committed, so every write fails.
+            # A read needs neither: run again on its own, it is answered (it failed "database
+            # or disk is full" when it came with a write, and only then).
             error = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
             for job in batch:
+                if isinstance(exc, sqlite3.Error) and not job.write:
+                    self._run_alone(conn, job)
+                    continue
                 job.error = error
                 self._lost(job)
         except Exception as exc:  # a bug: fail the batch, never the store thread
@@ -438,6 +432,21 @@ class SQLiteStore:
         self.jobs += len(batch)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, batch)
+
+    def _run_alone(self, conn: sqlite3.Connection, job: _Job) -> None:
+        """Run `job` again in a transaction of its own, once its batch failed."""
+        job.result = job.error = None
+        try:
+            self._transaction(conn, [job])
+        except _JobFailed:
+            self._lost(job)
+        except sqlite3.Error as exc:
+            job.error = _unavailable(exc)
+            self._lost(job)
+        except Exception as exc:  # a bug: fail the job, never the store thread
+            logger.exception("store job failed")
+            job.error = exc
+            self._lost(job)
 
     def _lost(self, job: _Job) -> None:
         """An event was not committed: no later event of its execution may be, or the
