@@ -77,12 +77,22 @@ class StoreHold:
     def __init__(self, store) -> None:
         self.store = store
         self._gate = threading.Event()
+        self._holding = threading.Event()
         self._job: asyncio.Future[object] | None = None
 
     async def hold(self) -> None:
         self._gate.clear()
-        self._job = self.store._submit(lambda conn: self._gate.wait(10), write=False)
-        await eventually(lambda: self.store._jobs.qsize() == 0)  # the thread holds it
+        self._holding.clear()
+
+        def held(conn) -> bool:
+            self._holding.set()
+            return self._gate.wait(10)
+
+        self._job = self.store._submit(held, write=False)
+        # Running, not merely taken: on Python 3.13 a put hands the job to the waiting
+        # thread at once (qsize() is 0 before the thread runs), and the jobs queued before
+        # it wakes went into the held job's batch instead of waiting behind it.
+        await eventually(self._holding.is_set)
 
     async def release(self) -> None:
         self._gate.set()
