@@ -12,6 +12,7 @@ flow with an unknown or missing param before anything runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 
 from flowsvc import TaskContext, TaskRegistry, TaskResult
@@ -25,7 +26,8 @@ def save_customer(ctx: TaskContext, *, db_path: str, name: str, email: str) -> T
     if "@" not in email:
         # Retrying cannot fix a bad address: say so, and a retry policy will not repeat it.
         return TaskResult.failure(f"not an e-mail address: {email!r}", retryable=False)
-    with sqlite3.connect(db_path) as db:
+    # closing(): a connection's own `with` commits (or rolls back) but does not close it.
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
         db.execute(
             "CREATE TABLE IF NOT EXISTS customers "
             "(id INTEGER PRIMARY KEY, name TEXT, email TEXT, flow_id TEXT)"
