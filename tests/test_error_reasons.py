@@ -394,8 +394,12 @@ async def test_server_shutting_down(registry, settings) -> None:
             await eventually(lambda: server.manager.draining)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=10)
+            # NOT_SERVING at once; the stream itself ends once the running flow has (not
+            # waited for here: that is the grace period, 20 s).
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            release.set()
             with pytest.raises(grpc.aio.AioRpcError) as watched:
-                await read_all(watch)  # NOT_SERVING, then the end of the stream
+                await read_all(watch)
         finally:
             release.set()
             await first
