@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -139,6 +140,12 @@ PREPARED_CACHE_BYTES = 32 * 1024 * 1024
 #: JSON count 13. Counted at half that, as the rest is (memory about twice the count):
 #: without it, flows of references held 18 times what the cache counted.
 REFERENCE_CACHE_BYTES = 256
+#: A store job running longer than this (a frozen file system, a throttled volume, a
+#: network disk gone quiet) turns health NOT_SERVING until the store writes again: every
+#: call was waiting for it, and health said SERVING, so an orchestrator saw nothing wrong.
+STORE_STALL_SECONDS = 5.0
+#: How often the store is looked at for a stall.
+STORE_STALL_CHECK_SECONDS = 1.0
 #: At most one line per this many seconds for the calls refused at --max-in-flight.
 REFUSALS_LOG_SECONDS = 10.0
 
@@ -373,6 +380,7 @@ class ExecutionManager:
         self._stopped_all: str | None = None
         self.store_healthy = True
         self._probe: asyncio.Task[None] | None = None
+        self._stall_watch: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
         # Executions that ended without their `finished` event committed: id -> message.
         # Written (INTERRUPTED) once the store can write (see _record_ends).
@@ -401,8 +409,9 @@ class ExecutionManager:
             # thread ran on and it held the database's lock, so that a server started
             # again in this process was refused as "in use by another flowsvc server".
             # (A failed retention sweep has started a store probe: it goes too.)
-            if self._probe is not None:
-                self._probe.cancel()
+            for task in (self._probe, self._stall_watch):
+                if task is not None:
+                    task.cancel()
             await self.store.close()
             raise
 
@@ -429,6 +438,7 @@ class ExecutionManager:
         self._secret = await self.store.secret()
         if self.settings.retention_seconds > 0:
             self._retention = asyncio.create_task(self._retention_loop())
+        self._stall_watch = asyncio.create_task(self._watch_store())
         return recovered
 
     async def cut_off(self, wait: float = CUT_OFF_SECONDS) -> None:
@@ -480,7 +490,7 @@ class ExecutionManager:
 
     async def close(self) -> None:
         """Cut off whatever still runs (recorded INTERRUPTED) and close the store."""
-        for task in (self._retention, self._probe):
+        for task in (self._retention, self._probe, self._stall_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -1270,6 +1280,25 @@ class ExecutionManager:
                 continue
             self._set_store_health(True)
             return
+
+    async def _watch_store(self) -> None:
+        """Health NOT_SERVING while a store job has run past STORE_STALL_SECONDS; the
+        store probe turns it back once a write goes through again. Nothing fails for it:
+        the calls wait for the store as before, but an orchestrator is told."""
+        while True:
+            await asyncio.sleep(STORE_STALL_CHECK_SECONDS)
+            since = self.store.busy_since
+            if since is None or not self.store_healthy:
+                continue
+            waited = time.monotonic() - since
+            if waited > STORE_STALL_SECONDS:
+                self._set_store_health(
+                    False,
+                    StoreUnavailableError(
+                        f"execution store stalled: a write has waited {waited:.0f} s for the "
+                        "disk (calls wait for it)"
+                    ),
+                )
 
     async def _retention_loop(self) -> None:
         keep = self.settings.retention_seconds

@@ -3209,3 +3209,43 @@ async def test_a_start_refused_once_the_store_is_open_closes_it_and_frees_the_da
     async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, _, stub):
         listed = await stub.ListExecutions(pb.ListExecutionsRequest())
         assert len(listed.executions) == 10
+
+
+async def test_a_stalled_store_turns_health_not_serving_until_it_writes_again(
+    tmp_path: Path, registry, monkeypatch, caplog
+) -> None:
+    """A disk that stalls (fsfreeze, a throttled volume: found by p61) held every call while
+    health said SERVING, so an orchestrator saw nothing wrong. A store job running past
+    STORE_STALL_SECONDS now turns health NOT_SERVING, and the store's first write after it
+    turns it back; nothing fails for it. White-box: the store's thread is held."""
+    import flowsvc.executions as executions
+
+    monkeypatch.setattr(executions, "STORE_STALL_SECONDS", 0.2)
+    monkeypatch.setattr(executions, "STORE_STALL_CHECK_SECONDS", 0.02)
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "stall.db"))
+    async with serving(settings, registry) as (server, channel, stub):
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status() -> int:
+            return (await health.Check(health_pb2.HealthCheckRequest())).status
+
+        held = StoreHold(server.manager.store)
+        try:
+            await held.hold()
+            waiting = asyncio.ensure_future(
+                stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=30)
+            )
+            await eventually(lambda: status_is(status, health_pb2.HealthCheckResponse.NOT_SERVING))
+            assert not waiting.done()  # it waits for the store, as before
+            await held.release()
+            done = await waiting
+            assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            await eventually(lambda: status_is(status, health_pb2.HealthCheckResponse.SERVING))
+        finally:
+            held.let_go()
+    stalled = [r for r in caplog.records if "stalled" in getattr(r, "error", "")]
+    assert stalled, caplog.text
+
+
+async def status_is(status, wanted: int) -> bool:
+    return await status() == wanted

@@ -71,6 +71,11 @@ OnCommit = Callable[[Event, BaseException | None], None]
 class ExecutionStore(Protocol):
     """Where executions live. Every method may raise StoreUnavailableError."""
 
+    #: time.monotonic() when the job the store is running now began, None while idle: a
+    #: store whose disk stalls (a frozen file system, a throttled volume) has one job
+    #: running for long (see ExecutionManager._watch_store).
+    busy_since: float | None
+
     async def open(self) -> None:
         """Create or migrate the schema."""
 

@@ -58,6 +58,8 @@ class MemoryStore:
     """ExecutionStore in a dict."""
 
     def __init__(self) -> None:
+        #: Never busy: every call is answered before it returns.
+        self.busy_since: float | None = None
         self._entries: dict[str, _Entry] = {}  # in creation order
         # Every cursor and its flow id, in creation order, for ListExecutions to start a
         # page at its token's cursor by bisection: skipping the newer entries one by one

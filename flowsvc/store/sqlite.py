@@ -224,6 +224,8 @@ class SQLiteStore:
         self._wal_identity: tuple[int, int] | None = None
         self._wal_saved = False
         self._lock_fd: int | None = None
+        #: When the batch running now began (time.monotonic()), None while idle.
+        self.busy_since: float | None = None
         #: Commits made and jobs served, for the benchmarks' group-commit figures.
         self.commits = 0
         self.jobs = 0
@@ -345,11 +347,18 @@ class SQLiteStore:
             except queue.Empty:
                 break
             if job is _STOP:
-                self._run_batch(conn, batch)
+                self._timed_batch(conn, batch)
                 return False
             batch.append(job)  # type: ignore[arg-type]
-        self._run_batch(conn, batch)
+        self._timed_batch(conn, batch)
         return True
+
+    def _timed_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            self._run_batch(conn, batch)
+        finally:
+            self.busy_since = None
 
     def _moved(self) -> str | None:
         """What happened to the database file if it is no longer the one opened."""
