@@ -294,7 +294,7 @@ class FlowEngine:
                     stop.began = True
                     stop._running = me
                     try:
-                        record, retryable, asked_wait = await self._attempt(
+                        record, retryable, asked_wait, cut_off = await self._attempt(
                             node, flow_id, flow.name, step, attempt, flow_input, history,
                             latest, deadline,
                         )  # fmt: skip
@@ -314,7 +314,9 @@ class FlowEngine:
                         status = FlowStatus.CANCELLED
                         message = f"Flow cancelled during step {step} ({current!r}): {stop.reason}"
                         break
-                    if deadline is not None and loop.time() >= deadline:
+                    # `cut_off`: the flow's timer stopped the attempt. uvloop's timers count
+                    # whole milliseconds, so the clock may read a hair before the deadline.
+                    if cut_off or (deadline is not None and loop.time() >= deadline):
                         status, message = FlowStatus.TIMED_OUT, _timed_out(flow)
                         break
                     if not _retry(node.retry, record, retryable, attempt):
@@ -394,13 +396,14 @@ class FlowEngine:
         history: list[StepRecord],
         latest: Mapping[str, StepRecord],
         deadline: float | None,
-    ) -> tuple[StepRecord, bool, float | None]:
-        """Run one attempt of a task: its record, whether a failure may be retried, and
-        the wait it asked for before a retry. Every outcome is a record (never an
-        exception, but for cancellation)."""
+    ) -> tuple[StepRecord, bool, float | None, bool]:
+        """Run one attempt of a task: its record, whether a failure may be retried, the
+        wait it asked for before a retry, and whether the flow's deadline cut it off.
+        Every outcome is a record (never an exception, but for cancellation)."""
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         sync = None if node.spec.is_async else _SyncRun(self._abandon)
+        cut_off = False
         try:
             template = node.template
             params = template.params
@@ -415,7 +418,7 @@ class FlowEngine:
             if node.timeout_s is None and deadline is None:
                 result = await call  # the common case: no timer at all
             else:
-                result = await self._with_timeouts(node, call, deadline, sync)
+                result, cut_off = await self._with_timeouts(node, call, deadline, sync)
         if sync is not None and sync.started_at is not None:
             # A sync task's run starts when a worker thread takes it up: it may have
             # waited for one (a cancelled flow's sync task keeps its thread till it returns).
@@ -456,7 +459,7 @@ class FlowEngine:
                 duration_s=round(duration, 6),
                 error=record.error,
             )
-        return record, retryable, result.retry_after_s
+        return record, retryable, result.retry_after_s, cut_off
 
     async def _with_timeouts(
         self,
@@ -464,8 +467,9 @@ class FlowEngine:
         call: Coroutine[Any, Any, TaskResult],
         deadline: float | None,
         sync: _SyncRun | None,
-    ) -> TaskResult:
-        """Await `call` within the task's timeout and the flow's deadline.
+    ) -> tuple[TaskResult, bool]:
+        """Await `call` within the task's timeout and the flow's deadline: its result, and
+        whether the flow's deadline cut it off.
 
         The call runs as a task of its own, so that the timer holds even for a task that
         ignores its cancellation (catches CancelledError and goes on): it is left running,
@@ -482,7 +486,7 @@ class FlowEngine:
             await _let_go(attempt)
             raise
         if done:
-            return attempt.result()
+            return attempt.result(), False
         attempt.cancel()
         # A sync task whose thread has returned a coroutine (see _invoke): what runs now
         # is that coroutine, on the loop, cancelled as an async task's is.
@@ -496,11 +500,14 @@ class FlowEngine:
             abandoned = " (it ignored its cancellation: abandoned)"
         else:
             abandoned = ""
+        flow_cut_off = deadline is not None and deadline <= when
         if task_deadline is not None and task_deadline <= when:
-            return TaskResult.failure(f"timed out after {node.timeout_s:g}s{abandoned}")
-        return TaskResult.failure(
+            failure = TaskResult.failure(f"timed out after {node.timeout_s:g}s{abandoned}")
+            return failure, flow_cut_off
+        failure = TaskResult.failure(
             f"timed out: the flow's timeout passed while it ran{abandoned}", retryable=False
         )
+        return failure, True
 
     async def _invoke(
         self,

@@ -9,10 +9,11 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import pytest
-from flowmanager.v1 import flow_pb2, flow_service_pb2
+from flowmanager.v1 import flow_pb2, flow_service_pb2, flow_service_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
@@ -30,7 +31,7 @@ from flowsvc import (
 )
 from flowsvc.models import RetryPolicy
 from flowsvc.validation import Limits
-from tests.support import chain, flow_pb, to_dict
+from tests.support import chain, flow_pb, server_process, to_dict
 
 pb = flow_service_pb2
 
@@ -245,6 +246,29 @@ def test_flow_timeout_ends_the_flow_timed_out(registry: TaskRegistry) -> None:
     assert "0.3s" in execution.message
     assert [r.task for r in execution.history] == ["noop", "sleep"]
     assert "flow's timeout" in execution.history[-1].error
+
+
+async def test_a_flow_timeout_ends_the_flow_timed_out_under_uvloop(tmp_path: Path) -> None:
+    # uvloop's timers count whole milliseconds: the flow's timer could fire a fraction of
+    # a millisecond before loop.time() reached the deadline, and the engine, reading the
+    # clock again, took the cut-off attempt for a plain failure: about one flow in five
+    # went on along its failure route after its timeout, ending SUCCEEDED or FAILED.
+    flow = flow_pb(
+        ["noop", ("sleep", {"seconds": 30}), "echo"],
+        {"noop": ("sleep", "end"), "sleep": ("end", "echo")},
+    )
+    flow.timeout.FromMilliseconds(50)
+    request = flow_service_pb2.ExecuteFlowRequest(flow=flow)
+    with server_process(tmp_path, "--event-loop", "uvloop", "--db", ":memory:") as srv:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = flow_service_pb2_grpc.FlowServiceStub(channel)
+            for _ in range(40):
+                response = await stub.ExecuteFlow(request, timeout=30)
+                ran = [r.task for r in response.execution_history]
+                assert (flow_pb2.FlowStatus.Name(response.status), ran) == (
+                    "FLOW_STATUS_TIMED_OUT",
+                    ["noop", "sleep"],
+                ), response.message
 
 
 def test_flow_timeout_during_a_backoff_wait(registry: TaskRegistry) -> None:
