@@ -396,6 +396,41 @@ async def test_a_write_ahead_log_removed_under_the_server_stops_the_store(
         await eventually(not_serving)
 
 
+async def test_a_write_ahead_log_removed_beside_a_symlinked_database_stops_the_store(
+    tmp_path: Path, registry
+) -> None:
+    """--db a symlink (a volume's path): SQLite keeps the -wal file beside the file the
+    link points to, and the store looked for it beside the link, found none, and never
+    noticed it removed: clients were told OK, and a kill -9 then lost every execution."""
+    (tmp_path / "volume").mkdir()
+    real = tmp_path / "volume" / "real.db"
+    link = tmp_path / "flowsvc.db"
+    link.symlink_to(real)
+    settings = Settings(listen="127.0.0.1:0", db=str(link))
+    async with serving(settings, registry) as (_, channel, stub):
+        health = health_pb2_grpc.HealthStub(channel)
+        first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+        Path(f"{real}-wal").unlink()  # noqa: ASYNC240 (a test's rm)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "real.db-wal is gone" in (info.value.details() or "")
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(real.read_bytes())
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            row = conn.execute(
+                "SELECT status FROM executions WHERE flow_id = ?", (first.flow_id,)
+            ).fetchone()
+        assert row == ("succeeded",)
+
+        async def not_serving() -> bool:
+            check = await health.Check(health_pb2.HealthCheckRequest())
+            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await eventually(not_serving)
+
+
 async def test_ends_a_failed_store_cannot_record_at_shutdown_are_logged(
     tmp_path: Path, registry, caplog
 ) -> None:

@@ -222,6 +222,9 @@ class SQLiteStore:
         #: a new database): removed (to free a full disk ...), every later commit went to
         #: the unlinked file, and a kill -9 lost what clients had been told.
         self._wal_identity: tuple[int, int] | None = None
+        #: Where SQLite keeps that log: beside the file a symlinked --db points to (a
+        #: volume's path), not beside the link, where nothing was ever found.
+        self._wal_path = f"{path}-wal"
         self._wal_saved = False
         self._lock_fd: int | None = None
         #: When the batch running now began (time.monotonic()), None while idle.
@@ -371,7 +374,7 @@ class SQLiteStore:
         if (found.st_dev, found.st_ino) != self._identity:
             return f"the database file {self.path} was replaced by another"
         # SQLite keeps the -wal file open, and at its path, while the connection is open.
-        wal = f"{self.path}-wal"
+        wal = self._wal_path
         try:
             found = os.stat(wal)
         except OSError as exc:
@@ -582,6 +585,7 @@ class SQLiteStore:
         if self.path == ":memory:":
             return
         lock_path = os.path.realpath(self.path) + ".lock"
+        self._wal_path = os.path.realpath(self.path) + "-wal"  # where SQLite makes it
         folder = os.path.dirname(lock_path)
         if not os.path.isdir(folder):
             raise StoreUnavailableError(
