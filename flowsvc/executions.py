@@ -1266,6 +1266,7 @@ class ExecutionManager:
                 # executions whose end is not recorded frees none (retention deletes
                 # only executions that ended), so the write check would never pass.
                 await self._record_ends()
+                began = time.monotonic()
                 await self.store.check_writable()
             except StoreUnavailableError:
                 continue
@@ -1278,13 +1279,19 @@ class ExecutionManager:
                 # An execution a failure stopped after _record_ends took the ends to
                 # record: turned healthy, nothing would record it (it stayed RUNNING).
                 continue
+            if time.monotonic() - began > STORE_STALL_SECONDS:
+                # Written, but as slowly as the stall the watch reported (a throttled
+                # disk: every write slow): turned SERVING, health flapped, the watch
+                # turning it back a few seconds later, again and again.
+                continue
             self._set_store_health(True)
             return
 
     async def _watch_store(self) -> None:
         """Health NOT_SERVING while a store job has run past STORE_STALL_SECONDS; the
-        store probe turns it back once a write goes through again. Nothing fails for it:
-        the calls wait for the store as before, but an orchestrator is told."""
+        store probe turns it back once a write goes through again within that time.
+        Nothing fails for it: the calls wait for the store as before, but an orchestrator
+        is told."""
         while True:
             await asyncio.sleep(STORE_STALL_CHECK_SECONDS)
             since = self.store.busy_since

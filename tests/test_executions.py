@@ -3282,5 +3282,57 @@ async def test_a_stalled_store_turns_health_not_serving_until_it_writes_again(
     assert stalled, caplog.text
 
 
+async def test_a_store_slow_at_every_write_keeps_health_not_serving(
+    tmp_path: Path, registry, monkeypatch
+) -> None:
+    """A throttled disk makes every write slower than STORE_STALL_SECONDS. The store
+    probe's write went through (slowly) and turned health SERVING, the watch turned it
+    NOT_SERVING again a few seconds later, and so on: health flapped, SERVING a third of
+    the time. It stays NOT_SERVING until a write is quick again. White-box: every batch
+    of the store's thread is slowed."""
+    import flowsvc.executions as executions
+
+    monkeypatch.setattr(executions, "STORE_STALL_SECONDS", 0.3)
+    monkeypatch.setattr(executions, "STORE_STALL_CHECK_SECONDS", 0.05)
+    settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "slow.db"))
+    async with serving(settings, registry) as (server, channel, stub):
+        health = health_pb2_grpc.HealthStub(channel)
+        store = server.manager.store
+        slow = threading.Event()
+        run_batch = store._run_batch
+
+        def slow_batch(conn: sqlite3.Connection, batch: list[Any]) -> None:
+            if slow.is_set():
+                time.sleep(0.5)
+            run_batch(conn, batch)
+
+        monkeypatch.setattr(store, "_run_batch", slow_batch)
+        seen: list[int] = []
+
+        async def watch() -> None:
+            async for answer in health.Watch(health_pb2.HealthCheckRequest()):
+                seen.append(answer.status)
+
+        watching = asyncio.ensure_future(watch())
+        try:
+            slow.set()
+            # Flows run all along, every write of theirs slow: several probe writes go
+            # through meanwhile.
+            for _ in range(4):
+                done = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
+                assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
+            slow.clear()
+            await eventually(lambda: _serving_again(seen))
+        finally:
+            watching.cancel()
+    serving_status = health_pb2.HealthCheckResponse.SERVING
+    # SERVING, then NOT_SERVING for the whole slow stretch, then SERVING once quick again.
+    assert seen == [serving_status, health_pb2.HealthCheckResponse.NOT_SERVING, serving_status]
+
+
+async def _serving_again(seen: list[int]) -> bool:
+    return seen.count(health_pb2.HealthCheckResponse.SERVING) >= 2
+
+
 async def status_is(status, wanted: int) -> bool:
     return await status() == wanted
