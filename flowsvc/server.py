@@ -706,8 +706,8 @@ async def build_server(settings: Settings, registry: TaskRegistry | None = None)
     except StoreUnavailableError as exc:
         if _FULL in str(exc):
             raise _full_at_start(settings, exc) from exc
-        if settings.db in str(exc):
-            raise  # its own message, naming the file
+        if any(f"{word} {settings.db}" in str(exc) for word in ("database", "database file")):
+            raise  # its own message, naming the file (a file named "data" is in "database")
         # Refused by the write check (a read-only file, a lock held too long ...):
         # "execution store unavailable: attempt to write a readonly database" said
         # nothing of which file.

@@ -282,9 +282,11 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
     assert no_dir.endswith("No such file or directory"), no_dir
 
 
-async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["ro.db", "data"])
+async def test_a_read_only_database_is_refused_at_start(tmp_path: Path, name: str) -> None:
     # It used to start, stay NOT_SERVING for good and fail every flow with UNAVAILABLE.
-    db = tmp_path / "ro.db"
+    # A file named "data" (in "readonly database") was taken for named, and was not.
+    db = tmp_path / name
     with server_process(tmp_path, "--db", str(db)) as srv:
         srv.proc.send_signal(signal.SIGKILL)  # leaves its -wal and -shm files: readable
         await asyncio.to_thread(srv.proc.wait, 30)
@@ -305,7 +307,7 @@ async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
             "--listen",
             "127.0.0.1:0",
             "--db",
-            str(db),
+            name,  # relative, as an operator gives it (cwd: tmp_path)
         ],
         capture_output=True,
         text=True,
@@ -315,7 +317,7 @@ async def test_a_read_only_database_is_refused_at_start(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "readonly database" in last
-    assert f"database {db} cannot be written" in last, last  # which file, as the README says
+    assert f"database {name} cannot be written" in last, last  # which file, as the README says
     assert "serving on" not in result.stdout
 
 
