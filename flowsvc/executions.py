@@ -1302,8 +1302,8 @@ class ExecutionManager:
                 self._set_store_health(
                     False,
                     StoreUnavailableError(
-                        f"execution store stalled: a write has waited {waited:.0f} s for the "
-                        "disk (calls wait for it)"
+                        f"execution store stalled: a job has run {waited:.0f} s (a stalled "
+                        "disk, or a lock held outside the server; calls wait for it)"
                     ),
                 )
 
