@@ -318,10 +318,20 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str
     unknown: dict[str, str | None] = {}
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX) and name not in known.values():
+            short = name.removeprefix(ENV_PREFIX)
+            if short in _MEANT:
+                unknown[name] = env_name(_MEANT[short])
+                continue
             # Compared without the prefix, which every name shares and would make alike.
-            like = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.8)
+            like = difflib.get_close_matches(short, known, n=1, cutoff=0.8)
             unknown[name] = known[like[0]] if like else None
     return unknown
+
+
+#: Names a setting is likely written as that spelling does not find: FLOWSVC_TLS_CA reads
+#: as the probe's --tls-ca, and difflib finds TLS_CERT closer than TLS_CLIENT_CA. Left
+#: unsaid, the server ran TLS without the mutual TLS its operator meant.
+_MEANT = {"TLS_CA": "tls_client_ca"}
 
 
 def from_sources(

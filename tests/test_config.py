@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from flowsvc.config import Settings, add_arguments, from_sources
+from flowsvc.config import Settings, add_arguments, from_sources, unknown_variables
 
 
 def test_defaults() -> None:
@@ -168,3 +168,14 @@ def test_a_response_limit_no_execution_fits_in_is_refused(value: str) -> None:
 def test_a_response_limit_of_0_or_room_for_a_flow_is_taken(value: str) -> None:
     settings = from_sources({}, environ={"FLOWSVC_MAX_RESPONSE_BYTES": value})
     assert settings.max_response_bytes == int(value)
+
+
+def test_a_client_ca_variable_misnamed_as_the_probes_flag_is_pointed_to_its_name() -> None:
+    """FLOWSVC_TLS_CA (the probe's flag is --tls-ca) is no setting: the warning about it
+    said nothing more (difflib finds TLS_CERT closer), and the server ran TLS without the
+    mutual TLS meant (p56)."""
+    found = unknown_variables({"FLOWSVC_TLS_CA": "ca.pem", "FLOWSVC_MAX_INFLIGHT": "9"})
+    assert found == {
+        "FLOWSVC_MAX_INFLIGHT": "FLOWSVC_MAX_IN_FLIGHT",
+        "FLOWSVC_TLS_CA": "FLOWSVC_TLS_CLIENT_CA",
+    }
