@@ -198,8 +198,7 @@ def _process(out: list[str], started_at: float) -> None:
         "process_start_time_seconds", "Start time of the process (Unix time).", [((), started_at)]
     )
     try:
-        with open("/proc/self/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
+        fields = _proc_stat()
         ticks = os.sysconf("SC_CLK_TCK")
         cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
         rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
@@ -215,13 +214,19 @@ def _process_start() -> float | None:
     """When the process started (Unix time), from /proc (Linux; else None): not when
     metrics were set up, which comes a second or so later, after the imports."""
     try:
-        with open("/proc/self/stat", "rb") as stat:
-            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])  # starttime
+        ticks = int(_proc_stat()[19])  # starttime
         with open("/proc/stat", "rb") as system:
             boot = next(int(line.split()[1]) for line in system if line.startswith(b"btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def _proc_stat() -> list[bytes]:
+    """The fields of /proc/self/stat after the process's name (field 3 on: utime is [11],
+    stime [12], starttime [19], rss [21]). OSError off Linux."""
+    with open("/proc/self/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

@@ -22,17 +22,17 @@ def tls_credentials(
         raise ValueError("--tls-cert and --tls-key go together (a certificate and its key)")
 
     def read(path: str | None) -> bytes | None:
-        # Read again by the checks below: a pipe is refused, not read twice.
+        # The CA file is read again by check_cas: a pipe is refused, not read twice.
         return read_file(path, "the probe checks it, then gives it to gRPC") if path else None
 
-    files = read(ca), read(key), read(cert)
+    ca_pem, key_pem, cert_pem = read(ca), read(key), read(cert)
     # Checked here (gRPC would only fail the handshake, "Failed to create security
     # handshaker", and the probe would call the server unhealthy for a file of its own).
     if ca:
         check_cas(ca, "--tls-ca")
-    if cert and key:
-        check_pair(cert, key, server=False)
-    return grpc.ssl_channel_credentials(*files)
+    if cert and key and cert_pem is not None and key_pem is not None:
+        check_pair(cert, key, cert_pem, key_pem, server=False)
+    return grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
 
 
 def check(

@@ -205,20 +205,17 @@ async def _abort(
     method: str,
     metrics: Metrics | None = None,
 ) -> None:
-    found = _status_for(exc, method)
     if metrics is not None:
-        metrics.rpc_error(method, _reason_of(found))
-    status = rpc_status.to_status(found)
+        metrics.rpc_error(method, _reason_for(exc))
+    status = rpc_status.to_status(_status_for(exc, method))
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _reason_of(status: status_pb2.Status) -> str:
-    """The ErrorInfo reason a status carries (every status made here has one)."""
-    info = error_details_pb2.ErrorInfo()
-    for detail in status.details:
-        if detail.Unpack(info):
-            return str(info.reason)
-    return "INTERNAL_ERROR"  # pragma: no cover
+def _reason_for(exc: BaseException) -> str:
+    """The ErrorInfo reason `exc` is answered with (see _status_for)."""
+    if isinstance(exc, FlowsvcError) and exc.reason in REASONS:
+        return exc.reason
+    return "INTERNAL_ERROR"
 
 
 async def abort_malformed(

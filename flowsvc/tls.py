@@ -90,7 +90,7 @@ class ServerTLS:
         why = "the server reads it at start and again whenever it changes"
         cert, key = read_file(self.cert, why), read_file(self.key, why)
         client_ca = read_file(self.client_ca, why) if self.client_ca else None
-        server = check_pair(self.cert, self.key, server=True)
+        server = check_pair(self.cert, self.key, cert, key, server=True)
         kind = _key_kind(cert)
         if kind is not None:
             raise ValueError(
@@ -242,15 +242,14 @@ def read_file(path: str, why: str) -> bytes:
         raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
 
 
-def check_pair(cert: str, key: str, *, server: bool) -> ssl.SSLContext:
+def check_pair(
+    cert: str, key: str, cert_pem: bytes, key_pem: bytes, *, server: bool
+) -> ssl.SSLContext:
     """ValueError, naming the files and what is wrong, unless `cert` is a PEM certificate
-    (chain) and `key` its unencrypted private key: checked with the ssl module, which
-    says what is wrong, where gRPC would only fail each handshake. Returns the context
-    that loaded them (a server's, or a client's)."""
-    try:
-        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    (chain) and `key` its unencrypted private key (`cert_pem`, `key_pem`: their bytes, as
+    read_file read them): checked with the ssl module, which says what is wrong, where
+    gRPC would only fail each handshake. Returns the context that loaded them (a
+    server's, or a client's)."""
     # OpenSSL says only "PEM lib" of a file without the block it looks for: said here.
     if _CERTIFICATE not in cert_pem:
         raise ValueError(
