@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -70,6 +71,15 @@ def sample_request_json() -> dict[str, Any]:
 
 def to_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def on_event_loop() -> bool:
+    """Whether the calling thread runs an event loop (work done there holds every call)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:

@@ -27,7 +27,7 @@ from flowsvc import TaskContext, TaskResult
 from flowsvc.config import Settings
 from flowsvc.executions import Run
 from flowsvc.server import FlowServer, build_server
-from tests.support import chain, flow_pb, to_dict
+from tests.support import chain, flow_pb, on_event_loop, to_dict
 
 pb = flow_service_pb2
 
@@ -342,11 +342,8 @@ async def test_a_database_file_removed_under_the_server_stops_the_store(
 ) -> None:
     """Commits to a removed file would be lost without a word: the store says so, every
     call that needs it is UNAVAILABLE, and health is NOT_SERVING."""
-    from grpc_health.v1 import health_pb2_grpc
-
     db = tmp_path / "gone.db"
     async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, channel, stub):
-        health = health_pb2_grpc.HealthStub(channel)
         first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
         assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
         for suffix in ("", "-wal", "-shm"):
@@ -355,67 +352,34 @@ async def test_a_database_file_removed_under_the_server_stops_the_store(
             await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "gone.db is gone" in (info.value.details() or "")
-
-        async def not_serving() -> bool:
-            check = await health.Check(health_pb2.HealthCheckRequest())
-            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
-
-        await eventually(not_serving)
+        await eventually(lambda: health_is(channel, health_pb2.HealthCheckResponse.NOT_SERVING))
 
 
+@pytest.mark.parametrize("symlinked", [False, True], ids=["file", "symlink"])
 async def test_a_write_ahead_log_removed_under_the_server_stops_the_store(
-    tmp_path: Path, registry
+    tmp_path: Path, registry, symlinked: bool
 ) -> None:
     """The -wal file removed alone (to free a full disk): SQLite went on committing to the
     unlinked file, clients were told OK, and a kill -9 then lost it all. The store says
     so as for the database file (UNAVAILABLE, health NOT_SERVING), and first copies the
-    removed log's commits into the database file."""
-    db = tmp_path / "wal.db"
+    removed log's commits into the database file. With --db a symlink (a volume's path),
+    SQLite keeps the -wal beside the file the link points to: the store looked beside the
+    link, found none, and never noticed it removed."""
+    real = tmp_path / "volume" / "wal.db"
+    real.parent.mkdir()
+    db = real
+    if symlinked:
+        db = tmp_path / "flowsvc.db"
+        db.symlink_to(real)
     async with serving(Settings(listen="127.0.0.1:0", db=str(db)), registry) as (_, channel, stub):
-        health = health_pb2_grpc.HealthStub(channel)
-        first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-        assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-        Path(f"{db}-wal").unlink()  # noqa: ASYNC240 (a test's rm)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "wal.db-wal is gone" in (info.value.details() or "")
-        # What a kill -9 would leave, the database file alone, holds what clients were told.
-        copy = tmp_path / "copy.db"
-        copy.write_bytes(db.read_bytes())
-        with contextlib.closing(sqlite3.connect(copy)) as conn:
-            row = conn.execute(
-                "SELECT status FROM executions WHERE flow_id = ?", (first.flow_id,)
-            ).fetchone()
-        assert row == ("succeeded",)
-
-        async def not_serving() -> bool:
-            check = await health.Check(health_pb2.HealthCheckRequest())
-            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
-
-        await eventually(not_serving)
-
-
-async def test_a_write_ahead_log_removed_beside_a_symlinked_database_stops_the_store(
-    tmp_path: Path, registry
-) -> None:
-    """--db a symlink (a volume's path): SQLite keeps the -wal file beside the file the
-    link points to, and the store looked for it beside the link, found none, and never
-    noticed it removed: clients were told OK, and a kill -9 then lost every execution."""
-    (tmp_path / "volume").mkdir()
-    real = tmp_path / "volume" / "real.db"
-    link = tmp_path / "flowsvc.db"
-    link.symlink_to(real)
-    settings = Settings(listen="127.0.0.1:0", db=str(link))
-    async with serving(settings, registry) as (_, channel, stub):
-        health = health_pb2_grpc.HealthStub(channel)
         first = await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
         assert first.status == flow_pb2.FLOW_STATUS_SUCCEEDED
         Path(f"{real}-wal").unlink()  # noqa: ASYNC240 (a test's rm)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "real.db-wal is gone" in (info.value.details() or "")
+        assert "wal.db-wal is gone" in (info.value.details() or "")
+        # What a kill -9 would leave, the database file alone, holds what clients were told.
         copy = tmp_path / "copy.db"
         copy.write_bytes(real.read_bytes())
         with contextlib.closing(sqlite3.connect(copy)) as conn:
@@ -423,12 +387,13 @@ async def test_a_write_ahead_log_removed_beside_a_symlinked_database_stops_the_s
                 "SELECT status FROM executions WHERE flow_id = ?", (first.flow_id,)
             ).fetchone()
         assert row == ("succeeded",)
+        await eventually(lambda: health_is(channel, health_pb2.HealthCheckResponse.NOT_SERVING))
 
-        async def not_serving() -> bool:
-            check = await health.Check(health_pb2.HealthCheckRequest())
-            return check.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        await eventually(not_serving)
+async def health_is(channel: grpc.aio.Channel, status: int) -> bool:
+    """Whether the server's health Check answers `status` now."""
+    check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    return bool(check.status == status)
 
 
 async def test_ends_a_failed_store_cannot_record_at_shutdown_are_logged(
@@ -1761,23 +1726,16 @@ async def test_a_large_input_or_flow_is_converted_and_checked_off_the_event_loop
     # gap between health answers; 0.1 s once they run in a thread).
     from flowsvc import convert, executions
 
-    def on_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-
     where: dict[str, list[bool]] = {"convert": [], "check": []}
     convert_struct, too_deep = convert.struct_from_pb, executions.nested_too_deep
 
     def struct_from_pb(struct: Any, field: str = "", *args: Any) -> Any:
         if field in ("input", "flow.tasks[0].params"):
-            where["convert"].append(on_loop())
+            where["convert"].append(on_event_loop())
         return convert_struct(struct, field, *args)
 
     def nested_too_deep(value: Any, *args: Any) -> bool:
-        where["check"].append(on_loop())
+        where["check"].append(on_event_loop())
         return too_deep(value, *args)
 
     monkeypatch.setattr(convert, "struct_from_pb", struct_from_pb)
@@ -3259,23 +3217,18 @@ async def test_a_stalled_store_turns_health_not_serving_until_it_writes_again(
     monkeypatch.setattr(executions, "STORE_STALL_CHECK_SECONDS", 0.02)
     settings = Settings(listen="127.0.0.1:0", db=str(tmp_path / "stall.db"))
     async with serving(settings, registry) as (server, channel, stub):
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def status() -> int:
-            return (await health.Check(health_pb2.HealthCheckRequest())).status
-
         held = StoreHold(server.manager.store)
         try:
             await held.hold()
             waiting = asyncio.ensure_future(
                 stub.ExecuteFlow(pb.ExecuteFlowRequest(flow=chain("noop")), timeout=30)
             )
-            await eventually(lambda: status_is(status, health_pb2.HealthCheckResponse.NOT_SERVING))
+            await eventually(lambda: health_is(channel, health_pb2.HealthCheckResponse.NOT_SERVING))
             assert not waiting.done()  # it waits for the store, as before
             await held.release()
             done = await waiting
             assert done.status == flow_pb2.FLOW_STATUS_SUCCEEDED
-            await eventually(lambda: status_is(status, health_pb2.HealthCheckResponse.SERVING))
+            await eventually(lambda: health_is(channel, health_pb2.HealthCheckResponse.SERVING))
         finally:
             held.let_go()
     stalled = [r for r in caplog.records if "stalled" in getattr(r, "error", "")]
@@ -3332,7 +3285,3 @@ async def test_a_store_slow_at_every_write_keeps_health_not_serving(
 
 async def _serving_again(seen: list[int]) -> bool:
     return seen.count(health_pb2.HealthCheckResponse.SERVING) >= 2
-
-
-async def status_is(status, wanted: int) -> bool:
-    return await status() == wanted

@@ -12,7 +12,7 @@ from flowmanager.v1 import flow_pb2, flow_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flowsvc.config import Settings
-from tests.support import flow_pb
+from tests.support import flow_pb, on_event_loop
 from tests.test_executions import read_all, serving
 
 pb = flow_service_pb2
@@ -112,22 +112,15 @@ async def test_a_long_history_is_converted_off_the_event_loop(
     # ExecuteFlow, GetExecution or CancelExecution of it. A short one stays on the loop.
     from flowsvc import convert
 
-    def on_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-
     where: list[tuple[str, bool]] = []
     execute, stored = convert.execute_response_from_events, convert.stored_execution_to_pb
 
     def execute_response_from_events(*args: Any) -> Any:
-        where.append(("execute", on_loop()))
+        where.append(("execute", on_event_loop()))
         return execute(*args)
 
     def stored_execution_to_pb(*args: Any) -> Any:
-        where.append(("get", on_loop()))
+        where.append(("get", on_event_loop()))
         return stored(*args)
 
     monkeypatch.setattr(convert, "execute_response_from_events", execute_response_from_events)
